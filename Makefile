@@ -1,0 +1,31 @@
+# fastcm: `make test` and `make demo` do their own set-up on a fresh machine.
+#
+# CPU set-up (default): a .venv with torch 2.13.0 (CPU wheel) and triton 3.7.0, whose interpreter
+# (TRITON_INTERPRET=1) runs the kernels in the tests. With your own CUDA torch, reuse its environment and keep its
+# triton:  make test VENV=/path/to/env CPU_STACK=0   (or VENV=$$CONDA_PREFIX)
+PYTHON ?= python3
+VENV ?= .venv
+CPU_STACK ?= 1
+TORCH_VERSION := 2.13.0
+TRITON_VERSION := 3.7.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastcm-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+ifeq ($(CPU_STACK),1)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) triton==$(TRITON_VERSION)
+endif
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

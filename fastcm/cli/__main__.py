@@ -1,0 +1,5 @@
+import sys
+
+from fastcm.cli import main
+
+sys.exit(main())

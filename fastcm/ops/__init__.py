@@ -1,0 +1,25 @@
+"""fastcm's fast ops. Each op family lives in one file with its readable reference beside it (the fast-ops
+contract, see README): ``<op>`` validates and dispatches (Triton on CUDA, reference elsewhere, ``impl=`` overrides),
+``<op>_ref`` is the PyTorch ground truth, and the Triton path is a ``torch.library.custom_op``.
+
+``REGISTRY`` maps name -> OpSpec(op, ref, make_inputs); tests and benchmarks iterate over it.
+``make_inputs(case, device, dtype, requires_grad)`` returns the op's keyword arguments for a named case;
+``make_inputs.cases`` lists the cases (U-Net preset shapes).
+"""
+from typing import Callable, NamedTuple
+
+from .pseudo_huber import pseudo_huber_loss, pseudo_huber_loss_ref
+from .pseudo_huber import make_inputs as _pseudo_huber_inputs
+
+
+class OpSpec(NamedTuple):
+    op: Callable
+    ref: Callable
+    make_inputs: Callable
+
+
+REGISTRY = {
+    "pseudo_huber_loss": OpSpec(pseudo_huber_loss, pseudo_huber_loss_ref, _pseudo_huber_inputs),
+}
+
+__all__ = ["REGISTRY", "OpSpec", "pseudo_huber_loss", "pseudo_huber_loss_ref"]

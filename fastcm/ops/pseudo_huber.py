@@ -1,0 +1,125 @@
+"""Pseudo-Huber loss (iCT, Song & Dhariwal 2023, Sec. 3.3): d(x, y) = sqrt(||x - y||_2^2 + c^2) - c.
+
+iCT takes the norm per sample over all non-batch dims, with c = 0.00054 * sqrt(d) (d = C*H*W), and weights each
+sample by lambda(sigma_i); diffusers' LCM scripts apply the same formula per element. Both are offered (``per``).
+"""
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
+
+REDUCTIONS = ("mean", "sum", "none")
+PERS = ("sample", "element")
+
+
+def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float, weight: Optional[Tensor] = None,
+                      reduction: str = "mean", per: str = "sample", impl: str = "auto") -> Tensor:
+    """Pseudo-Huber loss between ``pred`` and ``target``.
+
+    Args:
+        pred, target: (B, ...) floating tensors of one shape (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
+        c: the positive constant c (iCT: 0.00054 * sqrt(d)).
+        weight: optional per-sample factor of shape (B,) (iCT's lambda(sigma_i)).
+        reduction: "mean", "sum" or "none" ("none" gives (B,) per sample, or pred's shape per element).
+        per: "sample" (norm over all non-batch dims, iCT) or "element".
+        impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
+    Returns the loss in fp32 (fp64 for fp64 inputs).
+    """
+    _validate(pred, target, c, weight, reduction, per)
+    if resolve_impl(impl, pred) == "torch":
+        return pseudo_huber_loss_ref(pred, target, c, weight, reduction, per)
+    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    loss, _ = torch.ops.fastcm.pseudo_huber_fwd(pred, target, float(c), per == "sample", need_grad)
+    return _weight_and_reduce(loss, weight, reduction)
+
+
+def pseudo_huber_loss_ref(pred: Tensor, target: Tensor, c: float, weight: Optional[Tensor] = None,
+                          reduction: str = "mean", per: str = "sample") -> Tensor:
+    """Readable PyTorch reference of :func:`pseudo_huber_loss` (computes in fp32, or fp64 for fp64 inputs)."""
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    diff = pred.to(acc) - target.to(acc)
+    sq = diff.square().flatten(1).sum(1) if per == "sample" else diff.square()
+    loss = torch.sqrt(sq + c * c) - c
+    return _weight_and_reduce(loss, weight, reduction)
+
+
+def _weight_and_reduce(loss: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype).view(-1, *([1] * (loss.dim() - 1)))
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def _validate(pred, target, c, weight, reduction, per) -> None:
+    check_tensor("pred", pred, min_ndim=1)
+    check_tensor("target", target, shape=tuple(pred.shape))
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0.0 < float(c) < float("inf")):
+        raise ValueError(f"c must be a positive finite number, got {c!r}")
+    if weight is not None:
+        check_tensor("weight", weight, shape=(pred.shape[0],))
+    check_same_device(pred=pred, target=target, weight=weight)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("per", per, PERS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton path as a torch.library custom op, so torch.compile(fullgraph=True) traces through it and opcheck passes.
+
+@torch.library.custom_op("fastcm::pseudo_huber_fwd", mutates_args=())
+def _pseudo_huber_fwd(pred: Tensor, target: Tensor, c: float, per_sample: bool,
+                      need_grad: bool) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.pseudo_huber import pseudo_huber_fwd
+
+    return pseudo_huber_fwd(pred, target, c, per_sample, need_grad)
+
+
+@_pseudo_huber_fwd.register_fake
+def _(pred, target, c, per_sample, need_grad):
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    loss = pred.new_empty((pred.shape[0],) if per_sample else pred.shape, dtype=acc)
+    grad = pred.new_empty(pred.shape if need_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    pred, target, c, per_sample, need_grad = inputs
+    ctx.save_for_backward(output[1])
+    ctx.per_sample = per_sample
+    ctx.need_grad = need_grad
+
+
+def _backward(ctx, d_loss, d_grad):
+    (grad,) = ctx.saved_tensors
+    if not ctx.need_grad:
+        raise RuntimeError("pseudo_huber_fwd ran without need_grad=True, so it saved no gradient")
+    # The kernel already wrote d loss / d pred; backward only scales it by the incoming gradient (which may be an
+    # expanded, stride-0 tensor after .sum().backward(): broadcasting reads it correctly).
+    if ctx.per_sample:
+        d_loss = d_loss.view(-1, *([1] * (grad.dim() - 1)))
+    d_pred = (grad * d_loss).to(grad.dtype)
+    d_target = -d_pred if ctx.needs_input_grad[1] else None
+    return d_pred, d_target, None, None, None
+
+
+_pseudo_huber_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:
+    """Inputs for tests and benchmarks: a U-Net preset's image batch and iCT's c = 0.00054 * sqrt(d)."""
+    shapes = {"tiny": (4, 1, 8, 8), "digits": (64, 1, 8, 8), "cifar10": (64, 3, 32, 32),
+              "imagenet64": (32, 3, 64, 64)}
+    shape = shapes[case]
+    pred = torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad)
+    target = torch.randn(shape, device=device, dtype=dtype)
+    d = shape[1] * shape[2] * shape[3]
+    weight = torch.rand(shape[0], device=device, dtype=dtype) + 0.5
+    return dict(pred=pred, target=target, c=0.00054 * d ** 0.5, weight=weight)
+
+
+make_inputs.cases = ("tiny", "digits", "cifar10", "imagenet64")

@@ -1,0 +1,32 @@
+"""Host-side helpers shared by the launchers."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 kernels run on the CPU through numpy, one program after another (~1 ms per program).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Largest block one program keeps in registers, in elements (Triton tutorials / Liger: 64 KB of fp32).
+MAX_FUSED_SIZE = 16384
+
+
+def block_size(n: int, cap: int = MAX_FUSED_SIZE, floor: int = 16) -> int:
+    """Power-of-two block covering ``n`` elements, clamped to [floor, cap]."""
+    return max(floor, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+def num_warps(block: int) -> int:
+    """Warps for a 1-D block (unsloth/Liger heuristic)."""
+    return 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+def compute_dtype(x: torch.Tensor):
+    """Triton dtype a kernel computes in: fp64 for fp64 inputs (so gradcheck works), fp32 otherwise."""
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
+    """Torch dtype of reduction outputs for ``x``: fp64 for fp64 inputs, fp32 for fp32/fp16/bf16."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

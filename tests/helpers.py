@@ -1,0 +1,28 @@
+"""One comparison helper for every kernel test (fast op vs reference)."""
+import math
+
+import torch
+
+# (atol, rtol) per dtype of the *inputs*, for a reduction over ~1 element; atol grows with sqrt(reduction length)
+# because rounding errors of a sum add like a random walk. Values follow xformers' fmha tables and FlagGems'
+# RESOLUTION: fp64 is exact up to reordering, fp32 ~1e-6 relative, fp16 has a 10-bit mantissa (~1e-3), bf16 has
+# 7 bits (~8e-3).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+
+def tolerances(dtype: torch.dtype, reduce_len: int = 1):
+    atol, rtol = TOLERANCES[dtype]
+    return atol * math.sqrt(max(reduce_len, 1)), rtol
+
+
+def assert_close(actual, expected, dtype=None, reduce_len: int = 1, msg: str = ""):
+    """Compare ``actual`` with ``expected`` (the reference, usually fp64) at the tolerance of ``dtype``."""
+    dtype = dtype or actual.dtype
+    atol, rtol = tolerances(dtype, reduce_len)
+    torch.testing.assert_close(actual.to(torch.float64).cpu(), expected.to(torch.float64).cpu(),
+                               atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}" if msg else m)
