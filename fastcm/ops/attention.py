@@ -1,0 +1,309 @@
+"""Non-causal multi-head self-attention for U-Nets (Vaswani et al. 2017, Eq. 1), flash-style on the Triton path.
+
+    O = softmax(Q K^T * scale) V,        scale = 1 / sqrt(D) unless given
+
+Consistency-model U-Nets attend over small token maps (8x8 = 64 ... 32x32 = 1024 tokens, head dim 32-128). The Triton
+path (kernels/attention.py) is FlashAttention-2 (Dao 2023): an online softmax that never materialises the L x L
+matrix, the row log-sum-exp saved for backward, and separate dK/dV and dQ kernels (deterministic, no atomics). Any
+L >= 1 and any D <= 128 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
+
+``qkv_attention`` takes the packed output of a 1x1 convolution, (N, 3*C, H, W), and reads q, k, v through strides,
+so the U-Net needs no permute/contiguous copies around attention.
+"""
+import numbers
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from ._utils import check_same_device, check_tensor, resolve_impl
+
+# The kernels hold a (BLOCK_M x BLOCK_D) query tile and (BLOCK_N x BLOCK_D) key/value tiles in registers; beyond 128
+# they would spill, so larger head dims go to torch's SDPA instead (documented fallback, see attention()).
+MAX_HEAD_DIM = 128
+# dtypes the Triton path computes on a GPU; fp64 runs only under the interpreter (for gradcheck on CPU).
+TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, impl: str = "auto") -> Tensor:
+    """Non-causal attention ``softmax(q k^T * scale) v`` over the last two dims.
+
+    Args:
+        q: (B, H, Lq, D) queries; k, v: (B, H, Lk, D) keys and values (Lk may differ from Lq). One floating dtype
+            (fp16, bf16, fp32, fp64) and one device for all three; any strides (views of a packed qkv are read in
+            place on the Triton path).
+        scale: positive softmax scale; default 1 / sqrt(D).
+        impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (the reference).
+    Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax.
+
+    Fallback (never silent): the Triton kernels support D <= 128 and, on CUDA, fp16/bf16/fp32. For D > 128, or fp64 on
+    CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
+    requested explicitly this also emits a ``UserWarning``.
+    """
+    scale = _validate(q, k, v, scale)
+    backend = _backend(impl, q, q.shape[-1])
+    if backend == "torch":
+        return attention_ref(q, k, v, scale)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out, _ = torch.ops.fastcm.attention_fwd(q, k, v, scale)
+    return out
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Readable reference of :func:`attention`: the L x L score matrix, a softmax, a weighted sum of values.
+
+    Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype.
+    """
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scores = torch.einsum("bhid,bhjd->bhij", q.to(acc), k.to(acc)) * scale  # (B, H, Lq, Lk)
+    weights = torch.softmax(scores, dim=-1)
+    return torch.einsum("bhij,bhjd->bhid", weights, v.to(acc)).to(q.dtype)
+
+
+def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, impl: str = "auto") -> Tensor:
+    """Self-attention over the pixels of a packed qkv feature map, as a U-Net attention block uses it.
+
+    Args:
+        qkv: (N, 3*C, H, W), the output of a 1x1 conv. Channels are ordered (3, num_heads, C // num_heads), i.e.
+            ``qkv.view(N, 3, num_heads, C // num_heads, H * W)``: q, k, v, then heads, then head dims.
+        num_heads: number of heads; C must be divisible by it.
+        scale: softmax scale; default 1 / sqrt(C // num_heads).
+        impl: as in :func:`attention` (same SDPA fallback for head dims > 128 or fp64 on CUDA).
+    Returns (N, C, H, W) in qkv's dtype; output channel ``head * head_dim + d``.
+
+    The Triton path reads q, k, v and writes the output through strides (no permute copies); its backward writes
+    dq, dk, dv straight into one (N, 3*C, H, W) gradient.
+    """
+    head_dim = _validate_qkv(qkv, num_heads)
+    scale = _check_scale(scale, head_dim)
+    backend = _backend(impl, qkv, head_dim)
+    if backend == "torch":
+        return qkv_attention_ref(qkv, num_heads, scale)
+    if backend == "sdpa":
+        q, k, v = _split_heads(qkv, num_heads)
+        return _merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale), qkv.shape)
+    out, _ = torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
+    return out
+
+
+def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
+    """Readable reference of :func:`qkv_attention`: rearrange to (N, heads, H*W, head_dim), attend, rearrange back."""
+    q, k, v = _split_heads(qkv, num_heads)
+    return _merge_heads(attention_ref(q, k, v, scale), qkv.shape)
+
+
+def _split_heads(qkv: Tensor, num_heads: int):
+    return rearrange(qkv, "n (three h d) x y -> three n h (x y) d", three=3, h=num_heads).unbind(0)
+
+
+def _merge_heads(out: Tensor, qkv_shape) -> Tensor:
+    return rearrange(out, "n h (x y) d -> n (h d) x y", x=qkv_shape[2], y=qkv_shape[3])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and dispatch.
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0.0 < float(scale) < float("inf")):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _validate(q, k, v, scale) -> float:
+    check_tensor("q", q, ndim=4)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    B, H, _, D = q.shape
+    check_tensor("k", k, shape=(B, H, None, D))
+    check_tensor("v", v, shape=tuple(k.shape))
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_same_device(q=q, k=k, v=v)
+    if k.shape[2] < 1 or D < 1:
+        raise ValueError(f"k needs at least one token and a head dim >= 1, got shape {tuple(k.shape)}")
+    return _check_scale(scale, D)
+
+
+def _validate_qkv(qkv, num_heads) -> int:
+    check_tensor("qkv", qkv, ndim=4)
+    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    channels = qkv.shape[1]
+    if channels % (3 * num_heads) != 0 or channels == 0:
+        raise ValueError(f"qkv must have 3 * C channels with C divisible by num_heads={num_heads}, "
+                         f"got {channels} channels")
+    if qkv.shape[2] * qkv.shape[3] < 1:
+        raise ValueError(f"qkv needs at least one pixel, got shape {tuple(qkv.shape)}")
+    return channels // (3 * num_heads)
+
+
+def _backend(impl: str, x: Tensor, head_dim: int) -> str:
+    """"torch" (reference), "triton", or "sdpa" when the Triton path was chosen but the kernels cannot run it."""
+    if resolve_impl(impl, x) == "torch":
+        return "torch"
+    if x.numel() == 0:
+        return "torch"  # nothing to launch; the reference returns the right empty shape
+    reason = None
+    if head_dim > MAX_HEAD_DIM:
+        reason = f"head dim {head_dim} > {MAX_HEAD_DIM}"
+    elif x.is_cuda and x.dtype not in TRITON_CUDA_DTYPES:
+        reason = f"dtype {x.dtype} on CUDA"
+    if reason is None:
+        return "triton"
+    if impl == "triton":
+        warnings.warn(f"fastcm attention: {reason} is not supported by the Triton kernels; "
+                      "using torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
+    return "sdpa"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton path as torch.library custom ops (opaque to Inductor, traced by torch.compile(fullgraph=True)).
+# Forward returns (out, lse); lse is the row log-sum-exp in base 2 (fp32, fp64 for fp64 inputs), saved for backward.
+
+def _lse_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastcm::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_fwd
+
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = attention_fwd(q, k, v, out, scale)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("fastcm::attention_bwd", mutates_args=())
+def _attention_bwd(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_bwd
+
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(d_out, q, k, v, out, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1])
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, d_out, d_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    # .sum().backward() hands an expanded (stride-0) gradient: make it dense before the kernels read it.
+    dq, dk, dv = torch.ops.fastcm.attention_bwd(d_out.contiguous(), q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("fastcm::qkv_attention_fwd", mutates_args=())
+def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_fwd
+
+    N, C3, Hs, Ws = qkv.shape
+    out = torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device)
+    q, k, v = _qkv_views(qkv, num_heads)
+    lse = attention_fwd(q, k, v, _out_view(out, num_heads), scale)
+    return out, lse
+
+
+@_qkv_attention_fwd.register_fake
+def _(qkv, num_heads, scale):
+    N, C3, Hs, Ws = qkv.shape
+    out = qkv.new_empty((N, C3 // 3, Hs, Ws))
+    return out, qkv.new_empty((N, num_heads, Hs * Ws), dtype=_lse_dtype(qkv))
+
+
+@torch.library.custom_op("fastcm::qkv_attention_bwd", mutates_args=())
+def _qkv_attention_bwd(d_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
+                       scale: float) -> Tensor:
+    from fastcm.kernels.attention import attention_bwd
+
+    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    q, k, v = _qkv_views(qkv, num_heads)
+    dq, dk, dv = _qkv_views(d_qkv, num_heads)
+    attention_bwd(_out_view(d_out, num_heads), q, k, v, _out_view(out, num_heads), lse, dq, dk, dv, scale)
+    return d_qkv
+
+
+@_qkv_attention_bwd.register_fake
+def _(d_out, qkv, out, lse, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    ctx.save_for_backward(qkv, output[0], output[1])
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _qkv_backward(ctx, d_out, d_lse):
+    qkv, out, lse = ctx.saved_tensors
+    d_qkv = torch.ops.fastcm.qkv_attention_bwd(d_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
+    return d_qkv, None, None
+
+
+_qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+def _qkv_views(qkv: Tensor, num_heads: int):
+    """(B, H, L, D)-indexed strided views of q, k, v inside a packed (N, 3*C, H, W) tensor (no copy unless the
+    pixels cannot be flattened, e.g. a cropped view)."""
+    N, C3, Hs, Ws = qkv.shape
+    packed = qkv.reshape(N, 3, num_heads, C3 // (3 * num_heads), Hs * Ws)  # (N, 3, heads, D, L)
+    return packed.transpose(-1, -2).unbind(1)
+
+
+def _out_view(out: Tensor, num_heads: int) -> Tensor:
+    """(N, heads, L, D) strided view of an (N, C, H, W) tensor, channel = head * D + d."""
+    N, C, Hs, Ws = out.shape
+    return out.reshape(N, num_heads, C // num_heads, Hs * Ws).transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry inputs at U-Net shapes: tokens = pixels of the 8x8, 16x16 and 32x32 feature maps, head dim 64.
+
+_ATTN_CASES = {"tiny": (1, 2, 16, 32), "unet8x8": (16, 4, 64, 64), "unet16x16": (16, 4, 256, 64),
+               "unet32x32": (2, 4, 1024, 64)}
+_QKV_CASES = {"tiny": (2, 64, 2, 4), "unet8x8": (16, 256, 4, 8), "unet16x16": (16, 256, 4, 16),
+              "unet32x32": (2, 256, 4, 32)}  # (N, C, num_heads, side)
+
+
+def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:
+    """Inputs of :func:`attention`: (B, H, L, D) q, k, v for a named U-Net case."""
+    shape = _ATTN_CASES[case]
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=requires_grad) for _ in range(3))
+    return dict(q=q, k=k, v=v)
+
+
+make_inputs.cases = tuple(_ATTN_CASES)
+
+
+def make_qkv_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:
+    """Inputs of :func:`qkv_attention`: a packed (N, 3*C, side, side) qkv map and its number of heads."""
+    N, C, heads, side = _QKV_CASES[case]
+    qkv = torch.randn((N, 3 * C, side, side), device=device, dtype=dtype, requires_grad=requires_grad)
+    return dict(qkv=qkv, num_heads=heads)
+
+
+make_qkv_inputs.cases = tuple(_QKV_CASES)
