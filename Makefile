@@ -27,5 +27,12 @@ endif
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Benchmark suites (pytest-benchmark) and the report in benchmarks/results/<device>.md and .csv.
+bench: $(STAMP)
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks -q -o addopts= -p no:cacheprovider --benchmark-enable --benchmark-save-data \
+		--benchmark-json=.benchmarks/last-run.json $(BENCH_ARGS)
+	$(PY) benchmarks/report.py .benchmarks/last-run.json
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

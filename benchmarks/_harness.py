@@ -60,8 +60,23 @@ def record(benchmark, **info) -> None:
     benchmark.extra_info.update({k: (str(v) if not isinstance(v, (int, float)) else v) for k, v in info.items()})
 
 
+def peak_memory_mb(run, device: str = DEVICE):
+    """Peak allocated memory of one call in MiB on CUDA; None on the CPU, whose allocator keeps no such counter."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def bench(benchmark, run, rounds: int = 10, warmup: int = 2):
     """Time ``run`` with pedantic rounds after warm-up calls (which also trigger torch.compile)."""
     for _ in range(warmup):
         run()
-    return benchmark.pedantic(run, rounds=rounds, iterations=1)
+    peak = peak_memory_mb(run)
+    if peak is not None:
+        benchmark.extra_info["peak_mb"] = round(peak, 2)
+    return benchmark.pedantic(run, rounds=1 if SMOKE else rounds, iterations=1)

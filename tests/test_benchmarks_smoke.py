@@ -17,4 +17,7 @@ def test_benchmark_suite_smoke(suite, tmp_path):
            "--benchmark-enable", "--benchmark-json", str(tmp_path / "out.json"), "-o", "addopts="]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert (tmp_path / "out.json").stat().st_size > 0
+    report = subprocess.run([sys.executable, "benchmarks/report.py", str(tmp_path / "out.json"), "--smoke",
+                             "--out", str(tmp_path / "results")], cwd=ROOT, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert list((tmp_path / "results").glob("*.csv")) and list((tmp_path / "results").glob("*.md"))
