@@ -11,6 +11,8 @@ from typing import Callable, NamedTuple
 from .attention import attention, attention_ref, qkv_attention, qkv_attention_ref
 from .attention import make_inputs as _attention_inputs
 from .attention import make_qkv_inputs as _qkv_attention_inputs
+from .group_norm import GroupNorm, group_norm, group_norm_ref
+from .group_norm import make_inputs as _group_norm_inputs
 from .pseudo_huber import pseudo_huber_loss, pseudo_huber_loss_ref
 from .pseudo_huber import make_inputs as _pseudo_huber_inputs
 
@@ -23,9 +25,10 @@ class OpSpec(NamedTuple):
 
 REGISTRY = {
     "pseudo_huber_loss": OpSpec(pseudo_huber_loss, pseudo_huber_loss_ref, _pseudo_huber_inputs),
+    "group_norm": OpSpec(group_norm, group_norm_ref, _group_norm_inputs),
     "attention": OpSpec(attention, attention_ref, _attention_inputs),
     "qkv_attention": OpSpec(qkv_attention, qkv_attention_ref, _qkv_attention_inputs),
 }
 
 __all__ = ["REGISTRY", "OpSpec", "pseudo_huber_loss", "pseudo_huber_loss_ref", "attention", "attention_ref",
-           "qkv_attention", "qkv_attention_ref"]
+           "qkv_attention", "qkv_attention_ref", "GroupNorm", "group_norm", "group_norm_ref"]
