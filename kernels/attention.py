@@ -1,0 +1,306 @@
+"""Non-causal flash attention (FlashAttention-2, Dao 2023) for U-Net token maps: any L >= 1, head dim <= 128.
+
+Forward, per (batch*head, block of BLOCK_M queries): stream keys/values in blocks of BLOCK_N with an online softmax
+(running max m and sum l, FA2 Alg. 1), never materialising the L x L matrix, and save the row log-sum-exp. When all
+keys fit one block (L <= BLOCK_N, e.g. the 8x8 = 64-token level) a single-tile path skips the rescaling.
+Backward (FA2 Alg. 2): a preprocess kernel computes delta_i = sum_d dO_id O_id; a dK/dV kernel per key block loops
+over query blocks; a dQ kernel per query block loops over key blocks. Every output element is written by exactly
+one program: no atomics, bit-deterministic run to run.
+
+Conventions shared by the kernels:
+- Softmax in base 2: s2 = (q.k) * scale * log2(e), p = 2^(s2 - lse2), so exp2 replaces exp (cheaper on GPUs).
+  ``lse`` holds lse2 = log2 sum_j 2^(s2_ij), in fp32 (fp64 for fp64 inputs).
+- Python float arguments reach kernels as fp32. A scale is therefore passed as two fp32 numbers (hi + lo) whose sum,
+  formed in the compute dtype, is exact to ~1e-14: fp64 gradcheck and fp64 reference comparisons need it.
+- Tails: query rows >= Lq, key rows >= Lk and head dims >= D are masked on load (zeros) and masked keys get score
+  -inf, so any L and any D <= BLOCK_D work; BLOCK_D = next power of two >= max(D, 16).
+- Dot operands use the input dtype on GPUs (fp16/bf16 tensor cores, fp32 "ieee"); under the interpreter bf16 is
+  upcast to fp32 first (it computes bf16 wrongly). Accumulation, softmax and lse are fp32 (fp64 for fp64).
+- q, k, v, o and their gradients are read/written through 4 strides each (batch, head, token, dim), so views of a
+  packed qkv or of an NCHW map need no copies.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRET, accumulate_dtype, compute_dtype
+
+LOG2E = math.log2(math.e)
+
+
+def _split_fp32(x: float):
+    """x as hi + lo, both exactly representable in fp32 (so fp32 kernel arguments lose nothing in fp64)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
+def _configs(blocks, interpret_block):
+    """Autotune configs on a GPU; under the interpreter exactly one (several crash: "0 active drivers"). The
+    interpreter costs per op, not per element, so it gets large blocks (fewer loop steps and programs)."""
+    if INTERPRET:
+        return [triton.Config(interpret_block, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose blocks exceed the sequence (pure masked work at L = 64); keep at least one."""
+    lq, lk = named_args["Lq"], named_args["Lk"]
+    cap_m, cap_n = max(16, triton.next_power_of_2(lq)), max(16, triton.next_power_of_2(lk))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
+    return kept or configs[:1]
+
+
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
+                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
+                          (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+_DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
+                        (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+_KEY = ["Lq", "Lk", "D"]
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.jit
+def _join(hi, lo, ACC: tl.constexpr):
+    """hi + lo formed in the compute dtype (both are fp32 kernel arguments)."""
+    return tl.cast(hi, ACC) + tl.cast(lo, ACC)
+
+
+@triton.jit
+def _tile_ptrs(base, offs_l, offs_d, stride_l, stride_d):
+    return base + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.heuristics({"SINGLE_TILE": lambda a: a["Lk"] <= a["BLOCK_N"]})
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O,        # (B, H, L, D) views, any strides; O is written in Q's dtype
+    LSE,               # (B, H, Lq) contiguous, base-2 log-sum-exp per query row
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
+    H, Lq, Lk, D,
+    qk_scale_hi, qk_scale_lo,  # scale * log2(e) as fp32 hi + lo
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr,
+    DOT: tl.constexpr,  # dtype of tl.dot operands
+    ACC: tl.constexpr,  # accumulation dtype, tl.float32 or tl.float64
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot tiles on GPUs
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m, mask_d = offs_m < Lq, offs_d < D
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd),
+                mask=mask_m[:, None] & mask_d[None, :], other=0).to(DOT)
+    qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    if SINGLE_TILE:
+        # All keys in one block: a plain softmax, no running-max rescale.
+        mask_n = offs_n < Lk
+        k = tl.load(_tile_ptrs(K, offs_n, offs_d, skl, skd), mask=mask_n[:, None] & mask_d[None, :], other=0)
+        s = tl.dot(q, tl.trans(k.to(DOT)), input_precision="ieee", out_dtype=ACC) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_i = tl.max(s, 1)
+        p = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        v = tl.load(_tile_ptrs(V, offs_n, offs_d, svl, svd), mask=mask_n[:, None] & mask_d[None, :], other=0)
+        acc = tl.dot(p.to(DOT), v.to(DOT), input_precision="ieee", out_dtype=ACC)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+        l_i = tl.zeros([BLOCK_M], ACC)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+        for start_n in range(0, Lk, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < Lk
+            k = tl.load(_tile_ptrs(K, cols, offs_d, skl, skd), mask=mask_n[:, None] & mask_d[None, :], other=0)
+            s = tl.dot(q, tl.trans(k.to(DOT)), input_precision="ieee", out_dtype=ACC) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            # Online softmax (FA2 Alg. 1): every block holds >= 1 real key, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(_tile_ptrs(V, cols, offs_d, svl, svd), mask=mask_n[:, None] & mask_d[None, :], other=0)
+            acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
+            m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(_tile_ptrs(O + b * sob + h * soh, offs_m, offs_d, sol, sod), acc.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,             # (B, H, Lq, D) views, any strides
+    DELTA,             # (B, H, Lq) contiguous: delta_i = sum_d dO_id * O_id (FA2 Alg. 2 line 4)
+    sob, soh, sol, sod, sdb, sdh, sdl, sdd,
+    H, Lq, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(_tile_ptrs(O + b * sob + h * soh, offs_m, offs_d, sol, sod), mask=mask, other=0).to(ACC)
+    do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, offs_m, offs_d, sdl, sdd), mask=mask, other=0).to(ACC)
+    tl.store(DELTA + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV,  # (B, H, L, D) views, any strides (DK, DV written in K's and V's dtype)
+    LSE, DELTA,           # (B, H, Lq) contiguous, from the forward and the preprocess kernel
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    sdob, sdoh, sdol, sdod, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+    H, Lq, Lk, D,
+    qk_scale_hi, qk_scale_lo,  # scale * log2(e) as fp32 hi + lo
+    scale_hi, scale_lo,        # scale as fp32 hi + lo
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per block of BLOCK_N keys: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta),
+    # dP = dO V^T (FA2 Alg. 2), accumulated over all query blocks in registers and stored once.
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    num_n = tl.cdiv(Lk, BLOCK_N)
+    pid = tl.program_id(0)
+    bh = (pid // num_n).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n, mask_d = offs_n < Lk, offs_d < D
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(_tile_ptrs(K + b * skb + h * skh, offs_n, offs_d, skl, skd), mask=mask_nd, other=0).to(DOT)
+    v = tl.load(_tile_ptrs(V + b * svb + h * svh, offs_n, offs_d, svl, svd), mask=mask_nd, other=0).to(DOT)
+    qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
+    Q += b * sqb + h * sqh
+    DO += b * sdob + h * sdoh
+    LSE += bh * Lq
+    DELTA += bh * Lq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    for start_m in range(0, Lq, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < Lq
+        mask_md = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(_tile_ptrs(Q, rows, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
+        do = tl.load(_tile_ptrs(DO, rows, offs_d, sdol, sdod), mask=mask_md, other=0).to(DOT)
+        lse = tl.load(LSE + rows, mask=mask_m, other=0)
+        delta = tl.load(DELTA + rows, mask=mask_m, other=0)
+        s_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
+        dv = tl.dot(p_t.to(DOT), do, dv, input_precision="ieee", out_dtype=ACC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(DOT), q, dk, input_precision="ieee", out_dtype=ACC)
+    dk = dk * _join(scale_hi, scale_lo, ACC)
+    tl.store(_tile_ptrs(DK + b * sdkb + h * sdkh, offs_n, offs_d, sdkl, sdkd), dk.to(DK.dtype.element_ty),
+             mask=mask_nd)
+    tl.store(_tile_ptrs(DV + b * sdvb + h * sdvh, offs_n, offs_d, sdvl, sdvd), dv.to(DV.dtype.element_ty),
+             mask=mask_nd)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ,      # (B, H, L, D) views, any strides (DQ written in Q's dtype)
+    LSE, DELTA,           # (B, H, Lq) contiguous
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    sdob, sdoh, sdol, sdod, sdqb, sdqh, sdql, sdqd,
+    H, Lq, Lk, D,
+    qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+):
+    # One program per block of BLOCK_M queries: dQ = scale * dS K, looping over key blocks (FA2 Alg. 2).
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    num_m = tl.cdiv(Lq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = (pid // num_m).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m, mask_d = offs_m < Lq, offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
+    do = tl.load(_tile_ptrs(DO + b * sdob + h * sdoh, offs_m, offs_d, sdol, sdod), mask=mask_md, other=0).to(DOT)
+    lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0)
+    delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0)
+    qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, Lk, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < Lk
+        mask_nd = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(_tile_ptrs(K, cols, offs_d, skl, skd), mask=mask_nd, other=0).to(DOT)
+        v = tl.load(_tile_ptrs(V, cols, offs_d, svl, svd), mask=mask_nd, other=0).to(DOT)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * qk_scale
+        p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(DOT), k, dq, input_precision="ieee", out_dtype=ACC)
+    dq = dq * _join(scale_hi, scale_lo, ACC)
+    tl.store(_tile_ptrs(DQ + b * sdqb + h * sdqh, offs_m, offs_d, sdql, sdqd), dq.to(DQ.dtype.element_ty),
+             mask=mask_md)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: tensors in, tensors out. Shapes are (B, H, L, D) views with any strides.
+
+def _dot_dtype(x: torch.Tensor):
+    """tl.dot operand dtype: the input's on GPUs; fp32 for bf16 under the interpreter (its bf16 dot is wrong)."""
+    if x.dtype == torch.bfloat16:
+        return tl.float32 if INTERPRET else tl.bfloat16
+    return {torch.float16: tl.float16, torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
+
+
+def _meta(q: torch.Tensor):
+    D = q.shape[-1]
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)), DOT=_dot_dtype(q), ACC=compute_dtype(q))
+
+
+def _grid(length: int, bh: int, block: str):
+    return lambda meta: (triton.cdiv(length, meta[block]) * bh,)
+
+
+def attention_fwd(q, k, v, out, scale: float) -> torch.Tensor:
+    """Write softmax(q k^T * scale) v into ``out`` (all (B, H, L, D) views, D <= 128) and return the base-2
+    log-sum-exp per query row, (B, H, Lq) in fp32 (fp64 for fp64 inputs)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    lse = torch.empty((B, H, Lq), dtype=accumulate_dtype(q), device=q.device)
+    _attn_fwd_kernel[_grid(Lq, B * H, "BLOCK_M")](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Lq, Lk, D, *_split_fp32(scale * LOG2E), **_meta(q))
+    return lse
+
+
+def attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
+    """Write the gradients of attention into ``dq``, ``dk``, ``dv`` given d_out (any strides, including the
+    expanded stride-0 gradient of ``.sum()``), the forward's ``out`` and ``lse``."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    meta = _meta(q)
+    delta = torch.empty((B, H, Lq), dtype=lse.dtype, device=q.device)
+    block_m = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, block_m) * B * H,)](
+        out, d_out, delta, *out.stride(), *d_out.stride(), H, Lq, D,
+        BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], ACC=meta["ACC"])
+    scales = (*_split_fp32(scale * LOG2E), *_split_fp32(scale))
+    strides = (*q.stride(), *k.stride(), *v.stride(), *d_out.stride())
+    _attn_bwd_dkdv_kernel[_grid(Lk, B * H, "BLOCK_N")](
+        q, k, v, d_out, dk, dv, lse, delta, *strides, *dk.stride(), *dv.stride(), H, Lq, Lk, D, *scales, **meta)
+    _attn_bwd_dq_kernel[_grid(Lq, B * H, "BLOCK_M")](
+        q, k, v, d_out, dq, lse, delta, *strides, *dq.stride(), H, Lq, Lk, D, *scales, **meta)
