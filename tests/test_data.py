@@ -1,0 +1,312 @@
+"""fastcm.data: every loader against an independent reading of the same files (numpy, pillow, scikit-learn)."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from fastcm.data import (ArrayDataset, BatchLoader, load_cifar10, load_dataset, load_digits, load_image_folder,
+                         load_npz, make_grid, save_grid)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# digits
+
+def test_digits_split_matches_sklearn():
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    b = sk_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(b.images, b.target, test_size=0.25, stratify=b.target, random_state=0)
+    train, test, full = load_digits("train"), load_digits("test"), load_digits("all")
+    assert (len(train), len(test), len(full)) == (1347, 450, 1797)
+    assert train.image_shape == (1, 8, 8) and train.num_classes == 10
+    x, y = train.get_batch(torch.arange(len(train)))
+    torch.testing.assert_close(x[:, 0].double(), torch.from_numpy(x_tr) / 8 - 1, rtol=0, atol=1e-6)
+    assert torch.equal(y, torch.from_numpy(y_tr))
+    assert torch.equal(test.labels, torch.from_numpy(y_te))
+    assert x.min() == -1 and x.max() == 1 and x.dtype == torch.float32
+    # stratified: every class keeps ~25 % in test
+    assert np.all(np.abs(np.bincount(y_te) - np.bincount(b.target) * 0.25) <= 1)
+    with pytest.raises(ValueError, match="split"):
+        load_digits("valid")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# .npz and ArrayDataset
+
+def test_npz_layouts_and_scaling(tmp_path):
+    rng = np.random.default_rng(0)
+    nhwc = rng.integers(0, 256, size=(5, 5, 6, 3), dtype=np.uint8)
+    y = np.array([0, 1, 2, 1, 0])
+    np.savez(tmp_path / "a.npz", x=nhwc, y=y)
+    ds = load_npz(tmp_path / "a.npz")
+    x, labels = ds.get_batch(torch.arange(5))
+    expect = nhwc.transpose(0, 3, 1, 2).astype(np.float64) / 127.5 - 1
+    torch.testing.assert_close(x.double(), torch.from_numpy(expect), rtol=0, atol=1e-6)
+    assert ds.num_classes == 3 and torch.equal(labels, torch.from_numpy(y))
+    grey = rng.uniform(-1, 1, size=(3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "g.npz", x=grey)
+    g = load_npz(tmp_path / "g.npz")
+    assert g.image_shape == (1, 8, 8) and g.num_classes is None and g.labels is None
+    assert torch.equal(g.get_batch(torch.tensor([2]))[0][0, 0], torch.from_numpy(grey[2]))
+    assert g[1][1].item() == -1  # unlabelled item
+
+
+@pytest.mark.parametrize("arrays, match", [
+    (dict(y=np.zeros(3)), "array named 'x'"),
+    (dict(x=np.full((3, 1, 4, 4), 2.0)), r"\[-1, 1\]"),
+    (dict(x=np.zeros((3, 5, 4, 2))), "shape"),
+    (dict(x=np.zeros((3, 1, 4, 4)), y=np.array([0, 1])), "labels must have shape"),
+    (dict(x=np.zeros((3, 1, 4, 4)), y=np.array([0, -1, 1])), r"labels must lie in"),
+    (dict(x=np.zeros((3, 1, 4, 4)), y=np.array([0.5, 1, 1])), "integers"),
+    (dict(x=np.array([None, 1, 2], dtype=object)), "object arrays"),
+])
+def test_npz_malformed(tmp_path, arrays, match):
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_npz(tmp_path / "bad.npz")
+
+
+def test_npz_missing_and_truncated(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected a .npz"):
+        load_npz(tmp_path / "nope.npz")
+    np.savez(tmp_path / "ok.npz", x=np.zeros((4, 1, 4, 4), np.uint8))
+    data = (tmp_path / "ok.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        load_npz(tmp_path / "cut.npz")
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    (tmp_path / "plain.npy").rename(tmp_path / "plain.npz")
+    with pytest.raises(ValueError, match="not a .npz file"):
+        load_npz(tmp_path / "plain.npz")
+
+
+def test_array_dataset_validation():
+    with pytest.raises(ValueError, match="NaN"):
+        ArrayDataset(torch.full((2, 1, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="no labels"):
+        ArrayDataset(torch.zeros(2, 1, 4, 4), num_classes=3)
+    with pytest.raises(TypeError, match="uint8"):
+        ArrayDataset(torch.zeros(2, 1, 4, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="numpy array"):
+        ArrayDataset([[0.0]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CIFAR-10 python batches (fake, in the real format: a dict with bytes keys, data uint8 (N, 3072), labels list)
+
+def _write_cifar(root, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    expect = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, size=n)]
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [b"x.png"] * n}, f, protocol=2)
+        expect[name] = (data, labels)
+    return expect
+
+
+def test_cifar10_reads_batches(tmp_path):
+    expect = _write_cifar(tmp_path / "cifar-10-batches-py")
+    train = load_cifar10(tmp_path)  # the parent directory works too
+    test = load_dataset(f"cifar10:{tmp_path / 'cifar-10-batches-py'}", split="test")
+    data = np.concatenate([expect[f"data_batch_{i}"][0] for i in range(1, 6)])
+    assert len(train) == 30 and len(test) == 6 and train.image_shape == (3, 32, 32) and train.num_classes == 10
+    assert torch.equal(train.images, torch.from_numpy(data.reshape(-1, 3, 32, 32)))
+    assert train.labels.tolist() == sum((expect[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    # channel-major layout: the first 1024 bytes of a row are the red plane
+    assert torch.equal(test.images[0, 0].flatten(), torch.from_numpy(expect["test_batch"][0][0, :1024]))
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/fastcm_pwned_by_pickle",))
+
+
+def test_cifar10_refuses_foreign_pickles(tmp_path):
+    import os
+    root = tmp_path / "c"
+    _write_cifar(root)
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _Evil(), b"labels": []}, f, protocol=2)
+    with pytest.raises(ValueError, match="refusing to unpickle posix.system"):
+        load_cifar10(root)
+    assert not os.path.exists("/tmp/fastcm_pwned_by_pickle")
+    with open(root / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(ValueError, match=r"shape \(N, 3072\)"):
+        load_cifar10(root)
+    (root / "data_batch_3").write_bytes(b"\x80\x02}q\x00(")  # truncated pickle
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        load_cifar10(root)
+    (root / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError, match="missing test_batch"):
+        load_cifar10(root, "test")
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
+        load_cifar10(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# image folders
+
+def _write_folder(root, size=(6, 5)):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            a = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(a).save(root / c / f"{i}.png")
+            arrays[(c, i)] = a
+    Image.fromarray(arrays[("dog", 0)]).save(root / "dog" / "3.JPG", quality=95)
+    return arrays
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    arrays = _write_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("ignored")
+    ds = load_image_folder(tmp_path / "imgs")
+    assert len(ds) == 7 and ds.class_names == ["cat", "dog"] and ds.num_classes == 2
+    assert ds.labels.tolist() == [0, 0, 0, 1, 1, 1, 1] and ds.image_shape == (3, 5, 6)
+    assert torch.equal(ds.images[4], torch.from_numpy(arrays[("dog", 1)].transpose(2, 0, 1)))  # PNG is lossless
+    jpeg = np.array(Image.open(tmp_path / "imgs" / "dog" / "3.JPG").convert("RGB"))  # files sort by name
+    assert torch.equal(ds.images[6], torch.from_numpy(jpeg.transpose(2, 0, 1)))
+    # resize: centre crop 6x5 -> 5x5 (columns 0..4), Lanczos to 4x4, grey
+    small = load_image_folder(tmp_path / "imgs", resolution=4, channels=1)
+    ref = Image.fromarray(arrays[("cat", 0)]).convert("L").crop((0, 0, 5, 5)).resize((4, 4), Image.Resampling.LANCZOS)
+    assert small.image_shape == (1, 4, 4) and torch.equal(small.images[0, 0], torch.from_numpy(np.array(ref)))
+
+
+def test_image_folder_errors(tmp_path):
+    from PIL import Image
+
+    with pytest.raises(FileNotFoundError, match="one subfolder per class"):
+        load_image_folder(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no .png/.jpg/.jpeg"):
+        load_image_folder(tmp_path / "empty")
+    root = tmp_path / "mixed"
+    _write_folder(root)
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "cat" / "big.png")
+    with pytest.raises(ValueError, match="different sizes.*resolution"):
+        load_image_folder(root)
+    (root / "cat" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with pytest.raises(ValueError, match="cannot read image .*big.png"):
+        load_image_folder(root)
+    (root / "cat" / "big.png").unlink()
+    (root / "bird").mkdir()
+    with pytest.raises(ValueError, match="without .png/.jpg/.jpeg images: bird"):
+        load_image_folder(root)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(flat / "a.png")
+    assert load_image_folder(flat, channels=1).num_classes is None
+
+
+def test_load_dataset_specs(tmp_path):
+    assert len(load_dataset("digits", split="test")) == 450
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 4, 4), np.uint8))
+    assert len(load_dataset(str(tmp_path / "d.npz"))) == 2
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_dataset("imagenet")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# batches
+
+def _toy(n=40, labelled=True):
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, 2, 3) / n
+    x = x + torch.tensor([0.0, 0.001, 0.002]).view(1, 1, 1, 3)  # asymmetric rows, so flips are visible
+    return ArrayDataset(x.contiguous(), torch.arange(n) % 4 if labelled else None)
+
+
+def test_batches_cover_epochs_and_ranks():
+    ds = _toy(41)
+    loaders = [BatchLoader(ds, 5, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert loaders[0].steps_per_epoch == 4  # 20 per rank, 4 batches of 5
+    for epoch in range(2):
+        seen = torch.cat([ld.indices(epoch * 4 + b) for ld in loaders for b in range(4)])
+        assert len(seen) == 40 and len(set(seen.tolist())) == 40  # disjoint across ranks, nothing repeated
+    assert not torch.equal(loaders[0].indices(0), loaders[0].indices(4))  # reshuffled each epoch
+    x, y = loaders[1].batch(6)
+    idx = loaders[1].indices(6)
+    assert torch.equal(y, idx % 4) and torch.equal(x, ds.get_batch(idx)[0])
+
+
+def test_batches_resume_flips_and_generic_dataset():
+    ds = _toy()
+    loader = BatchLoader(ds, 8, seed=1, hflip=True)
+    it = loader.iterate(0)
+    first = [next(it) for _ in range(12)]
+    it7 = BatchLoader(ds, 8, seed=1, hflip=True).iterate(7)  # a fresh loader resumed at step 7
+    for s in range(7, 12):
+        xa, ya = next(it7)
+        assert torch.equal(xa, first[s][0]) and torch.equal(ya, first[s][1])
+    x, _ = first[0]
+    plain = ds.get_batch(loader.indices(0))[0]
+    flipped = (x == plain.flip(-1)).flatten(1).all(1)
+    same = (x == plain).flatten(1).all(1)
+    assert torch.all(flipped ^ same)  # each image either untouched or mirrored
+    nflip = sum(int(((b[0] == ds.get_batch(loader.indices(s))[0].flip(-1)).flatten(1).all(1)).sum())
+                for s, b in enumerate(first))
+    assert 0.3 < nflip / 96 < 0.7
+
+    class Plain(torch.utils.data.Dataset):  # no get_batch: the per-item path and worker processes
+        num_classes = 4
+
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i]
+
+    for workers in (0, 1):
+        it2 = BatchLoader(Plain(), 8, seed=1, hflip=True, num_workers=workers).iterate(3)
+        for s in range(3, 8):  # crosses the epoch boundary at step 5
+            xb, yb = next(it2)
+            assert torch.equal(xb, first[s][0]) and torch.equal(yb, first[s][1])
+
+
+def test_batches_validation():
+    with pytest.raises(ValueError, match="too small"):
+        BatchLoader(_toy(10), 8, world_size=2)
+    with pytest.raises(ValueError, match="rank must be < world_size"):
+        BatchLoader(_toy(10), 2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        BatchLoader(_toy(10), 0)
+    assert BatchLoader(_toy(10, labelled=False), 2).batch(0)[1] is None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# grids
+
+def test_make_and_save_grid(tmp_path):
+    from PIL import Image
+
+    x = torch.rand(5, 3, 2, 3) * 2 - 1
+    g = make_grid(x, nrow=2, padding=1)
+    assert g.shape == (3 * 3 + 1, 2 * 4 + 1, 3) and g.dtype == np.uint8
+    cell = ((x[3].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(g[4:6, 5:8], cell)  # image 3 = row 1, column 1
+    assert g[0].max() == 0 and g[7:9, 5:8].max() == 0  # padding and the empty sixth cell stay black
+    p = save_grid(x, tmp_path / "s.png", nrow=2, scale=2)
+    back = np.asarray(Image.open(p))
+    assert np.array_equal(back, make_grid(x, nrow=2, scale=2))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_grid(x, p)
+    save_grid(-x, p, overwrite=True)
+    assert not np.array_equal(np.asarray(Image.open(p)), back)
+    assert np.asarray(Image.open(save_grid(x[:, :1], tmp_path / "g.png"))).ndim == 2  # grey, auto scale 16
+    with pytest.raises(ValueError, match="NaN"):
+        make_grid(torch.full((1, 1, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match=".png"):
+        save_grid(x, tmp_path / "s.jpg")
