@@ -197,8 +197,9 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE + rows, mask=mask_m, other=0)
         delta = tl.load(DELTA + rows, mask=mask_m, other=0)
         s_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        # No mask needed: padded query rows load q = dO = lse = delta = 0, so p = 1 and dS = 0 there and they add
+        # nothing; padded key rows only reach rows of dK/dV that are never stored.
         p_t = tl.exp2(s_t - lse[None, :])
-        p_t = tl.where(mask_n[:, None] & mask_m[None, :], p_t, 0.0)
         dv = tl.dot(p_t.to(DOT), do, dv, input_precision="ieee", out_dtype=ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -247,6 +248,8 @@ def _attn_bwd_dq_kernel(
         k = tl.load(_tile_ptrs(K, cols, offs_d, skl, skd), mask=mask_nd, other=0).to(DOT)
         v = tl.load(_tile_ptrs(V, cols, offs_d, svl, svd), mask=mask_nd, other=0).to(DOT)
         s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * qk_scale
+        # Padded keys must be masked: their score is 0, and 2^(0 - lse) overflows when all real scores are very
+        # negative; inf * (zero k row) would be NaN.
         p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
         ds = p * (dp - delta[:, None])
