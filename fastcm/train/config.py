@@ -1,0 +1,146 @@
+"""Frozen, JSON-serialisable configs of the two training stages (``to_dict`` / ``from_dict``).
+
+ICTConfig defaults are iCT's CIFAR-10 values (Song & Dhariwal 2023): RAdam lr 1e-4, batch 1024, 400k steps,
+s0 = 10, s1 = 1280, P_mean = -1.1, P_std = 2.0, rho = 7, eval EMA 0.99993. FDConfig defaults follow the calibrated
+digits fine-tune (calibration.md): Adam lr 2e-5, batch 250, 300 steps.
+"""
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+OPTIMIZERS = ("radam", "adam")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FD_MODES = ("queue", "batch", "ema")
+
+# Fields that may differ between a run and its resumption: they change logging, speed or safety margins, not the
+# optimisation trajectory (precision does change rounding; it is allowed so a run can move to other hardware).
+RESUMABLE_CHANGES = frozenset({"log_every", "sample_every", "num_samples", "save_every", "keep_last", "compile",
+                               "compile_backend", "num_workers", "max_nonfinite", "precision"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields shared by both stages. ``batch_size`` is the global batch, split evenly across DDP ranks."""
+
+    total_steps: int = 400_000         # K: optimizer steps of the stage (also sets the iCT curriculum)
+    batch_size: int = 1024             # global batch (divisible by the number of ranks)
+    lr: float = 1e-4                   # learning rate (constant, no warm-up or decay, as in CM/iCT)
+    optimizer: str = "radam"           # "radam" (CM/iCT) or "adam"
+    betas: tuple = (0.9, 0.999)        # Adam/RAdam betas
+    weight_decay: float = 0.0          # L2 weight decay (iCT: none)
+    grad_clip: Optional[float] = None  # clip the global gradient norm to this value; None = no clipping
+    ema_beta: float = 0.99993          # decay of the evaluation EMA of the weights
+    precision: str = "auto"            # autocast dtype: "auto" (bf16/fp16 on CUDA, fp32 on CPU), "fp32", "bf16", "fp16"
+    compile: bool = False              # torch.compile the model call of the training step and the one-step sampler
+    compile_backend: str = "inductor"  # torch.compile backend ("inductor"; "aot_eager" compiles in seconds)
+    seed: int = 0                      # seeds data order, flips, noise and dropout (per step and rank)
+    hflip: bool = False                # random horizontal flips of the training images
+    num_workers: int = 0               # data-loader worker processes (datasets without an in-memory fast path)
+    log_every: int = 50                # steps between metrics.jsonl records / progress-bar updates
+    sample_every: int = 1000           # steps between PNG sample grids (0 = only at the end)
+    num_samples: int = 64              # images per sample grid (one-step, EMA weights, fixed seeds)
+    save_every: int = 5000             # steps between checkpoints (0 = only at the end)
+    keep_last: Optional[int] = 3       # checkpoints kept on disk; None keeps all
+    max_nonfinite: int = 10            # K non-finite steps in a row stop training
+
+    def __post_init__(self):
+        object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
+        _validate(self)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples become lists when dumped)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Rebuild from :meth:`to_dict` output (e.g. a checkpoint's JSON); unknown keys are an error."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a dict, got {type(d).__name__}")
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ICTConfig(TrainConfig):
+    """Stage 1, improved consistency training (iCT). Pseudo-Huber c = None uses 0.00054 * sqrt(C*H*W)."""
+
+    s0: int = 10                       # initial discretization intervals of N(k)
+    s1: int = 1280                     # final discretization intervals (N is capped at s1 + 1)
+    P_mean: float = -1.1               # lognormal p(i): mean of ln sigma
+    P_std: float = 2.0                 # lognormal p(i): std of ln sigma
+    rho: float = 7.0                   # Karras grid exponent
+    huber_c: Optional[float] = None    # Pseudo-Huber c; None = 0.00054 * sqrt(d)
+
+
+@dataclass(frozen=True)
+class FDConfig(TrainConfig):
+    """Stage 2, FD-loss fine-tune: one-step samples -> feature net -> Frechet distance to reference statistics.
+
+    An optional iCT term (``ict_weight`` > 0) regularises with the final curriculum (N = s1 + 1 levels).
+    """
+
+    total_steps: int = 300
+    batch_size: int = 250
+    lr: float = 2e-5
+    optimizer: str = "adam"
+    ema_beta: float = 0.999
+    sample_every: int = 100
+    save_every: int = 100
+    fd_mode: str = "queue"             # FDLoss mode: "queue" (default), "batch" or "ema"
+    queue_size: int = 50_000           # feature queue length (queue mode)
+    fd_ema_beta: float = 0.999         # statistics EMA decay (ema mode)
+    fd_normalize: bool = False         # divide the FD by its detached value (+0.01) so its scale stays ~1
+    balanced_labels: bool = True       # generate the classes in equal shares (conditional models)
+    ict_weight: float = 0.0            # weight of the optional iCT term (0 = FD loss only)
+    s1: int = 1280                     # the iCT term's discretization intervals (fixed N = s1 + 1)
+    P_mean: float = -1.1
+    P_std: float = 2.0
+    rho: float = 7.0
+    huber_c: Optional[float] = None
+
+
+def _is_int(v, lo: int) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate(c: TrainConfig) -> None:
+    ints = {"total_steps": 1, "batch_size": 1, "seed": 0, "num_workers": 0, "log_every": 1, "sample_every": 0,
+            "num_samples": 1, "save_every": 0, "max_nonfinite": 1, "s0": 1, "s1": 1, "queue_size": 1}
+    for name, lo in ints.items():
+        if hasattr(c, name) and not _is_int(getattr(c, name), lo):
+            raise ValueError(f"{name} must be an int >= {lo}, got {getattr(c, name)!r}")
+    if c.keep_last is not None and not _is_int(c.keep_last, 1):
+        raise ValueError(f"keep_last must be a positive int or None, got {c.keep_last!r}")
+    for name in ("lr", "ema_beta", "weight_decay", "P_std", "rho", "ict_weight", "fd_ema_beta", "P_mean"):
+        v = getattr(c, name, 0.0)
+        if not _is_num(v) or (name != "P_mean" and v < 0):
+            raise ValueError(f"{name} must be a finite number{'' if name == 'P_mean' else ' >= 0'}, got {v!r}")
+    if not c.lr > 0 or not 0 <= c.ema_beta < 1 or (hasattr(c, "fd_ema_beta") and not 0 <= c.fd_ema_beta < 1):
+        raise ValueError(f"need lr > 0 and EMA betas in [0, 1), got lr={c.lr}, ema_beta={c.ema_beta}")
+    if len(c.betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in c.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {c.betas!r}")
+    for name in ("grad_clip", "huber_c"):
+        v = getattr(c, name, None)
+        if v is not None and not (_is_num(v) and v > 0):
+            raise ValueError(f"{name} must be None or a positive finite number, got {v!r}")
+    for name, choices in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("fd_mode", FD_MODES)):
+        if hasattr(c, name) and getattr(c, name) not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {getattr(c, name)!r}")
+    for name in ("compile", "hflip", "fd_normalize", "balanced_labels"):
+        if hasattr(c, name) and not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be a bool, got {getattr(c, name)!r}")
+    if not isinstance(c.compile_backend, str) or not c.compile_backend:
+        raise ValueError(f"compile_backend must be a backend name, got {c.compile_backend!r}")
+    if hasattr(c, "s0") and c.s0 > c.s1:
+        raise ValueError(f"s0 must be <= s1, got s0={c.s0}, s1={c.s1}")

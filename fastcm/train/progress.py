@@ -1,0 +1,113 @@
+"""Progress of a run (rank 0 only): a tqdm bar, ``metrics.jsonl`` records, and callbacks for the caller.
+
+A callback is either a plain callable, called as ``fn(record)`` with every metrics record (so a demo can collect
+curves with ``records.append``), or a :class:`Callback` whose methods are invoked at the matching events.
+"""
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+
+class Callback:
+    """Override any of these; every call happens on rank 0 only."""
+
+    def on_log(self, record: dict) -> None:
+        """A metrics record (``step``, ``loss``, ``img_per_s`` …), as appended to metrics.jsonl."""
+
+    def on_sample(self, step: int, images: torch.Tensor) -> None:
+        """One-step samples (n, C, H, W) in [-1, 1] from the EMA weights at ``step``."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """A checkpoint was written."""
+
+    def on_end(self, result) -> None:
+        """Training finished; ``result`` is the TrainResult."""
+
+
+CallbackLike = Union[Callback, Callable[[dict], None]]
+
+
+def _as_callbacks(callbacks: Optional[Sequence[CallbackLike]]):
+    out = []
+    for cb in callbacks or ():
+        if isinstance(cb, Callback):
+            out.append(cb)
+        elif callable(cb):
+            fn = cb
+            wrapper = Callback()
+            wrapper.on_log = fn
+            out.append(wrapper)
+        else:
+            raise TypeError(f"callbacks must be Callback objects or callables, got {type(cb).__name__}")
+    return out
+
+
+class RunLogger:
+    """metrics.jsonl (append-only; on resume, records after the resumed step are dropped), tqdm bar, callbacks."""
+
+    def __init__(self, out_dir: Optional[Path], start_step: int, total_steps: int, enabled: bool,
+                 progress: bool, callbacks: Optional[Sequence[CallbackLike]], desc: str):
+        self.enabled = enabled
+        self.callbacks = _as_callbacks(callbacks) if enabled else []
+        self.path = out_dir / "metrics.jsonl" if (out_dir is not None and enabled) else None
+        self.records = []
+        if self.path is not None:
+            _truncate_after(self.path, start_step)
+        self.bar = None
+        if enabled and progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, unit="step")
+
+    def tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=False) + "\n")
+        if self.bar is not None:
+            post = {"loss": f"{record['loss']:.4g}" if record.get("loss") is not None else "nan"}
+            for key in ("N", "fd"):
+                if key in record:
+                    post[key] = record[key] if key == "N" else f"{record[key]:.4g}"
+            post["img/s"] = f"{record.get('img_per_s', 0):.1f}"
+            self.bar.set_postfix(post, refresh=False)
+        for cb in self.callbacks:
+            cb.on_log(record)
+
+    def event(self, name: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, name)(*args)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop records with step > ``step`` (a crashed run logged past its last checkpoint); atomic rewrite."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a torn last line from a crash
+    if len(keep) == len(lines):
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
+    os.replace(tmp, path)
