@@ -52,7 +52,14 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     """Readable PyTorch reference of :func:`group_norm` (computes in fp32, or fp64 for fp64 inputs)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     per_nc = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)  # (N, C) -> (N, C, 1, ..., 1): broadcast over space
-    y = F.group_norm(x.to(acc), num_groups, _cast(weight, acc), _cast(bias, acc), eps)
+    per_c = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    # torch.group_norm is F.group_norm minus its "more than 1 value per channel" check, which rejects legitimate
+    # one-element groups at batch 1 (e.g. x of shape (1, C, 1, 1) with G = C). A bias without a weight is added
+    # outside: aten's group-norm backward fails on it ("tensor does not have a device", torch 2.13 CPU).
+    native_bias = _cast(bias, acc) if weight is not None else None
+    y = torch.group_norm(x.to(acc), num_groups, _cast(weight, acc), native_bias, eps)
+    if weight is None and bias is not None:
+        y = y + bias.to(acc).view(per_c)
     if scale is not None:
         y = y * (1 + scale.to(acc).view(per_nc))
     if shift is not None:
@@ -150,9 +157,11 @@ def _group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
 
 @_group_norm_fwd.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, silu, chunk):
+    from fastcm.kernels.group_norm import out_format
+
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     stats = x.new_empty((x.shape[0], num_groups), dtype=acc)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return torch.empty_like(x, memory_format=out_format(x)), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("fastcm::group_norm_bwd", mutates_args=())
@@ -166,8 +175,10 @@ def _group_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: O
 
 @_group_norm_bwd.register_fake
 def _(dy, x, mean, rstd, weight, bias, scale, shift, silu, chunk):
+    from fastcm.kernels.group_norm import out_format
+
     sums = x.new_empty(x.shape[:2], dtype=mean.dtype)
-    return torch.empty_like(x), sums, torch.empty_like(sums)
+    return torch.empty_like(x, memory_format=out_format(x)), sums, torch.empty_like(sums)
 
 
 def _setup_context(ctx, inputs, output):
