@@ -1,0 +1,128 @@
+"""The demo's verdicts, its report.md and the summary table printed at the end of ``fastcm demo``."""
+from fastcm.eval.report import markdown_table
+
+ROWS = (("real_train_split", "real train split (reference)"), ("one_step", "iCT, one step"),
+        ("two_step", "iCT, two steps (σ 80 → 0.821)"), ("fd_finetuned", "FD fine-tune, one step"))
+
+
+def quality_checks(report: dict, goals: dict) -> dict:
+    """Pass/fail of the demo's quality goals, and an honest statement of what pixel-space FD did."""
+    m = report["metrics"]
+    one = m["one_step"]
+    checks = {"one_step_cas": {"value": one["cas"], "goal": f">= {goals['min_one_step_cas']}",
+                               "passed": one["cas"] >= goals["min_one_step_cas"]}}
+    fd = m.get("fd_finetuned")
+    if fd is not None:
+        reduction = (one["fd_features"] - fd["fd_features"]) / one["fd_features"]
+        checks["fd_reduction"] = {"value": reduction, "before": one["fd_features"], "after": fd["fd_features"],
+                                  "goal": f">= {goals['min_fd_reduction']:.0%} lower classifier-feature FD",
+                                  "passed": reduction >= goals["min_fd_reduction"]}
+        drop = one["cas"] - fd["cas"]
+        checks["cas_kept"] = {"value": -drop, "before": one["cas"], "after": fd["cas"],
+                              "goal": f"CAS drops by at most {100 * goals['max_cas_drop']:.0f} point",
+                              "passed": drop <= goals["max_cas_drop"] + 1e-12}
+        change = (fd["fd_pixels"] - one["fd_pixels"]) / one["fd_pixels"]
+        checks["pixel_fd"] = {"before": one["fd_pixels"], "after": fd["fd_pixels"], "relative_change": change,
+                              "statement": _pixel_statement(one["fd_pixels"], fd["fd_pixels"], change)}
+    protocol = report.get("cas_protocol")
+    if protocol:
+        checks["real_plus_synthetic_beats_real"] = protocol["real_plus_synthetic_beats_real"]
+    checks["all_passed"] = all(c["passed"] for c in checks.values() if isinstance(c, dict) and "passed" in c)
+    return checks
+
+
+def _pixel_statement(before: float, after: float, change: float) -> str:
+    where = "the FD loss never sees pixels, so this is a held-out check"
+    if abs(change) < 0.02:
+        return f"pixel-space FD stayed about the same ({before:.3g} → {after:.3g}, {change:+.1%}); {where}"
+    verb = "fell" if change < 0 else "rose"
+    tail = "" if change < 0 else " — the fine-tune improved its own feature space more than raw pixel statistics"
+    return f"pixel-space FD {verb} {abs(change):.1%} ({before:.3g} → {after:.3g}); {where}{tail}"
+
+
+def _metric_rows(report: dict) -> list:
+    rows = []
+    for key, label in ROWS:
+        r = report["metrics"].get(key)
+        if r is not None:
+            rows.append([label, r["cas"], r["fd_features"], r["fd_pixels"], r["label_agreement"], r["n"]])
+    return rows
+
+
+def _protocol_table(p: dict) -> str:
+    rows = [[arm, p[arm]["train_size"], p[arm]["mean"], p[arm]["std"]]
+            for arm in ("real", "synthetic", "real+synthetic")]
+    return markdown_table(["classifier trained on", "images", "top-1 (mean)", "std over seeds"], rows)
+
+
+def render_markdown(report: dict) -> str:
+    cfg, q, t = report["config"], report["quality"], report["timings_s"]
+    judge = "logistic regression on pixels" if cfg["judge"] == "logreg" else "small CNN"
+    lines = [
+        "# fastcm demo report", "",
+        f"scikit-learn digits, {report['data']['train_size']} train / {report['data']['test_size']} test images "
+        f"({report['data']['split']}); seed {report['seed']}; fastcm {report['environment']['fastcm']}, torch "
+        f"{report['environment']['torch']}, {report['environment']['torch_threads']} CPU threads.", "",
+        "## Metrics against the real test split", "",
+        f"CAS = top-1 on the real test split of a {judge} trained only on the {cfg['per_class']} samples per class "
+        "(for the first row: on the real train split). FD features = Fréchet distance in the 64-d feature space of a "
+        "small CNN trained once on the train split (test accuracy "
+        f"{report['feature_network']['test_accuracy']:.3f}); FD pixels = the same in raw pixel space. Label "
+        "agreement = how often that CNN recognises the requested class.", "",
+        markdown_table(["samples", "CAS", "FD features", "FD pixels", "label agreement", "n"], _metric_rows(report)),
+        "", "## Quality goals", "",
+    ]
+    for name, c in q.items():
+        if isinstance(c, dict) and "passed" in c:
+            lines.append(f"- **{name}**: {_fmt(c['value'])} (goal {c['goal']}) — "
+                         f"{'passed' if c['passed'] else 'NOT met'}")
+    if "pixel_fd" in q:
+        lines.append(f"- **pixel FD**: {q['pixel_fd']['statement']}")
+    lines.append(f"- all goals met: **{'yes' if q['all_passed'] else 'no'}**")
+    p = report.get("cas_protocol")
+    if p:
+        verdict = "holds" if p["real_plus_synthetic_beats_real"] else "does not hold"
+        lines += ["", "## Real / synthetic / real + synthetic (Azizi et al. 2023 protocol)", "",
+                  f"Judge: {p['judge']} trained from scratch, seeds {p['seeds']}; synthetic = the "
+                  f"{p['samples'].replace('_', ' ')} samples.", "", _protocol_table(p), "",
+                  f"The paper's headline (real + synthetic beats real alone) **{verdict}** here: "
+                  f"{100 * p['real_plus_synthetic_minus_real']:+.2f} points (a win must exceed the standard error "
+                  "over seeds)."]
+    lines += ["", "## Settings", "", markdown_table(["setting", "value"], [[k, v] for k, v in cfg.items()]),
+              "", "## Timings (wall clock, seconds)", "",
+              markdown_table(["phase", "seconds"], [[k, v] for k, v in t.items()]), "",
+              "## Files", ""]
+    for key, f in report["files"].items():
+        lines.append(f"- {key}: " + (", ".join(f.values()) if isinstance(f, dict) else f))
+    for key, f in report["checkpoints"].items():
+        if f:
+            lines.append(f"- checkpoint ({key}): {f}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def format_summary(report: dict) -> str:
+    """The table printed at the end of the demo."""
+    q, t = report["quality"], report["timings_s"]
+    head = f"{'samples':<34}{'CAS':>8}{'FD feat':>10}{'FD pix':>9}"
+    lines = ["", "fastcm demo results (real test split)", head, "-" * len(head)]
+    for label, cas, fdf, fdp, _, _ in _metric_rows(report):
+        lines.append(f"{label:<34}{cas:>8.4f}{fdf:>10.3f}{fdp:>9.3f}")
+    lines.append("")
+    for name, c in q.items():
+        if isinstance(c, dict) and "passed" in c:
+            lines.append(f"{'PASS' if c['passed'] else 'FAIL'}  {name}: {_fmt(c['value'])} (goal {c['goal']})")
+    if "pixel_fd" in q:
+        lines.append(f"note  {q['pixel_fd']['statement']}")
+    p = report.get("cas_protocol")
+    if p:
+        lines.append(f"CAS protocol ({p['judge']}, {len(p['seeds'])} seeds): real {p['real']['mean']:.4f}, "
+                     f"synthetic {p['synthetic']['mean']:.4f}, real+synthetic {p['real+synthetic']['mean']:.4f} "
+                     f"→ real+synthetic beats real: {'yes' if p['real_plus_synthetic_beats_real'] else 'no'}")
+    main = {k: v for k, v in t.items() if k.startswith("stage") or k == "total"}
+    lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in main.items()))
+    lines.append(f"report: {report['out']}/report.md")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""Run directories and report writers: the --out safety rule, atomic JSON/markdown/npz files, training-curve plots.
+
+Nothing a user saved is ever silently overwritten: an existing, non-empty output directory is refused unless the
+caller passes ``overwrite=True``; each file is written to a temporary name and renamed into place.
+"""
+import datetime
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+def prepare_out_dir(out: Optional[str], overwrite: bool = False, *, root: str = "runs", prefix: str = "run") -> Path:
+    """The directory a command writes into, created if needed.
+
+    ``out=None`` → a new directory ``<root>/<prefix>-YYYYmmdd-HHMMSS`` (with a numeric suffix if that exists).
+    An existing directory that is not empty is refused unless ``overwrite`` (then files of the same name are
+    replaced, other files are left alone); an existing *file* is always refused.
+    """
+    if out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / f"{prefix}-{stamp}"
+        path, i = base, 1
+        while path.exists():
+            path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    else:
+        path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--out {str(path)!r} is a file; give a directory path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"--out {str(path)!r} exists and is not empty; choose a new directory or pass "
+                              "--overwrite to replace the files this command writes there")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_new_file(path, overwrite: bool = False, *, suffix: Optional[str] = None, what: str = "--out") -> Path:
+    """Validate an output *file* path: the right suffix, and not an existing file unless ``overwrite``."""
+    path = Path(path).expanduser()
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise ValueError(f"{what} must end in {suffix}, got {str(path)!r}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {str(path)!r} is a directory; give a file path ending in {suffix or ''}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{what} {str(path)!r} exists; choose another path or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _atomic_write(path: Path, write) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def to_jsonable(obj):
+    """Numbers, arrays and paths as plain JSON values; non-finite floats become null (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # 0-d torch tensors
+        return to_jsonable(obj.item())
+    raise TypeError(f"cannot write a {type(obj).__name__} to JSON")
+
+
+def write_json(path, obj) -> Path:
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def write_text(path, text: str) -> Path:
+    return _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def save_samples_npz(path, x, y) -> Path:
+    """Samples as ``x`` (N, C, H, W) float32 in [-1, 1] and ``y`` (N,) int64, the format `fastcm cas/fid` read."""
+    x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
+    y = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.int64)
+    if x.ndim != 4 or y.shape != (x.shape[0],):
+        raise ValueError(f"x must be (N, C, H, W) and y (N,), got {x.shape} and {y.shape}")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare temporary name
+            np.savez(f, x=np.clip(x, -1.0, 1.0), y=y)
+
+    return _atomic_write(path, write)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table; floats with 4 significant digits, None as an em dash."""
+    def cell(v):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "—"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _series(records, key):
+    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_training_curves(path, ict_records: Sequence[dict], fd_records: Sequence[dict] = (),
+                         fd_key: str = "fd") -> Path:
+    """PNG of the training curves: iCT loss (log scale) and N(k) over steps; FD over the fine-tune steps.
+
+    Records are the metrics.jsonl dicts of fastcm.train (``step``, ``loss``, ``N``; ``fd`` for the FD stage).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    ncols = 2 if fd_records else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    steps, loss = _series(ict_records, "loss")
+    ax.plot(steps, loss, color="tab:blue", label="iCT loss")
+    if loss and min(loss) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("iCT step")
+    ax.set_ylabel("loss (λ-weighted Pseudo-Huber)", color="tab:blue")
+    n_steps, n_vals = _series(ict_records, "N")
+    if n_vals:
+        ax2 = ax.twinx()
+        ax2.step(n_steps, n_vals, where="post", color="tab:orange", label="N(k)")
+        ax2.set_ylabel("N(k) discretization steps", color="tab:orange")
+    ax.set_title("stage 1: iCT")
+    if fd_records:
+        ax = axes[0, 1]
+        s, v = _series(fd_records, fd_key)
+        ax.plot(s, v, color="tab:green", marker="." if len(s) < 30 else None)
+        ax.set_xlabel("fine-tune step")
+        ax.set_ylabel("Fréchet distance (training batch)")
+        ax.set_title("stage 2: FD-loss fine-tune")
+    fig.tight_layout()
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+
+    try:
+        return _atomic_write(path, write)
+    finally:
+        plt.close(fig)
