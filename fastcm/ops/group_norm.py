@@ -224,6 +224,7 @@ _CASES = {
     "cifar10": (64, 128, 32, 32),
     "cifar10-16x16": (64, 256, 16, 16),
     "imagenet64": (32, 192, 64, 64),
+    "batch1": (1, 256, 64, 64),  # one-image sampling: 32 groups only, the split reduction's case
 }
 
 

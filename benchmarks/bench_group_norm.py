@@ -1,0 +1,44 @@
+"""GroupNorm(32) + (1 + scale) / shift + SiLU at U-Net feature-map shapes, forward and forward+backward.
+
+Providers: the eager reference (``group_norm_ref``: aten group_norm, then modulation and SiLU as separate kernels),
+the reference under ``torch.compile`` (Inductor fuses it into one kernel per pass: the baseline to beat), and the
+fused Triton op (CUDA only; the interpreter is no benchmark). Cases come from the registry's ``make_inputs``
+(``batch1`` is sampling at batch 1, where the split reduction keeps a GPU busy).
+
+Each entry records ``bytes``, the compulsory memory traffic of a fully fused implementation (forward: read x, write
+y; backward: read x and dy, write dx; the (N, C) and (C,) parameters are negligible), so the report prints the
+effective GB/s. Goal on a GPU (issue 3): >= 2x eager and not slower than compiled at batch >= 8, C >= 128.
+"""
+import pytest
+import torch
+
+from _harness import DEVICE, SMOKE, bench, op_providers, record, timed_call
+from fastcm.ops import group_norm, group_norm_ref
+from fastcm.ops.group_norm import make_inputs
+
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+CASES = make_inputs.cases[:1] if SMOKE else make_inputs.cases[1:]
+_COMPILED = {}
+
+
+def _fn(provider):
+    if provider == "eager":
+        return group_norm_ref
+    if provider == "compiled":
+        if "ref" not in _COMPILED:
+            _COMPILED["ref"] = torch.compile(group_norm_ref, dynamic=False)
+        return _COMPILED["ref"]
+    return lambda **kw: group_norm(**kw, impl="triton")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", op_providers())
+@pytest.mark.parametrize("case", CASES)
+def test_group_norm(benchmark, case, provider, mode):
+    kwargs = make_inputs(case, device=DEVICE, dtype=DTYPE, requires_grad=(mode != "fwd"))
+    x = kwargs["x"]
+    passes = 2 if mode == "fwd" else 5  # x, y | x, y, x, dy, dx
+    shape = "x".join(map(str, x.shape))
+    record(benchmark, group=f"group_norm:{case}:{mode}", op="group_norm", case=f"{case}:{shape}", dtype=DTYPE,
+           mode=mode, provider=provider, bytes=passes * x.numel() * x.element_size())
+    bench(benchmark, timed_call(_fn(provider), kwargs, mode), rounds=3 if SMOKE else 20)
