@@ -1,8 +1,9 @@
 """GroupNorm(32) + (1 + scale) / shift + SiLU at U-Net feature-map shapes, forward and forward+backward.
 
-Providers: the eager reference (``group_norm_ref``: aten group_norm, then modulation and SiLU as separate kernels),
-the reference under ``torch.compile`` (Inductor fuses it into one kernel per pass: the baseline to beat), and the
-fused Triton op (CUDA only; the interpreter is no benchmark). Cases come from the registry's ``make_inputs``
+Providers: the eager reference (``group_norm_ref``: aten group_norm, then modulation and SiLU as separate kernels,
+computed in fp32), ``eager-native`` (the same chain in the input dtype, as a plain U-Net block writes it: no fp32
+round trip for fp16 inputs), the reference under ``torch.compile`` (Inductor fuses it into one kernel per pass: the
+baseline to beat), and the fused Triton op (CUDA only; the interpreter is no benchmark). Cases come from the registry's ``make_inputs``
 (``batch1`` is sampling at batch 1, where the split reduction keeps a GPU busy).
 
 Each entry records ``bytes``, the compulsory memory traffic of a fully fused implementation (forward: read x, write
@@ -11,6 +12,7 @@ effective GB/s. Goal on a GPU (issue 3): >= 2x eager and not slower than compile
 """
 import pytest
 import torch
+import torch.nn.functional as F
 
 from _harness import DEVICE, SMOKE, bench, op_providers, record, timed_call
 from fastcm.ops import group_norm, group_norm_ref
@@ -21,9 +23,16 @@ CASES = make_inputs.cases[:1] if SMOKE else make_inputs.cases[1:]
 _COMPILED = {}
 
 
+def _native(x, num_groups, weight, bias, eps, scale, shift, act):
+    y = F.group_norm(x, num_groups, weight, bias, eps) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return F.silu(y) if act == "silu" else y
+
+
 def _fn(provider):
     if provider == "eager":
         return group_norm_ref
+    if provider == "eager-native":
+        return _native
     if provider == "compiled":
         if "ref" not in _COMPILED:
             _COMPILED["ref"] = torch.compile(group_norm_ref, dynamic=False)
@@ -32,7 +41,7 @@ def _fn(provider):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", op_providers())
+@pytest.mark.parametrize("provider", ["eager-native", *op_providers()])
 @pytest.mark.parametrize("case", CASES)
 def test_group_norm(benchmark, case, provider, mode):
     kwargs = make_inputs(case, device=DEVICE, dtype=DTYPE, requires_grad=(mode != "fwd"))
