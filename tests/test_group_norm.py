@@ -310,6 +310,8 @@ def test_module_bad_input():
         GroupNorm(1, 0)
     with pytest.raises(ValueError, match="act must be one of"):
         GroupNorm(4, 8, act="gelu")
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        GroupNorm(4, 8, eps=-1e-5)
     with pytest.raises(ValueError, match=r"x must have shape \(N, 8, ...\)"):
         GroupNorm(4, 8)(torch.zeros(2, 16, 3))
 

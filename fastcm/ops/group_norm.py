@@ -84,8 +84,7 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     N, C = x.shape[:2]
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    _check_positive_int("num_groups", num_groups)
     if C % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels C={C} of x")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -94,10 +93,19 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
     for name, t in (("scale", scale), ("shift", shift)):
         if t is not None:
             check_tensor(name, t, shape=(N, C))
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < float(eps) < float("inf")):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    _check_eps(eps)
     check_choice("act", act, ACTS)
     check_same_device(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < float(eps) < float("inf")):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
 
 
 class GroupNorm(nn.Module):
@@ -110,12 +118,11 @@ class GroupNorm(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  act: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, numbers.Integral) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
-        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) or num_groups < 1:
-            raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+        _check_positive_int("num_channels", num_channels)
+        _check_positive_int("num_groups", num_groups)
         if num_channels % num_groups != 0:
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
+        _check_eps(eps)
         check_choice("act", act, ACTS)
         self.num_groups, self.num_channels, self.eps, self.affine, self.act = num_groups, num_channels, eps, affine, act
         self.impl = "auto"
