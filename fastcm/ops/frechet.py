@@ -1,0 +1,154 @@
+"""Exact Frechet distance between Gaussians N(mu1, S1) and N(mu2, S2) (Dowson & Landau 1982; FID, Heusel et al.
+2017):
+
+    FD = ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2)
+
+Only the trace of the square root is needed, and it is a sum over eigenvalues: with S1 = L L^T (Cholesky),
+S1 S2 = L (L^T S2 L) L^(-1) is similar to the symmetric PSD matrix M = L^T S2 L, so
+
+    tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(M))        (lambda from a symmetric eigvalsh, clamped at 0)
+
+This is the whole method: one Cholesky (d^3/3 flops), the congruence L^T S2 L computed block-wise so the triangular
+zeros of L are skipped (~4/3 d^3 instead of 4 d^3 flops for two general matmuls), and one values-only eigvalsh. No
+scipy sqrtm (14-16 s at d = 2048 on a 2-core CPU, and wrong in scipy 1.11.2-1.12), no general eigvals (3-4.5 s and
+complex arithmetic), no NaN: everything is fp64 and symmetric. Singular covariances (fewer samples than features)
+are exact too: when S1 has no Cholesky factor, S2 is factored instead (the trace is symmetric in S1, S2); when
+neither has one, S1 = F F^T with F = V_r diag(sqrt(lambda_r)) over S1's non-null eigenpairs (eigh), and
+M = F^T S2 F is rank(S1) x rank(S1). Eigenvalues of M at rounding level are counted as 0 (null_threshold).
+"""
+import numpy as np
+import torch
+from torch import Tensor
+
+# Symmetry of a covariance is checked to this relative tolerance (covariances built in fp32 are symmetric only to
+# rounding); negative eigenvalues of M below -PSD_TOL * max(lambda) mean an input is not a covariance.
+SYM_TOL = 1e-5
+PSD_TOL = 1e-6
+_BLOCK = 256  # column block of the triangular congruence (large enough for efficient GEMMs)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> Tensor:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), exact in fp64.
+
+    Args:
+        mu1, mu2: means, shape (d,); sigma1, sigma2: covariances, shape (d, d), symmetric positive semi-definite
+            (rank-deficient is fine). torch tensors or numpy arrays, any floating dtype (computed in fp64).
+    Returns a float64 0-d tensor on the inputs' device. Round-off can make the exact value 0 come out as about
+    -1e-12 * (tr S1 + tr S2); such values are returned as 0 (the distance is never negative).
+    """
+    mu1, sigma1, mu2, sigma2 = _validate(mu1, sigma1, mu2, sigma2)
+    diff = mu1 - mu2
+    fd = diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * trace_sqrt_product(sigma1, sigma2, _checked=True)
+    return fd.clamp(min=0.0)
+
+
+def trace_sqrt_product(sigma1: Tensor, sigma2: Tensor, _checked: bool = False) -> Tensor:
+    """tr (sigma1 sigma2)^(1/2) for symmetric PSD (d, d) matrices, in fp64 (see the module docstring)."""
+    if not _checked:
+        _, sigma1, _, sigma2 = _validate(torch.zeros(sigma1.shape[-1]), sigma1, torch.zeros(sigma2.shape[-1]),
+                                         sigma2)
+    factor, triangular, other, name = _factor(sigma1, sigma2)
+    m = congruence(factor, other) if triangular else factor.mT @ other @ factor
+    lam = torch.linalg.eigvalsh(m, UPLO="L")
+    _check_psd(lam, name)
+    return lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
+
+
+def null_threshold(lam: Tensor) -> Tensor:
+    """Eigenvalues at or below n * eps * max|lambda| are within eigvalsh's rounding error of 0 (its absolute
+    error is a small multiple of eps * ||M||): they are set to 0 rather than contributing sqrt(rounding noise),
+    ~1e-8 each, which is what makes singular covariances drift in other implementations."""
+    return lam.numel() * torch.finfo(lam.dtype).eps * lam.abs().max()
+
+
+def congruence(chol: Tensor, s: Tensor) -> Tensor:
+    """L^T S L for lower-triangular L and symmetric S; only the lower triangle of the result is filled.
+
+    P = S L is formed one column block at a time, P[:, J] = S[:, j0:] L[j0:, J] (the rows of L above j0 are 0),
+    then row block I of M = L^T P is L[i0:, I]^T P[i0:, :i1] (only columns up to the diagonal block, since
+    eigvalsh reads the lower triangle). About d^3 + d^3/3 flops instead of 4 d^3."""
+    d = s.shape[0]
+    p = torch.empty_like(s)
+    for j0 in range(0, d, _BLOCK):
+        j1 = min(j0 + _BLOCK, d)
+        p[:, j0:j1] = s[:, j0:] @ chol[j0:, j0:j1]
+    m = torch.zeros_like(s)
+    for i0 in range(0, d, _BLOCK):
+        i1 = min(i0 + _BLOCK, d)
+        m[i0:i1, :i1] = chol[i0:, i0:i1].mT @ p[i0:, :i1]
+    return m
+
+
+def psd_factor(sigma: Tensor, name: str = "sigma"):
+    """(F, is_triangular) with F F^T = sigma for a symmetric PSD matrix: the (d, d) Cholesky factor, or the
+    (d, rank) factor V_r diag(sqrt(lambda_r)) over the eigenvalues above rounding level when sigma is singular
+    (raises ValueError naming ``name`` when sigma has clearly negative eigenvalues)."""
+    chol, info = torch.linalg.cholesky_ex(sigma)
+    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+        return chol, True
+    lam, v = torch.linalg.eigh(sigma)
+    _check_psd(lam, name)
+    keep = lam > null_threshold(lam)  # drop the null space: F is (d, rank), so F^T S F has no null eigenvalues
+    return v[:, keep] * lam[keep].sqrt(), False
+
+
+def _factor(sigma1: Tensor, sigma2: Tensor):
+    """(F, F is triangular, S, name of S) with F F^T one covariance and S the other, so that the trace term is
+    sum sqrt eig(F^T S F). Prefers a Cholesky factor of either covariance; eigh only when neither is definite."""
+    for s_f, s_o, name in ((sigma1, sigma2, "sigma2"), (sigma2, sigma1, "sigma1")):
+        chol, info = torch.linalg.cholesky_ex(s_f)
+        if int(info) == 0 and bool(torch.isfinite(chol).all()):
+            return chol, True, s_o, name
+    f, triangular = psd_factor(sigma1, "sigma1")
+    return f, triangular, sigma2, "sigma2"
+
+
+def _check_psd(lam: Tensor, name: str) -> None:
+    top = lam.abs().max()
+    if bool(lam.min() < -PSD_TOL * top):
+        raise ValueError(f"{name} is not positive semi-definite: eigenvalue {lam.min().item():.3g} against a "
+                         f"largest of {top.item():.3g} (of {name} or a matrix congruent to it)")
+
+
+def _as_fp64(name: str, x) -> Tensor:
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {str(x.dtype).replace('torch.', '')}")
+    return x.detach().to(torch.float64)
+
+
+def _validate(mu1, sigma1, mu2, sigma2):
+    mu1, sigma1, mu2, sigma2 = (_as_fp64(n, x) for n, x in
+                                (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)))
+    if mu1.dim() != 1 or mu1.numel() == 0:
+        raise ValueError(f"mu1 must be a non-empty 1-D tensor (d,), got shape {tuple(mu1.shape)}")
+    d = mu1.shape[0]
+    for name, x, shape in (("mu2", mu2, (d,)), ("sigma1", sigma1, (d, d)), ("sigma2", sigma2, (d, d))):
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} to match mu1 of shape ({d},), got {tuple(x.shape)}")
+    devices = {x.device for x in (mu1, sigma1, mu2, sigma2)}
+    if len(devices) > 1:
+        raise ValueError(f"mu1, sigma1, mu2, sigma2 must be on one device, got {sorted(map(str, devices))}")
+    out = []
+    for name, x in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        if x.dim() == 2:
+            x = _symmetrized(name, x)
+        out.append(x)
+    return out
+
+
+def _symmetrized(name: str, s: Tensor) -> Tensor:
+    scale = s.abs().max().clamp(min=torch.finfo(torch.float64).tiny)
+    asym = ((s - s.mT).abs().max() / scale).item()
+    if asym > SYM_TOL:
+        raise ValueError(f"{name} must be symmetric: max |S - S^T| / max |S| = {asym:.3g} exceeds {SYM_TOL:g}")
+    if bool((s.diagonal() < 0).any()):
+        raise ValueError(f"{name} has a negative variance on its diagonal, so it is not a covariance")
+    return (s + s.mT) * 0.5

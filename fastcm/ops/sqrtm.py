@@ -1,0 +1,179 @@
+"""Matrix square root of symmetric positive semi-definite matrices, batched, with a stable backward.
+
+    sqrtm(A)          coupled Newton-Schulz (Higham 2008, eq. 6.35) after Frobenius pre-scaling; Triton kernel
+                      (kernels/sqrtm.py) fusing each step's matmuls with the (3I - ZY)/2 epilogue; backward solves
+                      the Lyapunov equation  X dA + dA X = G  (X = sqrt(A)) by the same kind of coupled iteration
+                      (Lin & Maji, BMVC 2017): Newton-Schulz on the sign of [[B, C], [0, -B]].
+    sqrtm_ref(A)      eigendecomposition V diag(sqrt(max(lambda, 0))) V^T; backward in the eigenbasis with the
+                      Daleckii-Krein divided difference 1 / (sqrt(lambda_i) + sqrt(lambda_j)), which stays finite for
+                      repeated eigenvalues (autograd through eigh does not: 1 / (lambda_i - lambda_j)).
+    sqrtm_newton_schulz(A)   the same Newton-Schulz iteration in plain torch (autograd unrolls it).
+
+Newton-Schulz converges for any SPD matrix once scaled by its Frobenius norm; an eigenvalue lambda of
+A / ||A||_F reaches full accuracy after about log(1 / lambda) / log(2.25) + 5 steps, so the number of steps
+sets the condition number that is resolved (accuracy table in the README and in tests/test_sqrtm.py).
+Null eigenvalues stay exactly 0 (square roots of PSD matrices are fine); the backward needs A positive definite,
+because d sqrt(lambda) / d lambda is unbounded at 0.
+"""
+import torch
+from torch import Tensor
+
+from ._utils import check_tensor, resolve_impl
+
+NUM_ITERS = 30  # resolves condition numbers up to ~1e8 in fp64 (see the accuracy table)
+
+
+def sqrtm(a: Tensor, impl: str = "auto", num_iters: int = NUM_ITERS) -> Tensor:
+    """Principal square root of symmetric PSD matrices ``a`` of shape (..., n, n).
+
+    Args:
+        a: symmetric positive semi-definite matrices (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
+        impl: "auto" (Triton Newton-Schulz on CUDA, the eigendecomposition reference elsewhere), "triton"
+            or "torch" (the reference).
+        num_iters: Newton-Schulz steps (Triton path only); 30 resolves eigenvalues down to ~1e-8 * ||a||_F.
+    Returns sqrt(a) in a's dtype and shape. Gradients flow to ``a`` (Lyapunov backward; needs a positive definite).
+    """
+    _validate(a, num_iters)
+    if resolve_impl(impl, a) == "torch":
+        return sqrtm_ref(a)
+    x = _flat(a)
+    out = torch.ops.fastcm.sqrtm_ns(x, int(num_iters))
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def sqrtm_ref(a: Tensor) -> Tensor:
+    """Reference: V diag(sqrt(max(lambda, 0))) V^T from ``torch.linalg.eigh`` (reads the lower triangle), with the
+    Daleckii-Krein backward. Computes in fp32 (fp64 for fp64 input) and returns a's dtype."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    return _SqrtmEig.apply(a.to(acc)).to(a.dtype)
+
+
+def sqrtm_newton_schulz(a: Tensor, num_iters: int = NUM_ITERS) -> Tensor:
+    """The coupled Newton-Schulz iteration written with torch matmuls (the kernel's step-by-step reference).
+
+    Gradients are autograd through the unrolled iteration (the derivative of the approximation)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    a = a.to(acc)
+    norm = torch.linalg.matrix_norm(a, "fro", keepdim=True)
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    eye = torch.eye(a.shape[-1], dtype=acc, device=a.device)
+    y, z = a / norm, eye.expand_as(a)
+    for _ in range(num_iters):
+        t = 1.5 * eye - 0.5 * (z @ y)
+        y, z = y @ t, t @ z
+    return (y * norm.sqrt()).to(a.dtype)
+
+
+def lyapunov_newton_schulz(x: Tensor, grad: Tensor, num_iters: int = NUM_ITERS) -> Tensor:
+    """Solve  x W + W x = grad  for W, with x symmetric positive definite (x = sqrt(A), so W = dL/dA).
+
+    Newton-Schulz for the matrix sign of [[B, C], [0, -B]] (B = x / s, C = grad / s) converges to [[I, 2W], [0, -I]]
+    (Higham 2008, Thm. 5.2 / Lin & Maji 2017): B <- B (3I - B^2) / 2,  C <- (C (3I - B^2) - B^2 C + B C B) / 2.
+    The scale s = ||x^2||_F^(1/2) puts the eigenvalues of B in (0, 1], as the forward pre-scaling does."""
+    s = torch.linalg.matrix_norm(x @ x, "fro", keepdim=True).sqrt()
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    b, c = x / s, grad / s
+    eye3 = 3.0 * torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    for _ in range(num_iters):
+        b2 = b @ b
+        c = 0.5 * (c @ (eye3 - b2) - b2 @ c + b @ c @ b)
+        b = 0.5 * b @ (eye3 - b2)
+    return 0.5 * c
+
+
+class _SqrtmEig(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a):
+        lam, v = torch.linalg.eigh(a)
+        s = lam.clamp(min=0).sqrt()
+        ctx.save_for_backward(v, s)
+        return (v * s.unsqueeze(-2)) @ v.mT
+
+    @staticmethod
+    def backward(ctx, grad):
+        # d sqrt(A) = V [ (V^T dA V) / (s_i + s_j) ] V^T, so the adjoint is V [ (V^T G V) / (s_i + s_j) ] V^T.
+        # Pairs of null eigenvalues (s_i + s_j = 0) have no finite derivative: they get 0.
+        v, s = ctx.saved_tensors
+        denom = s.unsqueeze(-1) + s.unsqueeze(-2)
+        inner = v.mT @ grad.contiguous() @ v
+        ok = denom > 0
+        inner = torch.where(ok, inner / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(inner))
+        return v @ inner @ v.mT
+
+
+def _flat(a: Tensor) -> Tensor:
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    n = a.shape[-1]
+    return a.reshape(-1, n, n).to(acc).contiguous()
+
+
+def _validate(a, num_iters) -> None:
+    check_tensor("a", a, min_ndim=2)
+    if a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
+        raise ValueError(f"a must be a batch of non-empty square matrices (..., n, n), got shape {tuple(a.shape)}")
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    if torch.compiler.is_compiling() or a.numel() == 0:
+        return  # value checks need a host sync; they run in eager mode only
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("a contains NaN or inf")
+    scale = a.abs().amax().clamp(min=torch.finfo(a.dtype).tiny)
+    tol = 1e-5 if a.dtype != torch.float64 else 1e-10
+    asym = ((a - a.mT).abs().amax() / scale).item()
+    if asym > tol:
+        raise ValueError(f"a must be symmetric: max |a - a^T| / max |a| = {asym:.3g} exceeds {tol:g}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton path as torch.library custom ops: the whole iteration is one opaque op for torch.compile, and so is the
+# Lyapunov backward (matmul-only torch code; on CUDA it runs on cuBLAS).
+
+@torch.library.custom_op("fastcm::sqrtm_ns", mutates_args=())
+def _sqrtm_ns(a: Tensor, num_iters: int) -> Tensor:
+    from fastcm.kernels.sqrtm import newton_schulz_sqrtm
+
+    return newton_schulz_sqrtm(a, num_iters)
+
+
+@_sqrtm_ns.register_fake
+def _(a, num_iters):
+    return torch.empty_like(a)
+
+
+@torch.library.custom_op("fastcm::sqrtm_ns_backward", mutates_args=())
+def _sqrtm_ns_backward(x: Tensor, grad: Tensor, num_iters: int) -> Tensor:
+    return lyapunov_newton_schulz(x, grad, num_iters)
+
+
+@_sqrtm_ns_backward.register_fake
+def _(x, grad, num_iters):
+    return torch.empty_like(grad)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output)
+    ctx.num_iters = inputs[1]
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    return torch.ops.fastcm.sqrtm_ns_backward(x, grad.contiguous().to(x.dtype), ctx.num_iters), None
+
+
+_sqrtm_ns.register_autograd(_backward, setup_context=_setup_context)
+
+
+def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:
+    """Batches of SPD matrices Q diag(lambda) Q^T with lambda log-spaced over [1e-3, 1] (condition number 1e3):
+    the covariance-pooling sizes and a small FID-feature block."""
+    shapes = {"tiny": (2, 16), "cov64": (8, 64), "cov256": (4, 256), "cov512": (1, 512)}
+    batch, n = shapes[case]
+    g = torch.Generator().manual_seed(n)
+    q, _ = torch.linalg.qr(torch.randn(batch, n, n, generator=g, dtype=torch.float64))
+    lam = torch.logspace(-3, 0, n, dtype=torch.float64)
+    a = (q * lam) @ q.mT
+    a = ((a + a.mT) / 2).to(device=device, dtype=dtype)
+    return dict(a=a.requires_grad_(requires_grad))
+
+
+make_inputs.cases = ("tiny", "cov64", "cov256", "cov512")
