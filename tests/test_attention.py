@@ -224,6 +224,16 @@ def test_head_dim_above_128_falls_back_to_sdpa_with_warning(device):
         attention(q, k, v)  # "auto": the documented fallback (or the reference on CPU), no warning
 
 
+def test_autocast_runs_in_autocast_dtype(device):
+    # Like SDPA under autocast: fp32 inputs are cast to the autocast dtype, output in that dtype.
+    q, k, v = _qkv((1, 2, 17, 32), (1, 2, 17, 32), torch.float32, device)
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        out = attention(q, k, v, impl="triton")
+        out_qkv = qkv_attention(torch.randn(1, 192, 3, 3, device=device), 2, impl="triton")
+    assert out.dtype == torch.bfloat16 and out_qkv.dtype == torch.bfloat16
+    _close(out, attention_ref(*(t.bfloat16().double() for t in (q, k, v))), torch.bfloat16, "autocast out")
+
+
 def test_empty_batch_and_registry(device):
     q = torch.randn(0, 2, 5, 32, device=device)
     assert attention(q, q, q, impl="triton").shape == q.shape

@@ -37,18 +37,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
             place on the Triton path).
         scale: positive softmax scale; default 1 / sqrt(D).
         impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (the reference).
-    Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax.
+    Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax. Under
+    ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
     Fallback (never silent): the Triton kernels support D <= 128 and, on CUDA, fp16/bf16/fp32. For D > 128, or fp64 on
     CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
     requested explicitly this also emits a ``UserWarning``.
     """
     scale = _validate(q, k, v, scale)
+    q, k, v = _autocast(q, k, v)
     backend = _backend(impl, q, q.shape[-1])
     if backend == "torch":
         return attention_ref(q, k, v, scale)
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return _sdpa(q, k, v, scale)
     out, _ = torch.ops.fastcm.attention_fwd(q, k, v, scale)
     return out
 
@@ -81,12 +83,12 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
     """
     head_dim = _validate_qkv(qkv, num_heads)
     scale = _check_scale(scale, head_dim)
+    (qkv,) = _autocast(qkv)
     backend = _backend(impl, qkv, head_dim)
     if backend == "torch":
         return qkv_attention_ref(qkv, num_heads, scale)
     if backend == "sdpa":
-        q, k, v = _split_heads(qkv, num_heads)
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v, scale=scale), qkv.shape)
+        return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
     out, _ = torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
     return out
 
@@ -95,6 +97,12 @@ def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None
     """Readable reference of :func:`qkv_attention`: rearrange to (N, heads, H*W, head_dim), attend, rearrange back."""
     q, k, v = _split_heads(qkv, num_heads)
     return _merge_heads(attention_ref(q, k, v, scale), qkv.shape)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """The SDPA fallback. Its fused backends need a unit last stride, else it would drop to the math backend."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _split_heads(qkv: Tensor, num_heads: int):
@@ -142,6 +150,15 @@ def _validate_qkv(qkv, num_heads) -> int:
     if qkv.shape[2] * qkv.shape[3] < 1:
         raise ValueError(f"qkv needs at least one pixel, got shape {tuple(qkv.shape)}")
     return channels // (3 * num_heads)
+
+
+def _autocast(*tensors: Tensor):
+    """Inside torch.autocast, fp32 inputs run in the autocast dtype (custom ops are not autocast by themselves)."""
+    device = tensors[0].device.type
+    if tensors[0].dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def _backend(impl: str, x: Tensor, head_dim: int) -> str:
