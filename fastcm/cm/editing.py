@@ -79,7 +79,11 @@ def inpaint(model, images: Tensor, mask: Tensor, sigmas: Sequence[float] = (80.0
     _check_images("images", images, shape)
     check_tensor("mask", mask, dtypes=(torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64),
                  ndim=4)
-    if torch.broadcast_shapes(mask.shape, images.shape) != images.shape:
+    try:
+        ok = torch.broadcast_shapes(mask.shape, images.shape) == images.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to images {tuple(images.shape)}")
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must hold only 0 (generate) and 1 (keep)")
