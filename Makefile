@@ -27,6 +27,11 @@ endif
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The embedded digits demo (about 10 minutes on 2 CPU cores): writes runs/demo-<time>/ with report.md.
+# Options go through DEMO_ARGS, e.g. make demo DEMO_ARGS="--out runs/mine --steps 2000"
+demo: $(STAMP)
+	$(PY) -m fastcm.cli demo $(DEMO_ARGS)
+
 # Benchmark suites (pytest-benchmark) and the report in benchmarks/results/<device>.md and .csv.
 bench: $(STAMP)
 	mkdir -p .benchmarks

@@ -90,8 +90,8 @@ def gaussian_stats(features) -> tuple:
 
 
 def frechet(stats_a: tuple, stats_b: tuple) -> float:
-    """Fréchet distance between two (μ, Σ) pairs, computed by fastcm.fid.frechet_distance in float64."""
-    from fastcm.fid import frechet_distance
+    """Fréchet distance between two (μ, Σ) pairs, computed exactly in float64 by fastcm's Fréchet op."""
+    from fastcm.ops.frechet import frechet_distance
 
     (mu1, s1), (mu2, s2) = stats_a, stats_b
     value = frechet_distance(torch.as_tensor(mu1, dtype=torch.float64), torch.as_tensor(s1, dtype=torch.float64),

@@ -94,16 +94,23 @@ def write_text(path, text: str) -> Path:
     return _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
-def save_samples_npz(path, x, y) -> Path:
-    """Samples as ``x`` (N, C, H, W) float32 in [-1, 1] and ``y`` (N,) int64, the format `fastcm cas/fid` read."""
-    x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
-    y = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y, dtype=np.int64)
-    if x.ndim != 4 or y.shape != (x.shape[0],):
-        raise ValueError(f"x must be (N, C, H, W) and y (N,), got {x.shape} and {y.shape}")
+def save_samples_npz(path, x, y=None, **extra) -> Path:
+    """Samples as ``x`` (N, C, H, W) float32 in [-1, 1] and ``y`` (N,) int64 class labels (omitted when None), the
+    format `fastcm cas/fid/stats` read; ``extra`` arrays are stored beside them."""
+    as_np = lambda a: a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)  # noqa: E731
+    x = as_np(x).astype(np.float32)
+    arrays = {"x": np.clip(x, -1.0, 1.0)}
+    if y is not None:
+        arrays["y"] = as_np(y).astype(np.int64)
+        if arrays["y"].shape != (x.shape[0],):
+            raise ValueError(f"y must be (N,) = ({x.shape[0]},), got {arrays['y'].shape}")
+    if x.ndim != 4:
+        raise ValueError(f"x must be (N, C, H, W), got {x.shape}")
+    arrays.update({k: as_np(v) for k, v in extra.items()})
 
     def write(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare temporary name
-            np.savez(f, x=np.clip(x, -1.0, 1.0), y=y)
+            np.savez(f, **arrays)
 
     return _atomic_write(path, write)
 
