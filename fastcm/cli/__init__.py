@@ -1,22 +1,198 @@
-"""The ``fastcm`` command."""
+"""The ``fastcm`` command: demo, train, sample, edit, stats, fid, cas, bench.
+
+Every subcommand has ``--help``. Mistakes a user can fix (a missing file, a non-empty --out, a wrong option value)
+end with one line ``fastcm <command>: error: <what to fix>`` and exit status 2, not a traceback
+(FASTCM_DEBUG=1 shows the traceback instead).
+"""
 import argparse
+import os
 import sys
 
 import fastcm
 
+DATA_HELP = "dataset: digits (embedded), cifar10:DIR (cifar-10-batches-py), folder:DIR (one subfolder per class) " \
+            "or FILE.npz (arrays x, y)"
+FEATURES_HELP = "feature space: digits (small CNN trained on the digits train split, cached), pixels, or " \
+                "inception (FID Inception-v3; needs --weights)"
+
+
+def _out_args(p, what: str, default: str = "a new directory under runs/") -> None:
+    p.add_argument("--out", default=None, help=f"directory for {what} (default: {default}); an existing, "
+                                               "non-empty directory is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --out")
+
+
+def _sampling_args(p) -> None:
+    p.add_argument("--checkpoint", required=True, help="a fastcm checkpoint (.safetensors) written by train")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to load (default: ema)")
+    p.add_argument("--steps", type=int, choices=(1, 2), default=None,
+                   help="1 = one-step (sigma 80), 2 = two-step (80, 0.821); default 1 for sample, 2 for edit")
+    p.add_argument("--sigmas", type=float, nargs="+", default=None,
+                   help="explicit descending noise levels for multistep sampling (overrides --steps)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses seed + i (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+
+def _add_demo(sub) -> None:
+    from fastcm.demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="the embedded digits demo: iCT, samples, FD/CAS evaluation, FD fine-tune",
+                       description="Train a class-conditional consistency model on scikit-learn digits with iCT, "
+                                   "sample one- and two-step, evaluate (classifier-feature FD, pixel FD, CAS), "
+                                   "fine-tune with the FD loss, evaluate again, and write report.json/report.md, "
+                                   "sample .npz files, PNG grids and a training-curve plot to --out.")
+    _out_args(p, "the demo's files")
+    p.add_argument("--steps", type=int, default=d.ict_steps, help=f"iCT steps (default: {d.ict_steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"iCT batch (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"iCT RAdam learning rate (default: {d.lr})")
+    p.add_argument("--fd-steps", type=int, default=d.fd_steps,
+                   help=f"FD-loss fine-tune steps, 0 skips the stage (default: {d.fd_steps})")
+    p.add_argument("--fd-batch-size", type=int, default=d.fd_batch_size,
+                   help=f"fine-tune batch (default: {d.fd_batch_size})")
+    p.add_argument("--fd-lr", type=float, default=d.fd_lr, help=f"fine-tune Adam learning rate (default: {d.fd_lr})")
+    p.add_argument("--per-class", type=int, default=d.per_class,
+                   help=f"samples per class for evaluation and the .npz files (default: {d.per_class})")
+    p.add_argument("--judge", choices=("logreg", "cnn"), default=d.judge,
+                   help=f"CAS classifier for the stage metrics (default: {d.judge})")
+    p.add_argument("--cas-seeds", type=int, default=d.cas_seeds,
+                   help=f"seeds of the real/synthetic/real+synthetic protocol, 0 skips it (default: {d.cas_seeds})")
+    p.add_argument("--preset", default=d.preset, help=f"U-Net preset (default: {d.preset})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of everything (default: {d.seed})")
+    p.add_argument("--cache", default=None, help="cache directory for the digits feature network "
+                                                 "(default: $FASTCM_CACHE or ~/.cache/fastcm)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a consistency model (iCT stage, or FD-loss fine-tune of a checkpoint)",
+                       description="Stage 'ict' trains from scratch with iCT; stage 'fd' fine-tunes the model of "
+                                   "--init with the Fréchet-distance loss. Writes config.json, metrics.jsonl, "
+                                   "samples/ and checkpoints/ to --out.")
+    p.add_argument("--data", default="digits", help=DATA_HELP + " (default: digits)")
+    p.add_argument("--stage", choices=("ict", "fd"), default="ict", help="training stage (default: ict)")
+    p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
+                                                  "cifar10, imagenet64 (default: digits for digits data, else "
+                                                  "cifar10-small)")
+    p.add_argument("--init", default=None, help="checkpoint to fine-tune (required for --stage fd)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the stage config's)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage config's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the stage config's)")
+    p.add_argument("--features", choices=("digits", "inception"), default=None,
+                   help="feature network of the FD loss (--stage fd; default: digits for 1x8x8 data)")
+    p.add_argument("--feature-weights", default=None, help="Inception weights file for --features inception")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--hflip", action="store_true", help="random horizontal flips")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model call (fullgraph)")
+    p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available; torchrun sets it)")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _out_args(p, "the run")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw samples from a checkpoint: samples.npz and a PNG grid",
+                       description="Load a checkpoint and write samples.npz (x in [-1, 1], y labels) and "
+                                   "samples.png (one row per class for class-conditional models).")
+    _sampling_args(p)
+    p.add_argument("--per-class", type=int, default=10, help="samples per class (conditional models; default 10)")
+    p.add_argument("-n", "--num", type=int, default=None, help="number of samples (unconditional; default 64)")
+    _out_args(p, "samples.npz and samples.png")
+
+
+def _add_edit(sub) -> None:
+    p = sub.add_parser("edit", help="zero-shot editing with a checkpoint: inpaint, colorize, super-resolution, "
+                                    "denoise",
+                       description="Apply a zero-shot edit (Consistency Models, Algorithm 4) to real images and "
+                                   "write edited.npz and a PNG grid (rows: input, corrupted, edited).")
+    _sampling_args(p)
+    p.add_argument("--task", required=True, choices=("inpaint", "colorize", "super-resolution", "denoise"))
+    p.add_argument("--input", default="digits:test", help="images to edit: digits[:train|test], FILE.npz or an "
+                                                          "image folder (default: digits:test)")
+    p.add_argument("-n", "--num", type=int, default=16, help="number of images to edit (default 16)")
+    p.add_argument("--factor", type=int, default=2, help="super-resolution block factor (default 2)")
+    p.add_argument("--sigma", type=float, default=0.5, help="noise level for denoise (default 0.5)")
+    _out_args(p, "edited.npz and edited.png")
+
+
+def _add_metrics(sub) -> None:
+    p = sub.add_parser("stats", help="write feature statistics (mu, sigma) of images to a pytorch-fid style .npz")
+    p.add_argument("input", help="image folder, FILE.npz (array x) or digits[:train|test|all]")
+    p.add_argument("--features", choices=("digits", "pixels", "inception"), default="digits", help=FEATURES_HELP)
+    p.add_argument("--weights", default=None, help="Inception weights file (for --features inception)")
+    p.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("fid", help="Fréchet distance between two image sets or statistics files")
+    p.add_argument("a", help="image folder, FILE.npz (images x, or statistics mu/sigma) or digits[:split]")
+    p.add_argument("b", help="the same kinds as A")
+    p.add_argument("--features", choices=("digits", "pixels", "inception"), default="digits", help=FEATURES_HELP)
+    p.add_argument("--weights", default=None, help="Inception weights file (for --features inception)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
+
+    p = sub.add_parser("cas", help="Classification Accuracy Score: classifiers on real, synthetic and both",
+                       description="Train the same classifier on real only, synthetic only and real + synthetic "
+                                   "and report top-1 on the real test split (mean and spread over seeds).")
+    p.add_argument("--synthetic", required=True, help="generated samples: .npz with x (N, C, H, W) in [-1, 1] "
+                                                      "and y (N,) labels")
+    p.add_argument("--real", default="digits", help="real data with a test split: digits or cifar10:DIR "
+                                                    "(default: digits)")
+    p.add_argument("--judge", choices=("cnn", "logreg"), default="cnn", help="classifier (default: cnn)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds (default: 0 1 2)")
+    p.add_argument("--epochs", type=int, default=30, help="CNN training epochs (default 30)")
+    p.add_argument("--json", default=None, help="also write the result to this .json file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run the benchmark suites (pytest-benchmark) and write the report",
+                       description="Runs `pytest benchmarks --benchmark-json` from a source checkout, then "
+                                   "benchmarks/report.py (markdown + CSV in benchmarks/results/).")
+    p.add_argument("--smoke", action="store_true", help="each suite once at a tiny size (BENCH_SMOKE=1)")
+    p.add_argument("-k", dest="keyword", default=None, help="only benchmarks matching this pytest -k expression")
+    p.add_argument("--json", default=".benchmarks/last-run.json", help="where pytest-benchmark writes its JSON "
+                                                                       "(relative to the checkout)")
+    p.add_argument("--benchmarks", default=None, help="benchmarks directory (default: the source checkout's)")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastcm", description="fastcm: fast, exact, tested consistency models.")
+    parser = argparse.ArgumentParser(prog="fastcm", description="fastcm: fast, exact, tested consistency models. "
+                                     "Start with `fastcm demo` (about 10 minutes on 2 CPU cores).")
     parser.add_argument("--version", action="version", version=f"fastcm {fastcm.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,sample,edit,stats,fid,cas,bench}")
+    for add in (_add_demo, _add_train, _add_sample, _add_edit, _add_metrics, _add_bench):
+        add(sub)
     return parser
+
+
+class UsageError(ValueError):
+    """A mistake in the command line the user can fix; printed as one line, exit status 2."""
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    print(f"fastcm {fastcm.__version__}")
-    parser.print_help()
-    return 0
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from fastcm.cli import commands
+
+    try:
+        return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as err:
+        if os.environ.get("FASTCM_DEBUG") == "1":  # developers: the full traceback
+            raise
+        print(f"fastcm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fastcm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

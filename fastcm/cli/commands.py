@@ -1,0 +1,143 @@
+"""Handlers of the ``fastcm`` subcommands (parsed arguments in, files and a printed summary out)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fastcm.cli import UsageError
+from fastcm.cli.generate import _positive, cmd_edit, cmd_sample, cmd_train  # noqa: F401  (dispatched by name)
+
+
+def cmd_demo(args) -> int:
+    from fastcm.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(ict_steps=args.steps, batch_size=args.batch_size, lr=args.lr, fd_steps=args.fd_steps,
+                     fd_batch_size=args.fd_batch_size, fd_lr=args.fd_lr, per_class=args.per_class,
+                     judge=args.judge, cas_seeds=args.cas_seeds, preset=args.preset, seed=args.seed,
+                     threads=args.threads, progress=not args.no_progress)
+    report = run_demo(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)
+    return 0 if report is not None else 1
+
+
+# -- metrics --------------------------------------------------------------------------------------------------------
+
+def cmd_stats(args) -> int:
+    from fastcm.eval.features import is_stats_file, save_stats, stats_of
+    from fastcm.eval.report import check_new_file
+
+    out = check_new_file(args.out, args.overwrite, suffix=".npz")
+    if is_stats_file(args.input):
+        raise UsageError(f"{args.input} already is a statistics file; give images (a folder, .npz with x, digits)")
+    mu, sigma, n = stats_of(args.input, args.features, weights=args.weights,
+                            batch_size=_positive("--batch-size", args.batch_size), device=args.device)
+    save_stats(out, mu, sigma, features=args.features, n=n)
+    print(f"wrote {out}: {args.features} statistics of {n} images (mu {mu.shape}, sigma {sigma.shape})")
+    return 0
+
+
+def cmd_fid(args) -> int:
+    from fastcm.eval.features import frechet, stats_of
+
+    batch = _positive("--batch-size", args.batch_size)
+    a = stats_of(args.a, args.features, weights=args.weights, batch_size=batch, device=args.device)
+    b = stats_of(args.b, args.features, weights=args.weights, batch_size=batch, device=args.device)
+    if a[0].shape != b[0].shape:
+        raise UsageError(f"A and B have features of different sizes ({a[0].shape[0]} vs {b[0].shape[0]}): "
+                         "compare statistics computed with the same --features")
+    value = frechet(a[:2], b[:2])
+    name = "FID" if args.features == "inception" else f"FD ({args.features} features)"
+    if args.json:
+        print(json.dumps({"features": args.features, "fd": value, "n_a": a[2], "n_b": b[2]}))
+    else:
+        print(f"{name}: {value:.6g}")
+    return 0
+
+
+def _real_splits(spec: str):
+    from fastcm.data import load_cifar10, load_digits
+
+    if spec == "digits":
+        return load_digits("train"), load_digits("test")
+    kind, _, rest = spec.partition(":")
+    if kind == "cifar10" and rest:
+        return load_cifar10(rest, "train"), load_cifar10(rest, "test")
+    raise UsageError(f"--real {spec!r}: CAS needs a dataset with a test split: digits or cifar10:DIR")
+
+
+def _arrays(ds):
+    import torch
+
+    return ds.get_batch(torch.arange(len(ds)))
+
+
+def cmd_cas(args) -> int:
+    from fastcm.data import load_npz
+    from fastcm.eval.cas import cas_protocol
+    from fastcm.eval.report import check_new_file, write_json
+
+    out = check_new_file(args.json, args.overwrite, suffix=".json", what="--json") if args.json else None
+    syn = load_npz(args.synthetic)
+    if syn.labels is None:
+        raise UsageError(f"{args.synthetic} has no labels: CAS needs an array y of class labels beside x")
+    train, test = _real_splits(args.real)
+    if syn.image_shape != train.image_shape:
+        raise UsageError(f"synthetic images are {syn.image_shape} but {args.real} images are {train.image_shape}")
+    (xr, yr), (xs, ys), (xt, yt) = _arrays(train), _arrays(syn), _arrays(test)
+    res = cas_protocol(xr, yr, xs, ys, xt, yt, judge=args.judge, seeds=args.seeds, num_classes=train.num_classes,
+                       cnn_epochs=_positive("--epochs", args.epochs))
+    print(format_cas(res, args.real))
+    if out is not None:
+        write_json(out, res)
+        print(f"wrote {out}")
+    return 0
+
+
+def format_cas(res: dict, real: str) -> str:
+    seeds = " ".join(str(s) for s in res["seeds"])
+    lines = [f"CAS protocol on {real} (real test split: {res['test_size']} images), judge {res['judge']}, "
+             f"seeds {seeds}", f"{'train set':<16}{'images':>8}{'top-1 mean':>12}{'std':>9}"]
+    for arm in ("real", "synthetic", "real+synthetic"):
+        r = res[arm]
+        lines.append(f"{arm:<16}{r['train_size']:>8}{r['mean']:>12.4f}{r['std']:>9.4f}")
+    gain = 100 * res["real_plus_synthetic_minus_real"]
+    verdict = "yes" if res["real_plus_synthetic_beats_real"] else "no"
+    lines.append(f"real + synthetic beats real alone: {verdict} ({gain:+.2f} points; a win must exceed the "
+                 "standard error over seeds)")
+    return "\n".join(lines)
+
+
+# -- bench ----------------------------------------------------------------------------------------------------------
+
+def _checkout_root() -> Path:
+    import fastcm
+
+    return Path(fastcm.__file__).resolve().parents[1]
+
+
+def cmd_bench(args) -> int:
+    bench_dir = Path(args.benchmarks) if args.benchmarks else _checkout_root() / "benchmarks"
+    if not (bench_dir.is_dir() and any(bench_dir.glob("bench_*.py"))):
+        raise UsageError(f"no benchmark suites in {bench_dir}: `fastcm bench` runs from a source checkout "
+                         "(git clone; pip install -e '.[test]'); a wheel install does not ship benchmarks/. "
+                         "Pass --benchmarks DIR to point at them.")
+    root = bench_dir.parent
+    json_path = Path(args.json) if Path(args.json).is_absolute() else root / args.json
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, BENCH_SMOKE="1") if args.smoke else dict(os.environ)
+    cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", "-o", "addopts=", "-o", "python_files=bench_*.py",
+           "-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={json_path}"]
+    if args.keyword:
+        cmd += ["-k", args.keyword]
+    print("running:", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd, cwd=root, env=env).returncode
+    if rc != 0:
+        print(f"fastcm bench: the benchmark run failed (pytest exit status {rc})", file=sys.stderr)
+        return rc
+    report = bench_dir / "report.py"
+    if not report.is_file():
+        print(f"benchmark results: {json_path} ({report} not found, so no markdown report)")
+        return 0
+    cmd = [sys.executable, str(report), str(json_path)] + (["--smoke"] if args.smoke else [])
+    return subprocess.run(cmd, cwd=root, env=env).returncode
+
