@@ -58,16 +58,19 @@ def cleanup_distributed(info: DistInfo) -> None:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DistributedDataParallel around ``model`` (parameters are broadcast from rank 0 here); identity when alone.
-
-    Buffers are constants in fastcm's U-Nets (Fourier frequencies), so they are not re-broadcast every call.
-    """
+    """DistributedDataParallel around ``model``: parameters *and buffers* (e.g. random Fourier frequencies) are
+    broadcast from rank 0 here; identity when alone. Buffers are constants in fastcm's U-Nets, so they are not
+    re-broadcast before every forward where this torch allows it (``forward_sync_buffers``)."""
     if not info.distributed:
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    kw = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {}
+    return DistributedDataParallel(model, device_ids=ids, **kw)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

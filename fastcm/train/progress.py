@@ -1,7 +1,8 @@
 """Progress of a run (rank 0 only): a tqdm bar, ``metrics.jsonl`` records, and callbacks for the caller.
 
 A callback is either a plain callable, called as ``fn(record)`` with every metrics record (so a demo can collect
-curves with ``records.append``), or a :class:`Callback` whose methods are invoked at the matching events.
+curves with ``records.append``), or an object with some of :class:`Callback`'s methods (``on_log``,
+``on_sample``, ``on_checkpoint``, ``on_end``), each invoked at the matching event.
 """
 import json
 import math
@@ -31,18 +32,31 @@ class Callback:
 CallbackLike = Union[Callback, Callable[[dict], None]]
 
 
+_HOOKS = ("on_log", "on_sample", "on_checkpoint", "on_end")
+
+
+class _Adapter(Callback):
+    """Any object with some of the hook methods (missing ones do nothing), or a plain callable as on_log."""
+
+    def __init__(self, obj):
+        if any(callable(getattr(obj, h, None)) for h in _HOOKS):
+            for h in _HOOKS:
+                if callable(getattr(obj, h, None)):
+                    setattr(self, h, getattr(obj, h))
+        else:
+            self.on_log = obj
+
+
 def _as_callbacks(callbacks: Optional[Sequence[CallbackLike]]):
     out = []
     for cb in callbacks or ():
         if isinstance(cb, Callback):
             out.append(cb)
-        elif callable(cb):
-            fn = cb
-            wrapper = Callback()
-            wrapper.on_log = fn
-            out.append(wrapper)
+        elif callable(cb) or any(callable(getattr(cb, h, None)) for h in _HOOKS):
+            out.append(_Adapter(cb))
         else:
-            raise TypeError(f"callbacks must be Callback objects or callables, got {type(cb).__name__}")
+            raise TypeError(f"callbacks must be callables or objects with on_log/on_sample/on_checkpoint/on_end "
+                            f"methods, got {type(cb).__name__}")
     return out
 
 
