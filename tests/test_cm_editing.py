@@ -134,6 +134,8 @@ def test_editing_validation():
         super_resolution(model, y[..., :3, :3], 3)
     with pytest.raises(ValueError, match="low_res"):
         super_resolution(model, y, 2)
+    with pytest.raises(ValueError, match="factor"):
+        block_average(y, 3)
     with pytest.raises(ValueError, match="sigma"):
         denoise(model, y, 0.001)
     with pytest.raises(ValueError, match="sigmas"):

@@ -104,6 +104,8 @@ def test_ict_weights_are_inverse_gaps():
     lam = ict_weights(s)
     np.testing.assert_allclose(lam.numpy(), 1.0 / np.diff(s.numpy()), rtol=1e-14)
     assert bool((lam[1:] < lam[:-1]).all())  # the weight falls as sigma grows
+    with pytest.raises(ValueError):
+        ict_weights(s.flip(0))
 
 
 def test_pseudo_huber_c_paper_values():

@@ -40,6 +40,10 @@ def luminance(images: Tensor) -> Tensor:
 
 def block_average(images: Tensor, factor: int) -> Tensor:
     """The super-resolution operator: mean over factor x factor blocks, (B, C, H, W) -> (B, C, H/f, W/f)."""
+    check_tensor("images", images, ndim=4)
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1 or \
+            images.shape[2] % factor or images.shape[3] % factor:
+        raise ValueError(f"factor must be a positive int dividing H and W of {tuple(images.shape)}, got {factor!r}")
     return torch.nn.functional.avg_pool2d(images, factor)
 
 

@@ -51,7 +51,7 @@ class EMA:
         """ema <- lerp(ema, theta, 1 - beta) over all parameters in one multi-tensor op; buffers are copied."""
         ema_params, params = self._pairs(model, "parameters")
         if ema_params:
-            torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, params)],
+            torch._foreach_lerp_(ema_params, [p.detach().to(e.device, e.dtype) for e, p in zip(ema_params, params)],
                                  1.0 - self.beta)
         ema_bufs, bufs = self._pairs(model, "buffers")
         for e, b in zip(ema_bufs, bufs):

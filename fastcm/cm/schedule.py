@@ -75,6 +75,10 @@ def lognormal_pair_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.
 
 def ict_weights(sigmas: Tensor) -> Tensor:
     """lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i) for each adjacent pair of an ascending grid: (N-1,)."""
+    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D tensor of >= 2 noise levels, got {getattr(sigmas, 'shape', sigmas)}")
+    if not bool((sigmas[1:] > sigmas[:-1]).all()):
+        raise ValueError("sigmas must be strictly ascending")
     return 1.0 / (sigmas[1:] - sigmas[:-1])
 
 
