@@ -57,12 +57,15 @@ def _add_demo(sub) -> None:
                    help=f"CAS classifier for the stage metrics (default: {d.judge})")
     p.add_argument("--cas-seeds", type=int, default=d.cas_seeds,
                    help=f"seeds of the real/synthetic/real+synthetic protocol, 0 skips it (default: {d.cas_seeds})")
+    p.add_argument("--cas-epochs", type=int, default=d.cas_epochs,
+                   help=f"training epochs of the protocol's CNN judge (default: {d.cas_epochs})")
     p.add_argument("--preset", default=d.preset, help=f"U-Net preset (default: {d.preset})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of everything (default: {d.seed})")
     p.add_argument("--cache", default=None, help="cache directory for the digits feature network "
                                                  "(default: $FASTCM_CACHE or ~/.cache/fastcm)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--strict", action="store_true", help="exit with status 3 when a quality goal is not met")
 
 
 def _add_train(sub) -> None:

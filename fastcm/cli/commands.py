@@ -14,10 +14,10 @@ def cmd_demo(args) -> int:
 
     cfg = DemoConfig(ict_steps=args.steps, batch_size=args.batch_size, lr=args.lr, fd_steps=args.fd_steps,
                      fd_batch_size=args.fd_batch_size, fd_lr=args.fd_lr, per_class=args.per_class,
-                     judge=args.judge, cas_seeds=args.cas_seeds, preset=args.preset, seed=args.seed,
-                     threads=args.threads, progress=not args.no_progress)
+                     judge=args.judge, cas_seeds=args.cas_seeds, cas_epochs=args.cas_epochs, preset=args.preset,
+                     seed=args.seed, threads=args.threads, progress=not args.no_progress)
     report = run_demo(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)
-    return 0 if report is not None else 1
+    return 3 if args.strict and not report["quality"]["all_passed"] else 0
 
 
 # -- metrics --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""The `fastcm` command at tiny sizes: every subcommand's --help, errors that say what to fix, and each command's
+files and numbers checked against independent references (numpy/scipy/scikit-learn)."""
+import json
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from fastcm.cli import build_parser, main
+from fastcm.data import load_digits
+
+COMMANDS = ("demo", "train", "sample", "edit", "stats", "fid", "cas", "bench")
+
+
+@pytest.fixture(autouse=True)
+def shared_cache(tmp_path_factory, monkeypatch):
+    # one feature-network cache for the whole test session (the net trains once), never the user's own cache
+    monkeypatch.setenv("FASTCM_CACHE", str(tmp_path_factory.getbasetemp() / "fastcm-cache"))
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: fastcm {command}") and "--" in text
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+
+
+def test_argparse_rejects_bad_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["fid", "a", "b", "--features", "clip"])
+    assert e.value.code == 2 and "invalid choice: 'clip'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["fid", "missing.npz", "digits:test", "--features", "pixels"], "does not exist"),
+    (["fid", "digits:test", "nowhere", "--features", "pixels"], "is not an image folder, a .npz file"),
+    (["fid", "digits", "digits:test", "--features", "inception"], "needs --weights PATH"),
+    (["stats", "digits:test", "--out", "{tmp}/s.txt"], "must end in .npz"),
+    (["cas", "--synthetic", "{tmp}/none.npz"], "does not exist"),
+    (["cas", "--synthetic", "{tmp}/real.npz", "--real", "folder:x"], "needs a dataset with a test split"),
+    (["sample", "--checkpoint", "{tmp}/none.safetensors"], "does not exist"),
+    (["train", "--data", "cifar10:{tmp}/nothing", "--out", "{tmp}/run"], "cifar"),
+    (["train", "--data", "digits", "--preset", "cifar10-small", "--steps", "1", "--out", "{tmp}/r"],
+     "pick a preset of that shape"),
+    (["bench", "--benchmarks", "{tmp}"], "no benchmark suites"),
+])
+def test_errors_say_what_to_fix(argv, message, tmp_path, capsys):
+    te = load_digits("test")
+    np.savez(tmp_path / "real.npz", x=te.images.numpy(), y=te.labels.numpy())
+    rc, _, err = run(capsys, *[a.format(tmp=tmp_path) for a in argv])
+    assert rc == 2
+    assert err.startswith(f"fastcm {argv[0]}: error: ") and message.lower() in err.lower(), err
+    assert "Traceback" not in err
+
+
+def _scipy_fd(a, b):
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # corner pixels of digits never vary: singular, but sqrtm is still accurate here
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(covmean))
+
+
+def test_fid_and_stats_in_pixel_space_match_scipy(tmp_path, capsys):
+    tr, te = load_digits("train"), load_digits("test")
+    ref = _scipy_fd(tr.images.flatten(1).double().numpy(), te.images.flatten(1).double().numpy())
+    rc, out, _ = run(capsys, "fid", "digits:train", "digits:test", "--features", "pixels", "--json")
+    assert rc == 0 and json.loads(out)["fd"] == pytest.approx(ref, rel=1e-6)
+    # the same through a statistics file and through an .npz of images
+    rc, out, _ = run(capsys, "stats", "digits:train", "--features", "pixels", "--out", tmp_path / "train.npz")
+    assert rc == 0 and "1347 images" in out
+    np.savez(tmp_path / "test_images.npz", x=te.images.numpy())
+    rc, out, _ = run(capsys, "fid", tmp_path / "train.npz", tmp_path / "test_images.npz", "--features", "pixels")
+    assert rc == 0 and float(out.split(":")[-1]) == pytest.approx(ref, rel=1e-5)
+    rc, _, err = run(capsys, "stats", "digits:train", "--features", "pixels", "--out", tmp_path / "train.npz")
+    assert rc == 2 and "--overwrite" in err
+    rc, _, err = run(capsys, "fid", tmp_path / "train.npz", "digits:test", "--features", "digits")
+    assert rc == 2 and "holds 'pixels' statistics" in err
+
+
+def test_fid_digits_features_of_identical_sets_is_zero_and_of_noise_is_large(tmp_path, capsys):
+    rc, out, _ = run(capsys, "fid", "digits:test", "digits:test", "--json")
+    assert rc == 0 and abs(json.loads(out)["fd"]) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "noise.npz", x=(torch.rand(450, 1, 8, 8, generator=g) * 2 - 1).numpy())
+    rc, out, _ = run(capsys, "fid", tmp_path / "noise.npz", "digits:test", "--json")
+    rc2, out2, _ = run(capsys, "fid", "digits:train", "digits:test", "--json")
+    assert json.loads(out)["fd"] > 10 * json.loads(out2)["fd"] > 0
+
+
+def test_cas_command_reports_three_arms(tmp_path, capsys):
+    from sklearn.linear_model import LogisticRegression
+
+    tr, te = load_digits("train"), load_digits("test")
+    x, y = tr.images[:500], tr.labels[:500]
+    np.savez(tmp_path / "syn.npz", x=x.numpy(), y=y.numpy())
+    rc, out, _ = run(capsys, "cas", "--synthetic", tmp_path / "syn.npz", "--judge", "logreg", "--seeds", "0",
+                     "--json", tmp_path / "cas.json")
+    assert rc == 0 and "real + synthetic beats real alone" in out
+    res = json.loads((tmp_path / "cas.json").read_text())
+    clf = LogisticRegression(max_iter=5000).fit(x.flatten(1).double().numpy(), y.numpy())
+    assert res["synthetic"]["mean"] == pytest.approx(clf.score(te.images.flatten(1).double().numpy(),
+                                                               te.labels.numpy()))
+    assert res["synthetic"]["train_size"] == 500 and res["real+synthetic"]["train_size"] == 1847
+    np.savez(tmp_path / "nolabels.npz", x=x.numpy())
+    rc, _, err = run(capsys, "cas", "--synthetic", tmp_path / "nolabels.npz")
+    assert rc == 2 and "needs an array y" in err
+
+
+def test_train_sample_edit_round_trip(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc, out, err = run(capsys, "train", "--preset", "digits", "--steps", 2, "--batch-size", 8, "--out", run_dir,
+                       "--no-progress")
+    assert rc == 0, err
+    ckpt = next((run_dir / "checkpoints").glob("*.safetensors"))
+    assert str(ckpt) in out and (run_dir / "metrics.jsonl").is_file()
+    rc, out, err = run(capsys, "sample", "--checkpoint", ckpt, "--per-class", 2, "--steps", 2, "--out",
+                       tmp_path / "s")
+    assert rc == 0, err
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["x"].shape == (20, 1, 8, 8) and f["x"].dtype == np.float32
+        assert np.abs(f["x"]).max() <= 1 and f["y"].tolist() == sorted(list(range(10)) * 2)
+    assert (tmp_path / "s" / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    rc, out, err = run(capsys, "edit", "--checkpoint", ckpt, "--task", "inpaint", "-n", 4, "--out", tmp_path / "e")
+    assert rc == 0, err
+    with np.load(tmp_path / "e" / "edited.npz") as f:
+        top = slice(0, 4)
+        assert np.array_equal(f["x"][:, :, top], f["original"][:, :, top])  # the kept half is exact
+        assert f["x"].shape == f["original"].shape == (4, 1, 8, 8)
+    rc, _, err = run(capsys, "edit", "--checkpoint", ckpt, "--task", "colorize", "--out", tmp_path / "c")
+    assert rc == 2 and "3-channel" in err
+    rc, _, err = run(capsys, "sample", "--checkpoint", ckpt, "--out", tmp_path / "s")
+    assert rc == 2 and "not empty" in err
+
+
+def test_bench_runs_pytest_benchmark_and_the_report(tmp_path, capfd):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "bench_tiny.py").write_text(textwrap.dedent("""
+        import os
+        def test_sum(benchmark):
+            assert os.environ.get("BENCH_SMOKE") == "1"
+            benchmark(sum, range(10))
+    """))
+    (bench / "report.py").write_text(textwrap.dedent("""
+        import json, sys
+        run = json.load(open(sys.argv[1]))
+        print("REPORT", len(run["benchmarks"]), sys.argv[2:])
+    """))
+    rc = main(["bench", "--benchmarks", str(bench), "--smoke", "--json", str(tmp_path / "run.json")])
+    assert rc == 0
+    assert json.loads((tmp_path / "run.json").read_text())["benchmarks"][0]["name"] == "test_sum"
+    assert "REPORT 1 ['--smoke']" in capfd.readouterr().out
