@@ -180,7 +180,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="sigma2 must have a floating dtype"):
         frechet_distance(mu, s, mu, torch.eye(3, dtype=torch.long))
     with pytest.raises(ValueError, match="mu2 must have shape"):
-        frechet_distance(mu, s, torch.zeros(4), s)
+        frechet_distance(mu, s, torch.zeros(4), torch.eye(4))
     with pytest.raises(ValueError, match=r"sigma1 must have shape \(3, 3\)"):
         frechet_distance(mu, torch.eye(4), mu, s)
     with pytest.raises(ValueError, match="mu1 must be a non-empty 1-D"):

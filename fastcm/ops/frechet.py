@@ -122,26 +122,32 @@ def _as_fp64(name: str, x) -> Tensor:
     return x.detach().to(torch.float64)
 
 
-def _validate(mu1, sigma1, mu2, sigma2):
-    mu1, sigma1, mu2, sigma2 = (_as_fp64(n, x) for n, x in
-                                (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)))
-    if mu1.dim() != 1 or mu1.numel() == 0:
-        raise ValueError(f"mu1 must be a non-empty 1-D tensor (d,), got shape {tuple(mu1.shape)}")
-    d = mu1.shape[0]
-    for name, x, shape in (("mu2", mu2, (d,)), ("sigma1", sigma1, (d, d)), ("sigma2", sigma2, (d, d))):
-        if tuple(x.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape} to match mu1 of shape ({d},), got {tuple(x.shape)}")
-    devices = {x.device for x in (mu1, sigma1, mu2, sigma2)}
-    if len(devices) > 1:
-        raise ValueError(f"mu1, sigma1, mu2, sigma2 must be on one device, got {sorted(map(str, devices))}")
-    out = []
-    for name, x in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+def check_gaussian(mu, sigma, names=("mu", "sigma")):
+    """Validate a mean (d,) and covariance (d, d) (tensors or numpy arrays; finite, symmetric to SYM_TOL, no
+    negative variance) and return them as fp64 tensors, the covariance exactly symmetrized."""
+    mu, sigma = _as_fp64(names[0], mu), _as_fp64(names[1], sigma)
+    if mu.dim() != 1 or mu.numel() == 0:
+        raise ValueError(f"{names[0]} must be a non-empty 1-D tensor (d,), got shape {tuple(mu.shape)}")
+    d = mu.shape[0]
+    if tuple(sigma.shape) != (d, d):
+        raise ValueError(f"{names[1]} must have shape ({d}, {d}) to match {names[0]} of shape ({d},), "
+                         f"got {tuple(sigma.shape)}")
+    if mu.device != sigma.device:
+        raise ValueError(f"{names[0]} and {names[1]} must be on one device, got {mu.device} and {sigma.device}")
+    for name, x in zip(names, (mu, sigma)):
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf")
-        if x.dim() == 2:
-            x = _symmetrized(name, x)
-        out.append(x)
-    return out
+    return mu, _symmetrized(names[1], sigma)
+
+
+def _validate(mu1, sigma1, mu2, sigma2):
+    mu1, sigma1 = check_gaussian(mu1, sigma1, ("mu1", "sigma1"))
+    mu2, sigma2 = check_gaussian(mu2, sigma2, ("mu2", "sigma2"))
+    if mu2.shape != mu1.shape:
+        raise ValueError(f"mu2 must have shape {tuple(mu1.shape)} to match mu1, got {tuple(mu2.shape)}")
+    if mu1.device != mu2.device:
+        raise ValueError(f"mu1 and mu2 must be on one device, got {mu1.device} and {mu2.device}")
+    return mu1, sigma1, mu2, sigma2
 
 
 def _symmetrized(name: str, s: Tensor) -> Tensor:
