@@ -170,3 +170,38 @@ def test_bench_runs_pytest_benchmark_and_the_report(tmp_path, capfd):
     assert rc == 0
     assert json.loads((tmp_path / "run.json").read_text())["benchmarks"][0]["name"] == "test_sum"
     assert "REPORT 1 ['--smoke']" in capfd.readouterr().out
+
+
+
+def test_fid_inception_features_wiring(tmp_path, capsys, monkeypatch):
+    """--features inception hands --weights to fastcm.fid.inception_v3 and feeds it [0, 1] RGB images (grey ones
+    repeated over 3 channels). A cheap stand-in network replaces the 2048-d Inception-v3 here: a real forward pass
+    at 299x299 costs seconds per image on a busy 2-core CPU, and fastcm.fid's own tests cover the network."""
+    import fastcm.fid
+
+    seen = {}
+
+    class StandIn(torch.nn.Module):
+        def forward(self, x):
+            assert x.shape[1] == 3 and x.min() >= 0 and x.max() <= 1
+            seen.setdefault("calls", 0)
+            seen["calls"] += 1
+            return torch.cat([x.mean((2, 3)), x.amax((2, 3)), x[:, :, :2, :2].flatten(1)], 1)
+
+    def fake_inception_v3(weights=None, device=None):
+        seen["weights"] = weights
+        return StandIn()
+
+    monkeypatch.setattr(fastcm.fid, "inception_v3", fake_inception_v3)
+    g = torch.Generator().manual_seed(1)
+    grey, rgb = torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, torch.rand(30, 3, 8, 8, generator=g) * 2 - 1
+    np.savez(tmp_path / "a.npz", x=grey.numpy())
+    np.savez(tmp_path / "b.npz", x=rgb.numpy())
+    rc, out, err = run(capsys, "fid", tmp_path / "a.npz", tmp_path / "b.npz", "--features", "inception",
+                       "--weights", tmp_path / "w.pth", "--json")
+    assert rc == 0, err
+    assert seen["weights"] == str(tmp_path / "w.pth") and seen["calls"] == 2
+    f = StandIn()
+    fa = f((grey.expand(-1, 3, -1, -1) + 1) / 2).double().numpy()
+    fb = f((rgb + 1) / 2).double().numpy()
+    assert json.loads(out)["fd"] == pytest.approx(_scipy_fd(fa, fb), rel=1e-6)

@@ -126,16 +126,18 @@ def _add_metrics(sub) -> None:
     p.add_argument("--weights", default=None, help="Inception weights file (for --features inception)")
     p.add_argument("--out", required=True, help="statistics file to write (.npz)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per feature-network call (default: 50 for inception, else 500)")
+    p.add_argument("--device", default="cpu", help="where the feature network runs (default: cpu)")
 
     p = sub.add_parser("fid", help="Fréchet distance between two image sets or statistics files")
     p.add_argument("a", help="image folder, FILE.npz (images x, or statistics mu/sigma) or digits[:split]")
     p.add_argument("b", help="the same kinds as A")
     p.add_argument("--features", choices=("digits", "pixels", "inception"), default="digits", help=FEATURES_HELP)
     p.add_argument("--weights", default=None, help="Inception weights file (for --features inception)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per feature-network call (default: 50 for inception, else 500)")
+    p.add_argument("--device", default="cpu", help="where the feature network runs (default: cpu)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of a sentence")
 
     p = sub.add_parser("cas", help="Classification Accuracy Score: classifiers on real, synthetic and both",

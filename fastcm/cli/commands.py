@@ -22,6 +22,12 @@ def cmd_demo(args) -> int:
 
 # -- metrics --------------------------------------------------------------------------------------------------------
 
+def _batch(args) -> int:
+    if args.batch_size is None:
+        return 50 if args.features == "inception" else 500
+    return _positive("--batch-size", args.batch_size)
+
+
 def cmd_stats(args) -> int:
     from fastcm.eval.features import is_stats_file, save_stats, stats_of
     from fastcm.eval.report import check_new_file
@@ -30,7 +36,7 @@ def cmd_stats(args) -> int:
     if is_stats_file(args.input):
         raise UsageError(f"{args.input} already is a statistics file; give images (a folder, .npz with x, digits)")
     mu, sigma, n = stats_of(args.input, args.features, weights=args.weights,
-                            batch_size=_positive("--batch-size", args.batch_size), device=args.device)
+                            batch_size=_batch(args), device=args.device)
     save_stats(out, mu, sigma, features=args.features, n=n)
     print(f"wrote {out}: {args.features} statistics of {n} images (mu {mu.shape}, sigma {sigma.shape})")
     return 0
@@ -39,7 +45,7 @@ def cmd_stats(args) -> int:
 def cmd_fid(args) -> int:
     from fastcm.eval.features import frechet, stats_of
 
-    batch = _positive("--batch-size", args.batch_size)
+    batch = _batch(args)
     a = stats_of(args.a, args.features, weights=args.weights, batch_size=batch, device=args.device)
     b = stats_of(args.b, args.features, weights=args.weights, batch_size=batch, device=args.device)
     if a[0].shape != b[0].shape:
