@@ -46,8 +46,10 @@ def _configs(blocks, interpret_block):
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs whose blocks exceed the sequence (pure masked work at L = 64); keep at least one."""
-    lq, lk = named_args["Lq"], named_args["Lk"]
-    cap_m, cap_n = max(16, triton.next_power_of_2(lq)), max(16, triton.next_power_of_2(lk))
+    smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
+    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
+    cap_m = max(smallest_m, triton.next_power_of_2(named_args["Lq"]))
+    cap_n = max(smallest_n, triton.next_power_of_2(named_args["Lk"]))
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
     return kept or configs[:1]
 

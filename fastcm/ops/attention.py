@@ -40,6 +40,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax. Under
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
+    The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
+    autotune their block sizes on the first call per (Lq, Lk, D) and dtype.
+
     Fallback (never silent): the Triton kernels support D <= 128 and, on CUDA, fp16/bf16/fp32. For D > 128, or fp64 on
     CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
     requested explicitly this also emits a ``UserWarning``.
