@@ -245,6 +245,23 @@ def test_empty_batch_and_registry(device):
         _close(spec.op(**kwargs, impl="triton"), expected, torch.float32, name)
 
 
+def test_autotune_pruning_keeps_blocks_within_the_sequence():
+    # GPU-only logic (the interpreter has one config): blocks larger than the padded sequence are pure masked work.
+    import triton
+
+    from fastcm.kernels.attention import _prune
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (32, 32), (16, 32)]]
+
+    def blocks(lq, lk):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, dict(Lq=lq, Lk=lk))]
+
+    assert blocks(1, 1) == [(16, 32)]
+    assert blocks(17, 64) == [(32, 32), (16, 32)]
+    assert blocks(64, 64) == [(64, 64), (32, 32), (16, 32)]
+    assert blocks(1000, 1000) == [(128, 64), (64, 64), (32, 32), (16, 32)]
+
+
 def _meta_like(shape):
     return torch.zeros(shape, device="meta")
 
