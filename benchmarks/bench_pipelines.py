@@ -96,3 +96,62 @@ def test_ict_training_step(benchmark, preset, batch, provider):
            case=f"{preset} b{batch}", dtype="bf16-autocast" if autocast else "fp32", mode="fwd+bwd",
            provider=provider, items=batch, items_unit="img")
     bench(benchmark, run, rounds=3 if DEVICE == "cpu" else 10)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FD-loss fine-tune step: one-step generation with gradient -> features (d) -> FD loss -> backward -> optimizer step.
+# The feature network is a small random conv net with a d-dim head (an Inception forward at B=256 would take
+# minutes on this CPU and is the same for every route); what differs between providers is the FD route.
+FD_B, FD_D = (16, 64) if SMOKE else (256, 2048)
+
+
+def _feature_net(d: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.AvgPool2d(2),
+                               torch.nn.Flatten(), torch.nn.Linear(32 * 16, d)).to(DEVICE)
+
+
+def _reference_stats(net: torch.nn.Module, d: int):
+    from fastcm.fid import FeatureStats
+
+    stats = FeatureStats(d)
+    with torch.no_grad():
+        for _ in range(max(2, (2 * d) // 1024)):
+            stats.update(net(torch.rand(1024, 1, 8, 8, device=DEVICE)) + 0.1)
+    return stats.mu, stats.sigma
+
+
+@pytest.mark.parametrize("provider", ["full", "batch", "queue"])
+def test_fd_loss_training_step(benchmark, provider):
+    from fastcm.fid import FDLoss
+    from fastcm.fid.loss import fd_loss_full_ref
+    from fastcm.ops import sqrtm
+
+    torch.manual_seed(0)
+    model = ConsistencyModel(build_unet("digits", impl="torch")).to(DEVICE)
+    net = _feature_net(FD_D)
+    mu_ref, sigma_ref = _reference_stats(net, FD_D)
+    if provider == "full":
+        sqrt_ref = sqrtm(sigma_ref.to(DEVICE), impl="torch")
+        fd = lambda f: fd_loss_full_ref(f, mu_ref.to(DEVICE), sigma_ref.to(DEVICE), sqrt_ref=sqrt_ref)  # noqa: E731
+    else:
+        fd = FDLoss(mu_ref, sigma_ref, mode=provider, queue_size=min(50_000, 8 * FD_D)).to(DEVICE)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-5)
+    z = torch.randn(FD_B, 1, 8, 8, device=DEVICE)
+    labels = torch.arange(FD_B, device=DEVICE) % 10
+    if provider == "queue":  # a full queue, as in the steady state of fine-tuning
+        with torch.no_grad():
+            fd.enqueue(net(torch.rand(8 * FD_D, 1, 8, 8, device=DEVICE)))
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        x = model(model.sigma_max * z, model.sigma_max, labels)
+        loss = fd(net((x + 1) / 2))
+        loss.backward()
+        opt.step()
+        sync()
+        return loss
+
+    record(benchmark, group=f"pipeline:fd-step:{FD_B}x{FD_D}", pipeline="FD-loss fine-tune step",
+           case=f"B{FD_B} d{FD_D}", dtype="fp32 net, fp64 FD", mode="fwd+bwd", provider=provider, items=FD_B,
+           items_unit="img")
+    bench(benchmark, run, rounds=3 if DEVICE == "cpu" else 10, warmup=1)
