@@ -53,6 +53,28 @@ def _train_ict_stage(args, data, out, common):
                      device=args.device, progress=not args.no_progress)
 
 
+def _train_fd_stage(args, data, out, common):
+    from fastcm.eval.features import feature_extractor
+    from fastcm.train import FDConfig, finetune_fd, load_model, reference_stats
+
+    if args.init is None:
+        raise UsageError("--stage fd fine-tunes an existing model: pass --init CHECKPOINT (from `fastcm train`)")
+    if args.preset is not None:
+        raise UsageError("--preset belongs to --stage ict; --stage fd keeps the network of --init")
+    if not os.path.isfile(args.init):
+        raise FileNotFoundError(f"--init {args.init!r} does not exist (a .safetensors checkpoint of `fastcm train`)")
+    model = load_model(args.init, weights="ema")
+    if tuple(model.input_shape) != tuple(data.image_shape):
+        raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
+                         f"{tuple(data.image_shape)}")
+    features = args.features or ("digits" if data.image_shape == (1, 8, 8) else "inception")
+    net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
+    ref = reference_stats(net, data)  # fp64 statistics of every training image in that feature space
+    print(f"FD fine-tune in {features} feature space against {len(data)} training images", flush=True)
+    return finetune_fd(FDConfig(**common), model, net, ref, dataset=data, out_dir=out, resume=args.resume,
+                       device=args.device, progress=not args.no_progress)
+
+
 def _load_model(args):
     from fastcm.train import load_model
 

@@ -59,6 +59,7 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+
 @contextmanager
 def _threads(n: int):
     """Run the block with at most ``n`` torch CPU threads (restored afterwards)."""

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from fastcm.eval._checks import as_images
 
@@ -28,40 +29,60 @@ def digits_feature_network(cache: Optional[str] = None, retrain: bool = False):
     return feature_network(x, y, num_classes=10, cache=cache, retrain=retrain)
 
 
+class PixelFeatures(nn.Module):
+    """Raw pixels as features: (B, C, H, W) → (B, C·H·W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+class DigitsFeatures(nn.Module):
+    """The 64-d feature layer of the cached digits CNN; only for 1×8×8 images."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (1, 8, 8):
+            raise ValueError(f"--features digits needs 1x8x8 images in [-1, 1], got images of shape "
+                             f"{tuple(x.shape[1:])}; use --features inception --weights PATH for other images")
+        return self.net.features(x)
+
+
+class InceptionFeatures(nn.Module):
+    """FID Inception-v3 pool3 (2048-d) of images in [-1, 1]: mapped to [0, 1], grey repeated to RGB (as
+    pytorch-fid does for single-channel images); the network resizes to 299×299 itself."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net((x + 1) / 2)
+
+
 def feature_extractor(name: str, *, weights: Optional[str] = None, cache: Optional[str] = None,
-                      device: str = "cpu") -> Callable:
-    """A callable mapping images (B, C, H, W) in [-1, 1] to features (B, d); differentiable for digits/pixels."""
+                      device: str = "cpu") -> nn.Module:
+    """A frozen module mapping images (B, C, H, W) in [-1, 1] to features (B, d), differentiable in its input
+    (so it can also be the feature network of the FD loss)."""
     if name not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {name!r}")
+    if name != "inception" and weights is not None:
+        raise ValueError("--weights is only for --features inception (the digits network is trained and cached by "
+                         "fastcm itself)")
     if name == "pixels":
-        return lambda x: x.flatten(1)
+        return PixelFeatures()
     if name == "digits":
-        if weights is not None:
-            raise ValueError("--weights is only for --features inception (the digits network is trained and cached "
-                             "by fastcm itself)")
-        net, _ = digits_feature_network(cache)
-        net = net.to(device)
-
-        def digits(x):
-            if tuple(x.shape[1:]) != (1, 8, 8):
-                raise ValueError(f"--features digits needs 1x8x8 images in [-1, 1], got images of shape "
-                                 f"{tuple(x.shape[1:])}; use --features inception --weights PATH for other images")
-            return net.features(x)
-
-        return digits
+        return DigitsFeatures(digits_feature_network(cache)[0]).to(device).eval()
     if weights is None:
         raise ValueError("--features inception needs --weights PATH: the FID Inception-v3 weights file "
                          "(pt_inception-2015-12-05-6726825d.pth, as used by pytorch-fid); fastcm downloads nothing")
     from fastcm.fid import inception_v3
 
-    net = inception_v3(weights=weights).to(device).eval()
-
-    def inception(x):
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # grey → RGB, as pytorch-fid does for single-channel images
-        return net((x + 1) / 2)  # [-1, 1] → [0, 1], the network's documented input range
-
-    return inception
+    return InceptionFeatures(inception_v3(weights=weights)).to(device).eval()
 
 
 def compute_features(x, extractor: Callable, batch_size: int = 500, device: str = "cpu") -> torch.Tensor:

@@ -165,7 +165,7 @@ def plot_training_curves(path, ict_records: Sequence[dict], fd_records: Sequence
         s, v = _series(fd_records, fd_key)
         ax.plot(s, v, color="tab:green", marker="." if len(s) < 30 else None)
         ax.set_xlabel("fine-tune step")
-        ax.set_ylabel("Fréchet distance (training batch)")
+        ax.set_ylabel("classifier-feature FD to the test split" if fd_key == "fd_test" else "Fréchet distance")
         ax.set_title("stage 2: FD-loss fine-tune")
     fig.tight_layout()
 

@@ -1,0 +1,106 @@
+"""`fastcm demo` at reduced size: the files and report fields exist and are well formed, and the reported metrics
+equal independent recomputations from the saved .npz files (scipy sqrtm FD, scikit-learn logistic regression).
+
+The quality goals themselves (one-step CAS >= 0.92, FD fine-tune lowering the feature FD by >= 20 %) need the full
+default run (`make demo`, ~10 minutes); its measured numbers are in the README.
+"""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastcm.cli import main
+from fastcm.data import load_digits
+
+PER_CLASS = 10
+STAGES = ("one_step", "two_step", "fd_finetuned")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    cache = tmp_path_factory.getbasetemp() / "fastcm-cache"  # shared with the other test files of the session
+    argv = ["demo", "--out", out, "--steps", 12, "--batch-size", 16, "--fd-steps", 3, "--fd-batch-size", 20,
+            "--per-class", PER_CLASS, "--cas-seeds", 2, "--cas-epochs", 2, "--cache", cache, "--no-progress"]
+    assert main([str(a) for a in argv]) == 0
+    return out, json.loads((out / "report.json").read_text()), cache
+
+
+def test_files_are_written(demo):
+    out, report, _ = demo
+    for name in ("report.json", "report.md", "training_curves.png"):
+        assert (out / name).is_file(), name
+    for stage in STAGES:
+        with np.load(out / f"samples_{stage}.npz", allow_pickle=False) as f:
+            x, y = f["x"], f["y"]
+        assert x.shape == (10 * PER_CLASS, 1, 8, 8) and x.dtype == np.float32
+        assert y.shape == (10 * PER_CLASS,) and y.dtype == np.int64
+        assert np.abs(x).max() <= 1.0 and np.array_equal(y, np.repeat(np.arange(10), PER_CLASS))
+        with Image.open(out / f"samples_{stage}.png") as im:  # one row per class: 10 rows of 8x8 cells at scale 4
+            assert im.format == "PNG" and im.size[1] == 10 * 33 + 1
+    assert (out / report["checkpoints"]["ict"]).is_file()
+    assert (out / report["checkpoints"]["fd_finetuned"]).is_file()
+
+
+def test_report_fields(demo):
+    _, report, _ = demo
+    assert report["seed"] == 0 and report["config"]["ict_steps"] == 12
+    assert report["data"]["train_size"] == 1347 and report["data"]["test_size"] == 450
+    for key in ("real_train_split", *STAGES):
+        m = report["metrics"][key]
+        assert 0 <= m["cas"] <= 1 and m["fd_features"] >= 0 and m["fd_pixels"] >= 0 and len(m["cas_per_class"]) == 10
+    assert report["feature_network"]["test_accuracy"] > 0.95
+    q = report["quality"]
+    one, fd = report["metrics"]["one_step"], report["metrics"]["fd_finetuned"]
+    assert q["fd_reduction"]["value"] == pytest.approx((one["fd_features"] - fd["fd_features"]) / one["fd_features"])
+    assert q["one_step_cas"]["passed"] == (one["cas"] >= 0.92)
+    assert q["all_passed"] == all(q[k]["passed"] for k in ("one_step_cas", "fd_reduction", "cas_kept"))
+    assert ("fell" in q["pixel_fd"]["statement"]) == (fd["fd_pixels"] < one["fd_pixels"] * 0.98)
+    p = report["cas_protocol"]
+    assert p["seeds"] == [0, 1] and p["real+synthetic"]["train_size"] == 1347 + 10 * PER_CLASS
+    assert set(report["timings_s"]) >= {"stage 1: iCT training", "stage 2: FD-loss fine-tune", "total"}
+    assert [r["step"] for r in report["curves"]["ict"]][-1] == 12
+    assert [r["step"] for r in report["curves"]["fd"]] == [0, 1, 2, 3]  # held-out FD before and during stage 2
+
+
+def _fd(a, b):
+    from scipy import linalg
+
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # pixel covariances are singular (corner pixels never vary)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_metrics_match_independent_recomputation(demo, stage):
+    from sklearn.linear_model import LogisticRegression
+
+    from fastcm.eval.features import digits_feature_network
+
+    out, report, cache = demo
+    m = report["metrics"][stage]
+    with np.load(out / f"samples_{stage}.npz") as f:
+        x, y = f["x"].astype(np.float64), f["y"]
+    te = load_digits("test")
+    xt, yt = te.images.double().numpy(), te.labels.numpy()
+    assert m["fd_pixels"] == pytest.approx(_fd(x.reshape(len(x), -1), xt.reshape(len(xt), -1)), rel=1e-5, abs=1e-8)
+    net, _ = digits_feature_network(str(cache))
+    with torch.no_grad():
+        fx, ft = (net.features(torch.from_numpy(a).float()).double().numpy() for a in (x, xt))
+    assert m["fd_features"] == pytest.approx(_fd(fx, ft), rel=1e-5, abs=1e-8)
+    clf = LogisticRegression(max_iter=5000).fit(x.reshape(len(x), -1), y)
+    assert m["cas"] == pytest.approx(clf.score(xt.reshape(len(xt), -1), yt), abs=1e-12)
+
+
+def test_markdown_and_refusal_to_overwrite(demo, capsys):
+    out, report, _ = demo
+    md = (out / "report.md").read_text()
+    assert "| iCT, one step |" in md and "FD fine-tune, one step" in md
+    assert report["quality"]["pixel_fd"]["statement"] in md and "Timings" in md
+    rc = main(["demo", "--out", str(out), "--steps", "1"])
+    assert rc == 2 and "--overwrite" in capsys.readouterr().err
