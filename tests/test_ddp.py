@@ -11,34 +11,75 @@ import textwrap
 import pytest
 import torch
 
+from fastcm.train import finetune_fd, reference_stats
+
 WORKER = textwrap.dedent('''
     import os, sys
     import torch
     torch.set_num_threads(1)
     import torch.distributed as dist
+    from torch import nn
     from safetensors.torch import save_file
     from fastcm.cm import ConsistencyModel
     from fastcm.data import ArrayDataset
     from fastcm.models import build_unet
-    from fastcm.train import ICTConfig, train_ict
+    from fastcm.train import (FDConfig, ICTConfig, cleanup_distributed, finetune_fd, init_distributed,
+                              reference_stats, train_ict)
 
-    out = sys.argv[1]
-    rank = int(os.environ["RANK"])
-    torch.manual_seed(100 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
-    model = ConsistencyModel(build_unet("tiny", num_classes=10, impl="torch"))
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)  # the same data on every rank; each rank reads its own shard
-    data = ArrayDataset(torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.arange(64) % 10)
-    cfg = ICTConfig(total_steps=4, batch_size=16, lr=1e-3, ema_beta=0.5, s0=2, s1=8, log_every=2, sample_every=0,
-                    num_samples=10, save_every=0, hflip=True)
-    seen = []
-    res = train_ict(cfg, data, model, out_dir=os.path.join(out, "run"), progress=False, callbacks=[seen.append])
-    state = {f"model/{k}": v for k, v in res.model.state_dict().items()}
-    state.update({f"ema/{k}": v for k, v in res.ema.state_dict().items()})
-    state.update({f"init/{k}": v for k, v in init.items()})
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out, f"rank{rank}.safetensors"),
-              metadata={"records": str(len(seen)), "world": os.environ["WORLD_SIZE"],
-                        "initialized": str(dist.is_initialized())})
+    FD_CFG = FDConfig(total_steps=2, batch_size=16, optimizer="radam", lr=1e-2, ema_beta=0.5, log_every=1,
+                      sample_every=0, num_samples=10, save_every=0, queue_size=40, s1=8)
+
+
+    def data():
+        g = torch.Generator().manual_seed(0)  # the same data on every rank; each rank reads its own shard
+        return ArrayDataset(torch.rand(64, 1, 8, 8, generator=g) * 2 - 1, torch.arange(64) % 10)
+
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return ConsistencyModel(build_unet("tiny", num_classes=10, impl="torch"))
+
+
+    def feature_net():
+        torch.manual_seed(11)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(32, 6))
+
+
+    def flat(prefix, module):
+        return {f"{prefix}/{k}": v.detach().clone() for k, v in module.state_dict().items()}
+
+
+    def main(out):
+        rank = int(os.environ["RANK"])
+        # Stage 1 creates the process group from the torchrun environment; it stays up for the next stages.
+        m = model(100 + rank)  # different initial weights per rank: DDP must broadcast rank 0's
+        init = flat("init", m)
+        cfg = ICTConfig(total_steps=4, batch_size=16, lr=1e-3, ema_beta=0.5, s0=2, s1=8, log_every=2,
+                        sample_every=0, num_samples=10, save_every=0, hflip=True)
+        seen = []
+        res = train_ict(cfg, data(), m, out_dir=os.path.join(out, "run"), progress=False, callbacks=[seen.append])
+        state = {**flat("model", res.model), **flat("ema", res.ema.module), **init}
+        meta = {"records": str(len(seen)), "world": os.environ["WORLD_SIZE"],
+                "initialized": str(dist.is_initialized())}
+        # Stage 2: reference statistics (sharded, fp64 all-reduce) and the FD stage in the same group.
+        info = init_distributed()
+        net = feature_net()
+        ref = reference_stats(net, data(), batch_size=8)
+        state.update({"ref/mu": ref.mu, "ref/sigma": ref.sigma})
+        fd = finetune_fd(FD_CFG, model(7), net, ref, progress=False)
+        state.update(flat("fd", fd.model))
+        both = finetune_fd(FD_CFG.replace(total_steps=1, ict_weight=0.5), model(7), net, ref, dataset=data(),
+                           progress=False)  # two forward passes with gradient through DDP in one step
+        state.update(flat("fdict", both.model))
+        meta["fd_records"] = str([r["fd"] for r in fd.records])
+        cleanup_distributed(info)  # a no-op: the group was created by stage 1 (it is destroyed at exit)
+        meta["after_cleanup"] = str(dist.is_initialized())
+        save_file(state, os.path.join(out, f"rank{rank}.safetensors"), metadata=meta)
+
+
+    if __name__ == "__main__":
+        main(sys.argv[1])
 ''')
 
 
@@ -47,12 +88,13 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    threads = torch.get_num_threads()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     (tmp_path / "log.txt").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
@@ -64,8 +106,34 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     for r in range(2):
         with safe_open(str(tmp_path / f"rank{r}.safetensors"), "pt") as f:
             metas.append(f.metadata())
-    assert [m["world"] for m in metas] == ["2", "2"] and metas[0]["initialized"] == "False"  # group torn down
+    assert [m["world"] for m in metas] == ["2", "2"] and metas[0]["initialized"] == "True"  # kept for stage 2
     assert [m["records"] for m in metas] == ["2", "0"]  # rank 0 logs, the others stay silent
+    assert metas[0]["after_cleanup"] == "True"
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl", "samples"]
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["ckpt_00000004.safetensors"]
+
+    # FD stage: the ranks agree, and match one process training on the same global batch (each sample's noise
+    # is seeded by its global index), which checks the feature gather and the world-size factor of the gradient.
+    for prefix in ("fd/", "fdict/", "ref/"):
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(prefix)), prefix
+    ns = {"__name__": "ddp_worker"}
+    exec(compile(WORKER, "ddp_worker", "exec"), ns)
+    torch.set_num_threads(1)
+    try:
+        net = ns["feature_net"]()
+        ref = reference_stats(net, ns["data"](), batch_size=8)
+        single = finetune_fd(ns["FD_CFG"], ns["model"](7), net, ref, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(a["ref/mu"], ref.mu, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a["ref/sigma"], ref.sigma, rtol=0, atol=1e-12)
+    fd_ddp = [float(v) for v in metas[0]["fd_records"].strip("[]").split(",")]
+    assert fd_ddp == pytest.approx([r["fd"] for r in single.records], rel=1e-6)
+    moved = 0.0
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(a[f"fd/{k}"], v, rtol=1e-5, atol=1e-7)
+        moved = max(moved, (v - ns["model"](7).state_dict()[k]).abs().max().item()) if k.endswith("weight") else moved
+    # RAdam's first steps are SGD-like, so a wrong world-size factor would move the weights twice or half as far:
+    # the motion must dwarf the tolerance above.
+    assert moved > 100 * 1e-7, moved

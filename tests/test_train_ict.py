@@ -106,7 +106,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, digits):
 def _toy_trainer(cfg, **kw):
     """A Trainer with a loss whose gradient is known in closed form: L = sum_p <p, w_p>, so dL/dp = w_p."""
     model = _model()
-    trainer = Trainer("ict", cfg, model, progress=False, **kw)
+    trainer = Trainer("ict", cfg, model, progress=False, **kw).start()
     torch.manual_seed(1)
     w = [torch.randn_like(p) for p in trainer.cm.parameters()]
     return trainer, w

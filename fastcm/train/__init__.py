@@ -2,23 +2,26 @@
 
     from fastcm.data import load_digits
     from fastcm.models import build_unet
-    from fastcm.train import ICTConfig, train_ict, load_model
+    from fastcm.train import FDConfig, ICTConfig, finetune_fd, load_model, reference_stats, train_ict
 
     result = train_ict(ICTConfig(total_steps=4000, batch_size=64, lr=2e-4), load_digits("train"),
                        build_unet("digits"), out_dir="runs/digits-ict")
-    model = load_model("runs/digits-ict/checkpoints/ckpt_00004000.safetensors")   # EMA weights
+    model = load_model(result.checkpoint)                       # the EMA weights of the last checkpoint
+    ref = reference_stats(feature_net, load_digits("train"))     # fp64 feature statistics of the real data
+    tuned = finetune_fd(FDConfig(), model, feature_net, ref, out_dir="runs/digits-fd")
 """
 from .checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, read_checkpoint_meta,
                          save_checkpoint)
 from .config import FDConfig, ICTConfig, TrainConfig
 from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .fd import finetune_fd, reference_stats
 from .guard import NonFiniteError, NonFiniteGuard
 from .ict import train_ict
 from .loop import TrainResult, Trainer
 from .progress import Callback
 from .state import load_model, load_weights
 
-__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "TrainResult", "Trainer", "Callback",
-           "load_model", "load_weights", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "finetune_fd", "reference_stats", "TrainResult",
+           "Trainer", "Callback", "load_model", "load_weights", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
            "CheckpointManager", "CheckpointError", "NonFiniteError", "NonFiniteGuard", "DistInfo",
            "init_distributed", "cleanup_distributed"]

@@ -1,8 +1,11 @@
 """torchrun / DDP plumbing: NCCL on CUDA, gloo on CPU; rank 0 logs and saves.
 
 Launch with ``torchrun --nproc_per_node=G script.py``: the trainers read RANK / WORLD_SIZE / LOCAL_RANK from the
-environment and initialise the process group themselves (or use one the caller already initialised).
+environment and initialise the process group themselves (or use one the caller already initialised). The group
+then lives until the process exits (an atexit hook destroys it), so several stages and reference_stats share it:
+re-initialising the default group after destroying it reuses the rendezvous keys and can deadlock under torchrun.
 """
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -45,6 +48,7 @@ def init_distributed(device: Optional[Union[str, torch.device]] = None) -> DistI
     created = False
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_destroy_at_exit)
         created = True
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, created)
@@ -52,8 +56,15 @@ def init_distributed(device: Optional[Union[str, torch.device]] = None) -> DistI
 
 
 def cleanup_distributed(info: DistInfo) -> None:
-    """Destroy the process group if :func:`init_distributed` created it."""
+    """Destroy the process group if :func:`init_distributed` created it (all ranks together, after a barrier).
+    Optional: it is destroyed at exit anyway. Do not initialise a new default group afterwards under torchrun."""
     if info.created_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

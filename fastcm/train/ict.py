@@ -34,13 +34,14 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
     """
     if not isinstance(cfg, ICTConfig):
         raise TypeError(f"cfg must be an ICTConfig, got {type(cfg).__name__}")
-    trainer = Trainer("ict", cfg, model, out_dir=out_dir, resume=resume, device=device, callbacks=callbacks,
-                      progress=progress)
+    trainer = Trainer("ict", cfg, model, out_dir=out_dir, device=device, callbacks=callbacks, progress=progress)
+    # Everything that can reject the inputs runs before start(), which writes the run directory.
     conditional = check_dataset(dataset, trainer.cm)
     info = trainer.info
     loader = BatchLoader(dataset, trainer.local_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          hflip=cfg.hflip, num_workers=cfg.num_workers)
     ict = ICTLoss(cfg.total_steps, cfg.s0, cfg.s1, cfg.P_mean, cfg.P_std, cfg.rho, cfg.huber_c)
+    trainer.start(resume)
     batches = loader.iterate(trainer.step)
 
     def loss_fn(step: int):

@@ -19,7 +19,7 @@ from fastcm.data import derive_seed, save_grid
 
 from .checkpoint import CheckpointManager, load_checkpoint, optimizer_from_flat, optimizer_to_flat
 from .config import TrainConfig
-from .distributed import all_reduce_sum, all_true, broadcast_str, cleanup_distributed, init_distributed, wrap_ddp
+from .distributed import all_reduce_sum, all_true, broadcast_str, init_distributed, wrap_ddp
 from .guard import NonFiniteError, NonFiniteGuard, all_finite, grad_norm
 from .progress import RunLogger
 from .state import check_resumable, model_meta, restore_rng, rng_tensors, split_state, take
@@ -47,10 +47,14 @@ def as_consistency_model(model: nn.Module) -> ConsistencyModel:
 
 
 class Trainer:
-    """Set-up and loop of one stage (see module docstring). Build it, then ``run(loss_fn)``."""
+    """Set-up and loop of one stage (see module docstring).
 
-    def __init__(self, stage: str, cfg: TrainConfig, model: nn.Module, *, out_dir=None, resume=False,
-                 device=None, callbacks=None, progress: bool = True, extra_state: Optional[Dict] = None):
+    Build it, register stage state that must survive a resume in ``trainer.extra`` (name -> object with
+    ``state_dict()`` / ``load_state_dict()``), call ``start(resume)``, then ``run(loss_fn)``.
+    """
+
+    def __init__(self, stage: str, cfg: TrainConfig, model: nn.Module, *, out_dir=None, device=None,
+                 callbacks=None, progress: bool = True):
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
         self.stage, self.cfg, self.progress, self.callbacks = stage, cfg, progress, callbacks
@@ -71,11 +75,10 @@ class Trainer:
         self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.guard = NonFiniteGuard(cfg.max_nonfinite)
-        self.extra = dict(extra_state or {})
-        self.step, self.last_checkpoint = 0, None
+        self.extra: Dict[str, object] = {}
+        self.step, self.last_checkpoint, self.started = 0, None, False
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
-        self._start(resume)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -84,7 +87,12 @@ class Trainer:
         g = torch.Generator(device=self.device)
         return g.manual_seed(derive_seed(self.cfg.seed, step, self.info.rank, stream))
 
-    def _start(self, resume) -> None:
+    def start(self, resume=False) -> "Trainer":
+        """Prepare out_dir and, with ``resume``, load the checkpoint (True: newest intact one in out_dir, or a
+        fresh start if there is none; a path: that file). False refuses an out_dir that already holds a run."""
+        if self.started:
+            raise RuntimeError("start() was already called")
+        self.started = True
         found = None
         if resume not in (False, None) and not isinstance(resume, (bool, str, os.PathLike)):
             raise TypeError(f"resume must be a bool or a checkpoint path, got {type(resume).__name__}")
@@ -117,6 +125,7 @@ class Trainer:
             tmp = self.out_dir / f".config.json.tmp-{os.getpid()}"
             tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp, self.out_dir / "config.json")
+        return self
 
     def _load(self, path: Path, tensors: Dict[str, Tensor], meta: dict) -> None:
         check_resumable(path, meta, self.stage, self.cfg, self.cm)
@@ -151,6 +160,11 @@ class Trainer:
     # -- loop -----------------------------------------------------------------------------------------------------
 
     def run(self, loss_fn: Callable[[int], tuple]) -> TrainResult:
+        """Train from ``self.step`` to cfg.total_steps. ``loss_fn(step)`` returns (loss to back-propagate, extras):
+        extras are logged (0-d tensors averaged over the log interval and the ranks, numbers as last seen); an
+        extras["loss"] replaces the logged loss (e.g. when the back-propagated value is rescaled for DDP)."""
+        if not self.started:
+            self.start(False)
         cfg = self.cfg
         log = RunLogger(self.out_dir, self.step, cfg.total_steps, self.info.is_main, self.progress,
                         self.callbacks, desc=self.stage)
@@ -181,7 +195,6 @@ class Trainer:
             log.close()
         result = TrainResult(self.cm, self.ema, self.step, log.records, self.last_checkpoint, self.guard.skipped)
         log.event("on_end", result)
-        cleanup_distributed(self.info)
         return result
 
     def _train_step(self, loss_fn) -> dict:
