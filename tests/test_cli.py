@@ -150,6 +150,15 @@ def test_train_sample_edit_round_trip(tmp_path, capsys):
     assert rc == 2 and "3-channel" in err
     rc, _, err = run(capsys, "sample", "--checkpoint", ckpt, "--out", tmp_path / "s")
     assert rc == 2 and "not empty" in err
+    # stage 2 from the stage-1 checkpoint, in the digits-classifier feature space
+    rc, out, err = run(capsys, "train", "--stage", "fd", "--init", ckpt, "--steps", 2, "--batch-size", 20,
+                       "--out", tmp_path / "fd", "--no-progress")
+    assert rc == 0, err
+    assert "digits feature space" in out and next((tmp_path / "fd" / "checkpoints").glob("*.safetensors"))
+    records = [json.loads(line) for line in (tmp_path / "fd" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == 2 and records[-1]["fd"] > 0
+    rc, _, err = run(capsys, "train", "--stage", "fd", "--out", tmp_path / "fd2")
+    assert rc == 2 and "--init CHECKPOINT" in err
 
 
 def test_bench_runs_pytest_benchmark_and_the_report(tmp_path, capfd):

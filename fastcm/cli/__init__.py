@@ -85,6 +85,11 @@ def _add_train(sub) -> None:
     p.add_argument("--features", choices=("digits", "inception"), default=None,
                    help="feature network of the FD loss (--stage fd; default: digits for 1x8x8 data)")
     p.add_argument("--feature-weights", default=None, help="Inception weights file for --features inception")
+    p.add_argument("--fd-mode", choices=("queue", "batch", "ema"), default=None,
+                   help="how the FD loss estimates the generated statistics (--stage fd; default: batch for digits "
+                        "features, whose covariance is singular, else queue)")
+    p.add_argument("--fd-normalize", action="store_true",
+                   help="divide the FD loss by its detached value + 0.01 (steady gradient scale; the demo's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--compile", action="store_true", help="torch.compile the model call (fullgraph)")

@@ -42,8 +42,9 @@ def _train_ict_stage(args, data, out, common):
     from fastcm.models import build_unet
     from fastcm.train import ICTConfig, train_ict
 
-    if args.init is not None or args.features is not None or args.feature_weights is not None:
-        raise UsageError("--init, --features and --feature-weights belong to --stage fd")
+    if any(v not in (None, False) for v in (args.init, args.features, args.feature_weights, args.fd_mode,
+                                            args.fd_normalize)):
+        raise UsageError("--init, --features, --feature-weights, --fd-mode and --fd-normalize belong to --stage fd")
     preset = args.preset or ("digits" if data.image_shape == (1, 8, 8) else "cifar10-small")
     unet = build_unet(preset)
     if tuple(unet.input_shape) != tuple(data.image_shape):
@@ -70,9 +71,12 @@ def _train_fd_stage(args, data, out, common):
     features = args.features or ("digits" if data.image_shape == (1, 8, 8) else "inception")
     net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
     ref = reference_stats(net, data)  # fp64 statistics of every training image in that feature space
-    print(f"FD fine-tune in {features} feature space against {len(data)} training images", flush=True)
-    return finetune_fd(FDConfig(**common), model, net, ref, dataset=data, out_dir=out, resume=args.resume,
-                       device=args.device, progress=not args.no_progress)
+    # Dead ReLU units make the digits features' covariance singular; queue/ema modes whiten with its Cholesky factor.
+    mode = args.fd_mode or ("batch" if features == "digits" else "queue")
+    print(f"FD fine-tune in {features} feature space ({mode} mode) against {len(data)} training images", flush=True)
+    cfg = FDConfig(**common, fd_mode=mode, fd_normalize=args.fd_normalize)
+    return finetune_fd(cfg, model, net, ref, dataset=data, out_dir=out, resume=args.resume, device=args.device,
+                       progress=not args.no_progress)
 
 
 def _load_model(args):
