@@ -7,7 +7,8 @@ import torch
 from fastcm.cm import ConsistencyModel
 from fastcm.data import ArrayDataset, load_digits
 from fastcm.models import build_unet
-from fastcm.train import (Callback, CheckpointManager, ICTConfig, NonFiniteError, Trainer, load_model, train_ict)
+from fastcm.train import (Callback, CheckpointManager, ICTConfig, NonFiniteError, Trainer, load_checkpoint,
+                          load_model, train_ict)
 
 
 def _cfg(**kw):
@@ -82,6 +83,9 @@ def test_resume_after_crash_is_exact(tmp_path, digits):
         ["step_00000004.png", "step_00000008.png", "step_00000010.png"]
     ckpts = CheckpointManager(tmp_path / "run" / "checkpoints").checkpoints()
     assert [s for s, _ in ckpts] == [5, 10]
+    meta = load_checkpoint(ckpts[-1][1])[1]
+    assert meta["curriculum"] == {"N": 9, "s0": 2, "s1": 8, "K": 10} and meta["step"] == 10
+    assert meta["config"] == json.loads(json.dumps(_cfg().to_dict())) | {"log_every": 2}
     ema = load_model(ckpts[-1][1])
     raw = load_model(ckpts[-1][1], weights="model")
     for k, v in ref.ema.state_dict().items():
@@ -105,7 +109,7 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path, digits):
 
 def _toy_trainer(cfg, **kw):
     """A Trainer with a loss whose gradient is known in closed form: L = sum_p <p, w_p>, so dL/dp = w_p."""
-    model = _model()
+    model = _model().eval().requires_grad_(False)  # frozen, like an EMA copy: the trainer must unfreeze it
     trainer = Trainer("ict", cfg, model, progress=False, **kw).start()
     torch.manual_seed(1)
     w = [torch.randn_like(p) for p in trainer.cm.parameters()]
@@ -162,6 +166,18 @@ def trainer_logger_stub():
         def event(self, *a):
             pass
     return _Log()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
+def test_autocast_on_cuda(tmp_path, digits, precision):
+    res = train_ict(_cfg(total_steps=3, precision=precision, sample_every=0), digits, _model(), out_dir=tmp_path,
+                    device="cuda", progress=False)
+    # fp16's GradScaler may overflow on its first steps (scale 2**16); those steps are skipped and counted
+    assert res.skipped_steps <= (2 if precision == "fp16" else 0) and res.records[-1]["loss"] is not None
+    assert next(res.model.parameters()).device.type == "cuda" and next(res.model.parameters()).dtype == torch.float32
+    meta = load_model(res.checkpoint).state_dict()  # the fp32 master weights were saved
+    assert all(torch.equal(meta[k], v.cpu()) for k, v in res.ema.state_dict().items())
 
 
 def test_dataset_and_config_validation(digits):

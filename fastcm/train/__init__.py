@@ -21,7 +21,7 @@ from .loop import TrainResult, Trainer
 from .progress import Callback
 from .state import load_model, load_weights
 
-__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "finetune_fd", "reference_stats", "TrainResult",
-           "Trainer", "Callback", "load_model", "load_weights", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "finetune_fd", "reference_stats",
+           "TrainResult", "Trainer", "Callback", "load_model", "load_weights", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
            "CheckpointManager", "CheckpointError", "NonFiniteError", "NonFiniteGuard", "DistInfo",
            "init_distributed", "cleanup_distributed"]

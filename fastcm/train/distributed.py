@@ -4,6 +4,8 @@ Launch with ``torchrun --nproc_per_node=G script.py``: the trainers read RANK / 
 environment and initialise the process group themselves (or use one the caller already initialised). The group
 then lives until the process exits (an atexit hook destroys it), so several stages and reference_stats share it:
 re-initialising the default group after destroying it reuses the rendezvous keys and can deadlock under torchrun.
+Rank 0 writes the run directory; resuming reads the checkpoint on every rank, so multi-node runs need out_dir on a
+file system all nodes share.
 """
 import atexit
 import os

@@ -53,6 +53,7 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
                 normalize=cfg.fd_normalize).to(dev)
     trainer.extra["fd_loss"] = FDLossState(fd)
     ict_term = _ict_term(cfg, dataset, trainer) if cfg.ict_weight > 0 else None
+    trainer.curriculum = lambda k: {"fd_mode": cfg.fd_mode, "ict_N": cfg.s1 + 1 if ict_term else None}
     trainer.start(resume)
     if ict_term is not None:
         ict_term.batches = ict_term.loader.iterate(trainer.step)

@@ -1,5 +1,6 @@
 """NaN/inf guard: a step whose loss or gradient is not finite is skipped (no optimizer or EMA update) and counted;
-``max_consecutive`` such steps in a row stop training with :class:`NonFiniteError`."""
+``max_consecutive`` such steps in a row stop training with :class:`NonFiniteError`. Under fp16 autocast the
+gradient scaler's overflow steps (inf gradients, after which it halves its scale) are counted as skipped too."""
 from typing import Iterable, Optional
 
 import torch

@@ -41,6 +41,7 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
     loader = BatchLoader(dataset, trainer.local_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          hflip=cfg.hflip, num_workers=cfg.num_workers)
     ict = ICTLoss(cfg.total_steps, cfg.s0, cfg.s1, cfg.P_mean, cfg.P_std, cfg.rho, cfg.huber_c)
+    trainer.curriculum = lambda k: {"N": ict.num_scales(k), "s0": ict.s0, "s1": ict.s1, "K": ict.total_steps}
     trainer.start(resume)
     batches = loader.iterate(trainer.step)
 

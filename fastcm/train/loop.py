@@ -63,7 +63,8 @@ class Trainer:
             raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the {info.world_size} ranks")
         self.local_batch = cfg.batch_size // info.world_size
         self.device = info.device
-        self.cm = as_consistency_model(model).to(self.device).train()
+        # train() and requires_grad_: a frozen copy (e.g. an EMA module or load_model's output) is trained too.
+        self.cm = as_consistency_model(model).to(self.device).train().requires_grad_(True)
         self.net = wrap_ddp(self.cm, info)  # broadcasts rank 0's weights, so the EMA below starts identical
         self.ema = EMA(self.cm, cfg.ema_beta)
         if cfg.compile:
@@ -76,6 +77,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.guard = NonFiniteGuard(cfg.max_nonfinite)
         self.extra: Dict[str, object] = {}
+        self.curriculum: Optional[Callable[[int], dict]] = None  # step -> JSON description saved in checkpoints
         self.step, self.last_checkpoint, self.started = 0, None, False
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
@@ -154,6 +156,9 @@ class Trainer:
         meta = {"stage": self.stage, "step": self.step, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
                 "optimizer": opt_doc, "guard": self.guard.state_dict(), "extra": extra_doc,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "curriculum": self.curriculum(self.step) if self.curriculum is not None else None,
+                "rng": {"seed": self.cfg.seed, "per_step": "generators seeded by blake2b(seed, step, rank, stream)",
+                        "global": "rng/cpu (rank 0)"},
                 "world_size": self.info.world_size}
         return tensors, meta
 
