@@ -218,3 +218,22 @@ def test_bad_arguments():
         FDLoss(mu_r, s_r, mode="queue", queue_size=4)(torch.zeros(1, 6, dtype=F64))
     with pytest.raises(ValueError, match="enqueue"):
         fd.enqueue(torch.zeros(3, 6))
+    with pytest.raises(ValueError, match="B >= 1"):
+        fd(torch.zeros(0, 6))
+    with pytest.raises(TypeError, match="float64"):
+        FDLoss(mu_r, s_r).float()(torch.zeros(3, 6))  # a parent module's .float() must not degrade the statistics
+
+
+def test_reset_and_device_state():
+    d = 8
+    mu_r, s_r = _reference(d, seed=20)
+    fd = FDLoss(mu_r, s_r, mode="queue", queue_size=16, queue_dtype=F64)
+    x = _batch(6, d, seed=21, requires_grad=False)
+    first = fd(x)
+    fd(x)
+    assert fd.n == 12
+    fd.reset()
+    assert fd.n == 0 and fd.queue is None
+    assert fd(x).item() == pytest.approx(first.item(), rel=1e-12)
+    assert {name for name, _ in fd.named_buffers()} >= {"queue", "sum_yy", "sum_sq", "chol"}  # .to() moves them
+    assert fd.state_dict() == {}  # nothing heavy lands in a parent module's checkpoint

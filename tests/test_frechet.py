@@ -7,19 +7,22 @@ import pytest
 import scipy.linalg
 import torch
 
-from fastcm.ops import frechet_distance, trace_sqrt_product
-from fastcm.ops.frechet import congruence, psd_factor
+from fastcm.ops import FrechetReference, frechet_distance, trace_sqrt_product
+from fastcm.ops.frechet import congruence, congruence_torch, psd_factor
 
 F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # LAPACK's multi-threaded eigensolvers slow down by 10-100x when other processes share the 2 cores (thread
-    # barriers); single-threaded, eigvalsh at d = 2048 takes ~1 s. The results do not depend on the thread count.
+    # Multi-threaded LAPACK (torch's MKL and scipy's OpenBLAS) slows down by 10-100x when other processes share
+    # the 2 cores (thread barriers); single-threaded, the d = 2048 distance takes ~1 s. Results do not depend on it.
+    from threadpoolctl import threadpool_limits
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1):
+        yield
     torch.set_num_threads(threads)
 
 
@@ -163,12 +166,19 @@ def test_numpy_and_fp32_inputs():
     torch.testing.assert_close(frechet_distance(*f32), frechet_distance(*[x.double() for x in f32]))
 
 
-def test_blocked_congruence_equals_dense():
-    d = 600  # three column blocks of the triangular product
+def test_congruence_routes_equal_dense():
+    d = 600  # three column blocks of the torch triangular product
     s = _stats(900, d, seed=15)[1]
     chol = torch.linalg.cholesky(_stats(900, d, seed=16)[1])
-    torch.testing.assert_close(torch.tril(congruence(chol, s)), torch.tril(chol.T @ s @ chol), rtol=1e-10,
-                               atol=1e-9)
+    dense = torch.tril(chol.T @ s @ chol)
+    m, uplo = congruence(chol, s)  # LAPACK dsygst on CPU
+    assert uplo == "L"
+    torch.testing.assert_close(torch.tril(m), dense, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(torch.tril(congruence_torch(chol, s)), dense, rtol=1e-10, atol=1e-9)
+    # Only the lower triangle of S is read (as LAPACK's convention everywhere in the route).
+    garbled = s + torch.triu(torch.full_like(s, 7.0), 1)
+    torch.testing.assert_close(torch.tril(congruence(chol, garbled)[0]), dense, rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(torch.tril(congruence_torch(chol, garbled)), dense, rtol=1e-10, atol=1e-9)
     f, triangular = psd_factor(torch.diag(torch.tensor([1.0, 0.0, 4.0], dtype=F64)))
     assert not triangular and torch.allclose(f @ f.T, torch.diag(torch.tensor([1.0, 0.0, 4.0], dtype=F64)))
 
@@ -196,3 +206,24 @@ def test_bad_inputs():
         frechet_distance(mu, indefinite, mu, s)
     with pytest.raises(ValueError, match="sigma1 is not positive semi-definite"):
         frechet_distance(mu, indefinite, mu, torch.diag(torch.tensor([1.0, 0.0, 1.0])))
+
+
+def test_torch_route_without_scipy(monkeypatch):
+    # Without scipy (or off the CPU) the congruence is the block-triangular torch product: same value.
+    mu1, s1 = _stats(500, 300, seed=17)
+    mu2, s2 = _stats(500, 300, seed=18, scale=0.9, shift=0.1)
+    lapack_value = frechet_distance(mu1, s1, mu2, s2)
+    monkeypatch.setattr("fastcm.ops.frechet._lapack", None)
+    torch.testing.assert_close(frechet_distance(mu1, s1, mu2, s2), lapack_value, rtol=1e-11, atol=0)
+
+
+def test_cached_reference():
+    mu1, s1 = _stats(400, 40, seed=19)
+    mu2, s2 = _stats(300, 40, seed=20, shift=0.2)
+    ref = FrechetReference(mu1, s1)
+    torch.testing.assert_close(ref.distance(mu2, s2), frechet_distance(mu2, s2, mu1, s1), rtol=1e-12, atol=0)
+    singular = FrechetReference(*_stats(20, 40, seed=21))  # no Cholesky factor: the general route
+    torch.testing.assert_close(singular.distance(mu2, s2), frechet_distance(mu2, s2, *_stats(20, 40, seed=21)),
+                               rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="mu must have shape"):
+        ref.distance(torch.zeros(3), torch.eye(3))

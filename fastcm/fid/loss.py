@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops.frechet import check_gaussian, null_threshold, psd_factor
+from fastcm.ops.frechet import check_gaussian, null_threshold, psd_factor, symmetrize_lower
 from fastcm.ops.sqrtm import sqrtm_ref
 
 from .distributed import all_gather_with_grad, distributed_world
@@ -60,6 +60,7 @@ class FDLoss(nn.Module):
         super().__init__()
         _check_options(mode, queue_size, ema_beta, normalize, queue_dtype)
         mu, sigma = check_gaussian(mu_ref, sigma_ref, ("mu_ref", "sigma_ref"))
+        sigma = symmetrize_lower(sigma)
         self.mode, self.queue_size, self.ema_beta, self.normalize = mode, queue_size, float(ema_beta), normalize
         self.queue_dtype, self.process_group, self.distributed = queue_dtype, process_group, distributed
         self.dim = mu.numel()
@@ -82,10 +83,9 @@ class FDLoss(nn.Module):
 
     def reset(self) -> None:
         """Forget the queue / EMA state (buffers are allocated on the module's device at the next call)."""
-        for name in ("queue", "queue_sq", "sum_yy", "sum_y", "ema_m2", "ema_m1"):
+        for name in ("queue", "queue_sq", "sum_yy", "sum_y", "sum_sq", "ema_m2", "ema_m1", "ema_sq"):
             self.register_buffer(name, None, persistent=False)
         self.count = self.ptr = self.steps = 0
-        self.sum_sq = self.ema_sq = 0.0
 
     @property
     def n(self) -> int:
@@ -111,7 +111,8 @@ class FDLoss(nn.Module):
         if self.mode == "queue":
             if y.shape[0] > self.queue_size:  # only the newest queue_size rows would survive
                 y, sq = y[-self.queue_size:], sq[-self.queue_size:]
-            self._queue_push(y, sq, *self._queue_rest(y.shape[0]))
+            pos, s_yy, s_y, s_sq, n_old = self._queue_rest(y.shape[0])
+            self._queue_push(y, sq, pos, torch.addmm(s_yy, y.T, y), s_y + y.sum(0), s_sq, n_old)
         else:
             self._ema_push(y, sq)
 
@@ -137,11 +138,16 @@ class FDLoss(nn.Module):
         if n < 2:
             raise ValueError("the queue holds fewer than 2 features: use a batch of at least 2 or enqueue() first")
         r = math.sqrt(n / (n - 1)) / n  # m = r * sum(y) makes m m^T = n ybar ybar^T / (n - 1)
-        t = _MomentTraceSqrt.apply(y, s_yy / (n - 1), s_y * r, 1.0 / (n - 1), r)
+        with torch.no_grad():  # the moments after enqueueing: the loss's M and, if update, the new state
+            yd = y.detach()
+            s_yy_new, s_y_new = torch.addmm(s_yy, yd.T, yd), s_y + yd.sum(0)
+            m = s_y_new * r
+            mat = torch.addr(s_yy_new, m, m, beta=1.0 / (n - 1), alpha=-1.0)  # (S - n ybar ybar^T) / (n - 1)
+        t = _TraceSqrt.apply(y, mat, m, 1.0 / (n - 1), r)
         delta = self._unwhiten((s_y + y.sum(0)) / n)  # mu_g - mu_r
         trace_g = (s_sq + sq.sum() - n * delta.square().sum()) / (n - 1)
         if update:
-            self._queue_push(y.detach(), sq.detach(), pos, s_yy, s_y, s_sq, n_old)
+            self._queue_push(yd, sq.detach(), pos, s_yy_new, s_y_new, s_sq, n_old)
         return delta.square().sum() + trace_g + self.trace_ref - 2.0 * t
 
     def _queue_rest(self, b: int):
@@ -150,15 +156,14 @@ class FDLoss(nn.Module):
         pos = (self.ptr + torch.arange(b, device=self.queue.device)) % self.queue_size
         old = pos[pos < self.count] if self.count < self.queue_size else pos  # rows the batch replaces
         y_old = self.queue[old].to(F64)
-        return (pos, self.sum_yy - y_old.T @ y_old, self.sum_y - y_old.sum(0),
+        return (pos, torch.addmm(self.sum_yy, y_old.T, y_old, alpha=-1.0), self.sum_y - y_old.sum(0),
                 self.sum_sq - self.queue_sq[old].sum(), self.count - old.numel())
 
     @torch.no_grad()
-    def _queue_push(self, y, sq, pos, s_yy, s_y, s_sq, n_old) -> None:
-        stored = y.to(self.queue_dtype)
-        y64 = stored.to(F64)  # the sums add exactly what is stored, so eviction later subtracts the same values
-        self.queue[pos], self.queue_sq[pos] = stored, sq
-        self.sum_yy, self.sum_y, self.sum_sq = s_yy + y64.T @ y64, s_y + y64.sum(0), s_sq + sq.sum()
+    def _queue_push(self, y, sq, pos, s_yy_new, s_y_new, s_sq, n_old) -> None:
+        """Store rows ``y`` (already rounded to the queue dtype by _whiten) whose sums are in s_yy_new, s_y_new."""
+        self.queue[pos], self.queue_sq[pos] = y.to(self.queue_dtype), sq
+        self.sum_yy, self.sum_y, self.sum_sq = s_yy_new, s_y_new, s_sq + sq.sum()
         self.count, self.ptr = n_old + y.shape[0], (self.ptr + y.shape[0]) % self.queue_size
 
     def _ema(self, x: Tensor, update: bool) -> Tensor:
@@ -166,13 +171,20 @@ class FDLoss(nn.Module):
         y, sq = self._whiten(x)
         self._allocate()
         k = 1.0 / (1.0 - beta ** (self.steps + 1))  # bias correction of the zero-initialized averages
-        share = k * (1.0 - beta) / b
-        m_prev = k * beta * self.ema_m1
-        t = _MomentTraceSqrt.apply(y, k * beta * self.ema_m2, m_prev, share, share)
-        delta = self._unwhiten(m_prev + share * y.sum(0))
+        share = k * (1.0 - beta) / b                # weight of each current row in the corrected moments
+        with torch.no_grad():
+            yd = y.detach()
+            m2_new = torch.addmm(self.ema_m2, yd.T, yd, beta=beta, alpha=(1.0 - beta) / b)
+            m1_new = beta * self.ema_m1 + (1.0 - beta) * yd.mean(0)
+            m = k * m1_new
+            mat = torch.addr(m2_new, m, m, beta=k, alpha=-1.0)  # k E[y y^T] - m m^T
+        t = _TraceSqrt.apply(y, mat, m, share, share)
+        delta = self._unwhiten(k * beta * self.ema_m1 + share * y.sum(0))
         trace_g = k * beta * self.ema_sq + share * sq.sum() - delta.square().sum()
         if update:
-            self._ema_push(y.detach(), sq.detach())
+            self.ema_m2, self.ema_m1 = m2_new, m1_new
+            self.ema_sq = beta * self.ema_sq + (1.0 - beta) * sq.detach().mean()
+            self.steps += 1
         return delta.square().sum() + trace_g + self.trace_ref - 2.0 * t
 
     @torch.no_grad()
@@ -180,7 +192,7 @@ class FDLoss(nn.Module):
         self._allocate()
         beta = self.ema_beta
         self.ema_m1 = beta * self.ema_m1 + (1 - beta) * y.mean(0)
-        self.ema_m2 = beta * self.ema_m2 + (1 - beta) * (y.T @ y) / y.shape[0]
+        self.ema_m2 = torch.addmm(self.ema_m2, y.T, y, beta=beta, alpha=(1 - beta) / y.shape[0])
         self.ema_sq = beta * self.ema_sq + (1 - beta) * sq.mean()
         self.steps += 1
 
@@ -189,8 +201,11 @@ class FDLoss(nn.Module):
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise TypeError(f"features must be a floating torch.Tensor, got {type(features).__name__}"
                             + (f" of dtype {features.dtype}" if isinstance(features, Tensor) else ""))
-        if features.dim() != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"features must have shape (B, {self.dim}), got {tuple(features.shape)}")
+        if features.dim() != 2 or features.shape[1] != self.dim or features.shape[0] == 0:
+            raise ValueError(f"features must have shape (B, {self.dim}) with B >= 1, got {tuple(features.shape)}")
+        if self.mu_ref.dtype != F64:
+            raise TypeError("FDLoss keeps its statistics in float64; it was cast to "
+                            f"{self.mu_ref.dtype} (.half()/.float() on a parent module?): rebuild it or call .double()")
         if features.device != self.mu_ref.device:
             raise ValueError(f"features are on {features.device} but the FDLoss buffers on {self.mu_ref.device}; "
                              "move the loss with .to(device)")
@@ -201,19 +216,26 @@ class FDLoss(nn.Module):
         return x.to(F64)
 
     def _whiten(self, x: Tensor):
-        """y = (x - mu_r) L, so cov(y) = L^T Sigma_g L (eigenvalues of Sigma_r Sigma_g), and ||x - mu_r||^2."""
+        """y = (x - mu_r) L, so cov(y) = L^T Sigma_g L (eigenvalues of Sigma_r Sigma_g), and ||x - mu_r||^2.
+
+        y is rounded to the queue dtype with a straight-through gradient, so the loss sees each row exactly as it
+        is stored and the running sums add (and later subtract) exactly the same values."""
         xr = x - self.mu_ref
-        return xr @ self.chol, xr.square().sum(1)
+        y = xr @ self.chol
+        if self.mode == "queue" and self.queue_dtype != F64:
+            y = y + (y.detach().to(self.queue_dtype).to(F64) - y.detach())
+        return y, xr.square().sum(1)
 
     def _allocate(self) -> None:
+        dev, d = self.mu_ref.device, self.dim
         if self.mode == "queue" and self.queue is None:
-            dev, d = self.mu_ref.device, self.dim
             self.queue = torch.zeros(self.queue_size, d, dtype=self.queue_dtype, device=dev)
             self.queue_sq = torch.zeros(self.queue_size, dtype=F64, device=dev)
             self.sum_yy, self.sum_y = torch.zeros(d, d, dtype=F64, device=dev), torch.zeros(d, dtype=F64, device=dev)
+            self.sum_sq = torch.zeros((), dtype=F64, device=dev)
         if self.mode == "ema" and self.ema_m2 is None:
-            dev, d = self.mu_ref.device, self.dim
             self.ema_m2, self.ema_m1 = torch.zeros(d, d, dtype=F64, device=dev), torch.zeros(d, dtype=F64, device=dev)
+            self.ema_sq = torch.zeros((), dtype=F64, device=dev)
 
     def _unwhiten(self, y_mean: Tensor) -> Tensor:
         """The raw-space mean offset delta with delta L = y_mean (y = (x - mu_r) L)."""
@@ -245,15 +267,16 @@ class _BatchTraceSqrt(torch.autograd.Function):
         return grad * ((u * inv) @ (u.T @ p)), None  # K^(+1/2) C Sigma_r
 
 
-class _MomentTraceSqrt(torch.autograd.Function):
-    """T = tr sqrt(M) with M = A + c Y^T Y - m m^T, m = a + c2 Y^T 1 (queue and EMA moments); gradient to Y:
-    dT/dY = 2 (c Y - c2 1 m^T) G with G = M^(-1/2) / 2 over the eigenvalues above rounding level."""
+class _TraceSqrt(torch.autograd.Function):
+    """T = tr sqrt(M) for M = A + c Y^T Y - m m^T with m = a + c2 Y^T 1 (queue and EMA moments), gradient to Y.
+
+    M is built by the caller without autograd (fused addmm / addr, the same matrix becomes the new running state),
+    so Y and m only feed the backward: dT/dY = 2 (c Y - c2 1 m^T) G with G = dT/dM = M^(-1/2) / 2, applied as
+    ((c Y - c2 m) U) diag(1 / sqrt(lambda)) U^T over the eigenvalues above rounding level (never a d x d G).
+    Only the lower triangle of M is read."""
 
     @staticmethod
-    def forward(ctx, y, a_mat, a_vec, c, c2):
-        m = a_vec + c2 * y.sum(0)
-        mat = a_mat + c * (y.T @ y) - torch.outer(m, m)
-        mat = (mat + mat.T) * 0.5
+    def forward(ctx, y, mat, m, c, c2):
         if ctx.needs_input_grad[0]:
             lam, u = torch.linalg.eigh(mat)
         else:

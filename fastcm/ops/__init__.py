@@ -13,7 +13,7 @@ from .attention import make_inputs as _attention_inputs
 from .attention import make_qkv_inputs as _qkv_attention_inputs
 from .group_norm import GroupNorm, group_norm, group_norm_ref
 from .group_norm import make_inputs as _group_norm_inputs
-from .frechet import frechet_distance, trace_sqrt_product
+from .frechet import FrechetReference, frechet_distance, trace_sqrt_product
 from .pseudo_huber import pseudo_huber_loss, pseudo_huber_loss_ref
 from .pseudo_huber import make_inputs as _pseudo_huber_inputs
 from .sqrtm import sqrtm, sqrtm_newton_schulz, sqrtm_ref
@@ -36,4 +36,5 @@ REGISTRY = {
 
 __all__ = ["REGISTRY", "OpSpec", "pseudo_huber_loss", "pseudo_huber_loss_ref", "attention", "attention_ref",
            "qkv_attention", "qkv_attention_ref", "GroupNorm", "group_norm", "group_norm_ref",
-           "sqrtm", "sqrtm_ref", "sqrtm_newton_schulz", "frechet_distance", "trace_sqrt_product"]
+           "sqrtm", "sqrtm_ref", "sqrtm_newton_schulz", "frechet_distance", "trace_sqrt_product",
+           "FrechetReference"]

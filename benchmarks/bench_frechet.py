@@ -1,0 +1,183 @@
+"""Frechet distance and FD loss, side by side in one run (issue 5 goals; d = 2048, B = 256, fp64).
+
+frechet:metric:<d>      the whole FD from (mu, Sigma) pairs of 8k-sample covariances:
+                          scipy-sqrtm  pytorch-fid / clean-fid / EDM2: scipy.linalg.sqrtm(S1 @ S2), trace of the real part
+                          eigvals      torchmetrics: torch.linalg.eigvals(S1 @ S2).sqrt().real.sum()
+                          eigvals-numpy  torch-fidelity: np.linalg.eigvals(S1 @ S2) as complex128, sqrt, real sum
+                          fastcm       fastcm.ops.frechet_distance (Cholesky, LAPACK dsygst congruence, eigvalsh)
+                          fastcm-ref   FrechetReference(mu2, S2).distance(mu1, S1): the reference's Cholesky factor
+                                       computed once (repeated FIDs against one dataset), not part of the goals
+                        goals: fastcm >= 15x scipy-sqrtm and >= 4x eigvals, values equal to 1e-9 relative.
+fdloss:<B>x<d>          FD loss forward + backward for a (B, d) batch against full-rank reference statistics:
+                          full         autograd through the d x d route (FD-loss: cov, R Sigma_g R, eigvalsh), R precomputed
+                          batch        FDLoss(mode="batch"): the B x B route with its analytic gradient
+                        goal: batch >= 25x full, gradients equal to 1e-6 relative.
+fdloss-queue:<d>        one training step of FDLoss(mode="queue") / (mode="ema") with a full queue, forward + backward
+                        + enqueue, next to one eigvalsh (values only) and one eigh of a d x d matrix.
+                        goal: queue step <= 1.5x eigvalsh.
+Every group runs twice (full size): with the default thread counts (what a user gets; torch = the cores) and with
+one thread for torch and OpenBLAS alike (group suffix ":1thread"), because LAPACK's multi-threaded eigensolvers
+react very differently to threads: on the 2-core CI machine MKL's dgeev (torch eigvals) takes ~4x longer with 2
+threads than with 1, while eigvalsh gains ~1.7x. Values are checked outside the timed region.
+"""
+import math
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from _harness import SMOKE, bench, record
+from fastcm.fid import FDLoss, fd_loss_full_ref
+from fastcm.ops import FrechetReference, frechet_distance, sqrtm_ref
+
+D = 64 if SMOKE else 2048
+B = 16 if SMOKE else 256
+QUEUE = 4 * B if SMOKE else 8192  # the per-step cost of a full queue does not depend on its length
+F64 = torch.float64
+
+
+THREADS = ["default"] if SMOKE else ["default", 1]
+
+
+@pytest.fixture(params=THREADS, ids=lambda t: f"threads={t}")
+def threads(request):
+    """Pin torch's and OpenBLAS's (scipy / numpy) thread counts alike for one benchmark entry."""
+    if request.param == "default":
+        yield ""
+        return
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    with threadpool_limits(request.param):
+        yield f":{request.param}thread"
+    torch.set_num_threads(before)
+
+
+def _features(n, d, seed, scale=1.0):
+    """Features with a decaying spectrum (like Inception's: a few strong directions, a long tail)."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -3, d, dtype=F64)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    return (torch.randn(n, d, generator=g, dtype=F64) * spectrum) @ q.T * scale + 0.1 * seed
+
+
+@pytest.fixture(scope="module")
+def stats():
+    out = []
+    for seed, scale in ((1, 1.0), (2, 1.1)):
+        x = _features(4 * D if SMOKE else 8192, D, seed, scale)
+        out.append((x.mean(0), torch.cov(x.T)))
+    return out
+
+
+def _scipy_sqrtm(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy())
+    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * np.trace(covmean).real)
+
+
+def _eigvals(mu1, s1, mu2, s2):
+    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace()
+                 - 2 * torch.linalg.eigvals(s1 @ s2).sqrt().real.sum())
+
+
+def _eigvals_numpy(mu1, s1, mu2, s2):
+    ev = np.linalg.eigvals(s1.numpy() @ s2.numpy()).astype(np.complex128)
+    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * np.sqrt(ev).real.sum())
+
+
+_REF = {}
+
+
+def _cached_reference(mu1, s1, mu2, s2):
+    if id(s2) not in _REF:  # built once, outside the timed rounds (warm-up call)
+        _REF[id(s2)] = FrechetReference(mu2, s2)
+    return float(_REF[id(s2)].distance(mu1, s1))
+
+
+METRIC = {"scipy-sqrtm": _scipy_sqrtm, "eigvals": _eigvals, "eigvals-numpy": _eigvals_numpy,
+          "fastcm": lambda *a: float(frechet_distance(*a)), "fastcm-ref": _cached_reference}
+
+
+@pytest.mark.parametrize("provider", list(METRIC))
+def test_frechet_metric(benchmark, stats, provider, threads):
+    (mu1, s1), (mu2, s2) = stats
+    fn = METRIC[provider]
+    value, exact = fn(mu1, s1, mu2, s2), float(frechet_distance(mu1, s1, mu2, s2))
+    assert abs(value - exact) <= 1e-9 * abs(exact), (provider, value, exact)
+    record(benchmark, group=f"frechet:metric:{D}{threads}", op="frechet_distance", case=f"d={D}", dtype="float64",
+           mode="fwd", provider=provider, value=value, rel_diff_vs_fastcm=abs(value - exact) / exact,
+           threads=torch.get_num_threads())
+    slow = not provider.startswith("fastcm") and not SMOKE  # 3-20 s per call
+    bench(benchmark, lambda: fn(mu1, s1, mu2, s2), rounds=3 if slow else (2 if SMOKE else 7),
+          warmup=0 if slow else 1)
+
+
+@pytest.fixture(scope="module")
+def loss_setup(stats):
+    mu_r, s_r = stats[0]
+    x = (_features(B, D, seed=3, scale=1.2) + 0.05).requires_grad_()
+    sqrt_ref = sqrtm_ref(s_r)  # FD-loss precomputes Sigma_r^(1/2) once
+    fd_batch = FDLoss(mu_r, s_r, mode="batch")
+    return mu_r, s_r, x, sqrt_ref, fd_batch
+
+
+def _loss_runs(loss_setup):
+    mu_r, s_r, x, sqrt_ref, fd_batch = loss_setup
+    return {"full": lambda: fd_loss_full_ref(x, mu_r, s_r, sqrt_ref=sqrt_ref), "batch": lambda: fd_batch(x)}
+
+
+def _fwd_bwd(fn, x):
+    def run():
+        x.grad = None
+        loss = fn()
+        loss.backward()
+        return loss
+    return run
+
+
+@pytest.mark.parametrize("provider", ["full", "batch"])
+def test_fd_loss_batch(benchmark, loss_setup, provider, threads):
+    x = loss_setup[2]
+    runs = _loss_runs(loss_setup)
+    grads = {}
+    for name, fn in runs.items():
+        _fwd_bwd(fn, x)()
+        grads[name] = x.grad.clone()
+    rel = ((grads["batch"] - grads["full"]).norm() / grads["full"].norm()).item()
+    assert rel < 1e-6, rel
+    record(benchmark, group=f"fdloss:{B}x{D}{threads}", op="FDLoss", case=f"B={B},d={D}", dtype="float64",
+           mode="fwd+bwd", provider=provider, grad_rel_diff=rel, threads=torch.get_num_threads())
+    slow = provider == "full" and not SMOKE
+    bench(benchmark, _fwd_bwd(runs[provider], x), rounds=2 if SMOKE else (5 if slow else 10), warmup=1)
+
+
+@pytest.fixture(scope="module")
+def queue_setup(stats):
+    mu_r, s_r = stats[0]
+    losses = {}
+    for mode in ("queue", "ema"):
+        fd = FDLoss(mu_r, s_r, mode=mode, queue_size=QUEUE)
+        fd.enqueue(_features(QUEUE, D, seed=4, scale=1.2))
+        losses[mode] = fd
+    mat = stats[1][1]
+    x = _features(B, D, seed=5, scale=1.2).requires_grad_()
+    return losses, mat, x
+
+
+@pytest.mark.parametrize("provider", ["eigvalsh", "eigh", "queue", "ema"])
+def test_fd_loss_queue_step(benchmark, queue_setup, provider, threads):
+    losses, mat, x = queue_setup
+    if provider == "eigvalsh":
+        run = lambda: torch.linalg.eigvalsh(mat)  # noqa: E731
+    elif provider == "eigh":
+        run = lambda: torch.linalg.eigh(mat)  # noqa: E731
+    else:
+        run = _fwd_bwd(lambda: losses[provider](x), x)
+    record(benchmark, group=f"fdloss-queue:{D}{threads}", op="FDLoss", case=f"B={B},d={D},queue={QUEUE}",
+           dtype="float64", mode="fwd+bwd" if provider in ("queue", "ema") else "fwd", provider=provider,
+           threads=torch.get_num_threads())
+    result = bench(benchmark, run, rounds=2 if SMOKE else 7, warmup=1)
+    if provider in ("queue", "ema"):
+        assert math.isfinite(float(result.detach()))
