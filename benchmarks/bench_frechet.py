@@ -1,7 +1,7 @@
 """Frechet distance and FD loss, side by side in one run (issue 5 goals; d = 2048, B = 256, fp64).
 
 frechet:metric:<d>      the whole FD from (mu, Sigma) pairs of 8k-sample covariances:
-                          scipy-sqrtm  pytorch-fid / clean-fid / EDM2: scipy.linalg.sqrtm(S1 @ S2), trace of the real part
+                          scipy-sqrtm  pytorch-fid / clean-fid / EDM2: scipy.linalg.sqrtm(S1 @ S2), real trace
                           eigvals      torchmetrics: torch.linalg.eigvals(S1 @ S2).sqrt().real.sum()
                           eigvals-numpy  torch-fidelity: np.linalg.eigvals(S1 @ S2) as complex128, sqrt, real sum
                           fastcm       fastcm.ops.frechet_distance (Cholesky, LAPACK dsygst congruence, eigvalsh)
@@ -9,16 +9,17 @@ frechet:metric:<d>      the whole FD from (mu, Sigma) pairs of 8k-sample covaria
                                        computed once (repeated FIDs against one dataset), not part of the goals
                         goals: fastcm >= 15x scipy-sqrtm and >= 4x eigvals, values equal to 1e-9 relative.
 fdloss:<B>x<d>          FD loss forward + backward for a (B, d) batch against full-rank reference statistics:
-                          full         autograd through the d x d route (FD-loss: cov, R Sigma_g R, eigvalsh), R precomputed
+                          full         autograd through the d x d route (FD-loss: cov, R Sigma_g R, eigvalsh),
+                                       R = Sigma_r^(1/2) precomputed
                           batch        FDLoss(mode="batch"): the B x B route with its analytic gradient
                         goal: batch >= 25x full, gradients equal to 1e-6 relative.
 fdloss-queue:<d>        one training step of FDLoss(mode="queue") / (mode="ema") with a full queue, forward + backward
                         + enqueue, next to one eigvalsh (values only) and one eigh of a d x d matrix.
                         goal: queue step <= 1.5x eigvalsh.
 Every group runs twice (full size): with the default thread counts (what a user gets; torch = the cores) and with
-one thread for torch and OpenBLAS alike (group suffix ":1thread"), because LAPACK's multi-threaded eigensolvers
-react very differently to threads: on the 2-core CI machine MKL's dgeev (torch eigvals) takes ~4x longer with 2
-threads than with 1, while eigvalsh gains ~1.7x. Values are checked outside the timed region.
+one thread for torch and OpenBLAS alike (group suffix ":1thread"). Multi-threaded LAPACK on 2 cores is erratic as
+soon as anything else runs (thread barriers: the same eigvals call measured 2.7 s and 15 s, scipy sqrtm 20 s and
+75 s); the single-threaded group is the reproducible comparison. Values are checked outside the timed region.
 """
 import math
 
