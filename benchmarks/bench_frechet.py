@@ -21,6 +21,7 @@ one thread for torch and OpenBLAS alike (group suffix ":1thread"). Multi-threade
 soon as anything else runs (thread barriers: the same eigvals call measured 2.7 s and 15 s, scipy sqrtm 20 s and
 75 s); the single-threaded group is the reproducible comparison. Values are checked outside the timed region.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -47,8 +48,10 @@ def threads(request):
     if request.param == "default":
         yield ""
         return
-    from threadpoolctl import threadpool_limits
-
+    try:  # threadpoolctl comes with scikit-learn
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # only torch's threads can be pinned then
+        threadpool_limits = contextlib.nullcontext
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
     with threadpool_limits(request.param):
