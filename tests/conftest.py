@@ -14,8 +14,21 @@ if not HAS_CUDA:
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
-# Tests are numerical comparisons: keep CPU threads fixed so runs are repeatable.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One intra-op thread for torch and for the BLAS/LAPACK behind numpy/scipy: the test tensors are small, results do
+# not depend on it, and on a 2-core machine shared with other processes a second OpenMP/LAPACK thread only adds
+# spin-waiting (measured 10-100x slow-downs of eigensolvers and 8x8 U-Net steps under load).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_blas_thread():
+    try:  # threadpoolctl comes with scikit-learn (a test dependency)
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(1):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

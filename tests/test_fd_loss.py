@@ -13,14 +13,6 @@ from fastcm.ops.frechet import null_threshold
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Multi-threaded LAPACK slows down badly when other processes share the 2 cores; results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _reference(d, n=400, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -1,6 +1,5 @@
 """Frechet distance: closed forms, metric properties, agreement with the scipy sqrtm and eigvals routes, singular
 covariances and input validation (frechet-distance.md, Sec. 4)."""
-import contextlib
 import math
 
 import numpy as np
@@ -13,20 +12,6 @@ from fastcm.ops.frechet import congruence, congruence_torch, psd_factor
 
 F64 = torch.float64
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Multi-threaded LAPACK (torch's MKL and scipy's OpenBLAS) slows down by 10-100x when other processes share
-    # the 2 cores (thread barriers); single-threaded, the d = 2048 distance takes ~1 s. Results do not depend on it.
-    try:  # threadpoolctl comes with scikit-learn (a test dependency)
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        threadpool_limits = contextlib.nullcontext
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
 
 
 def _rotation(d, seed=0):

@@ -8,14 +8,6 @@ import torch.nn.functional as F
 from fastcm.fid import WEIGHTS_ENV, WEIGHTS_FILE, WEIGHTS_URL, FIDInceptionV3, inception_v3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Multi-threaded convolutions slow down badly when other processes share the 2 cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def net():

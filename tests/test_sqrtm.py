@@ -8,15 +8,6 @@ from fastcm.ops.sqrtm import lyapunov_newton_schulz
 from helpers import assert_close
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Multi-threaded LAPACK/BLAS slows down badly when other processes share the 2 cores; results do not depend
-    # on the thread count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _spd(n, batch=(), cond=1e2, seed=0, rank=None):
     """(A, sqrt(A)) with A = Q diag(lambda) Q^T, lambda log-spaced over [1/cond, 1] (the last n - rank set to 0)."""

@@ -4,21 +4,10 @@ The "eager" dynamo backend traces the whole graph (fullgraph=True turns any grap
 runs the captured ops unchanged, so the compiled run must reproduce the eager run bit for bit. Kernel codegen
 (inductor) is exercised per op by the ops tests and timed in benchmarks/; on this CPU it would cost minutes here.
 """
-import pytest
-import torch
-
 from fastcm.cm import ConsistencyModel
 from fastcm.data import ArrayDataset
 from fastcm.models import build_unet
 from fastcm.train import ICTConfig, train_ict
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_compiled_training_matches_eager_without_graph_breaks():

@@ -15,13 +15,6 @@ from fastcm.train.checkpoint import CheckpointManager, load_checkpoint
 from fastcm.train.fd import one_step_inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _feature_net():
     """A tiny random conv net (any frozen feature network works): (B, 1, 8, 8) -> (B, 6)."""

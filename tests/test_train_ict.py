@@ -22,15 +22,6 @@ def _model(seed=0, **kw):
     return ConsistencyModel(build_unet("tiny", num_classes=10, impl="torch", **kw))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """8x8 images are too small to gain from intra-op threads; under a loaded CI machine a second OpenMP thread
-    only adds spin-waiting (measured 0.1 s vs 1.5-6 s per step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def digits():
