@@ -13,6 +13,7 @@ The defaults are the settings calibration.md measured on this project's 2-core C
 """
 import copy
 import dataclasses
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 2e-4              # RAdam
     ema_beta: float = 0.0         # evaluation EMA; 0 evaluates the trained weights (iCT's 0.99993 needs ~100k steps)
-    fd_steps: int = 300           # FD-loss fine-tune steps; 0 skips stage 2
+    fd_steps: int = 150           # FD-loss fine-tune steps; 0 skips stage 2 (the held-out FD flattens after ~150)
     fd_batch_size: int = 250      # 25 per class
     fd_lr: float = 2e-5           # Adam
     per_class: int = 200          # evaluation samples per class (and the .npz files)
@@ -39,8 +40,8 @@ class DemoConfig:
     judge: str = "logreg"         # CAS judge of the stage metrics: "logreg" (pixels) or "cnn"
     cas_seeds: int = 3            # seeds of the real / synthetic / real+synthetic protocol; 0 skips it
     cas_judge: str = "cnn"        # judge of that protocol (a classifier trained from scratch, as in the paper)
-    cas_epochs: int = 15          # its training epochs
-    threads: Optional[int] = None  # torch CPU threads (None: torch's default)
+    cas_epochs: int = 10          # its training epochs
+    threads: Optional[int] = None  # torch CPU threads (None: auto, see choose_threads)
     progress: bool = True         # tqdm bars
 
     def __post_init__(self):
@@ -139,6 +140,54 @@ class _Evaluator:
                 "label_agreement": float((predict(self.net, x) == y).double().mean()), "n": int(x.shape[0])}
 
 
+def _load() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):  # not available on every platform
+        return None
+
+
+def choose_threads(requested: Optional[int]) -> tuple:
+    """(torch CPU threads, reason). None = torch's default, except on a machine that is already busy.
+
+    Measured on the project's 2-core CPU (digits U-Net, iCT step at batch 64): 2 threads 0.076 s/step, 1 thread
+    0.109 s/step when the machine is otherwise idle; but when other processes keep the cores busy, 2 OpenMP threads
+    wait on each other at every operator and a step took 0.4-5 s against 0.17-0.26 s for 1 thread.
+    """
+    import torch
+
+    if requested is not None:
+        return requested, "--threads"
+    default, load, cores = torch.get_num_threads(), _load(), os.cpu_count() or 1
+    if default > 1 and load is not None and load >= cores - 0.5:
+        return 1, f"the machine is busy (load average {load:.1f} on {cores} cores); --threads N overrides"
+    return default, "torch's default"
+
+
+class ThreadGuard:
+    """Training callback: when more than one CPU thread is in use and throughput falls below half the best seen
+    for two log intervals in a row (another process took a core, see choose_threads), continue on 1 thread."""
+
+    def __init__(self, stage: str, events: list, verbose: bool = True):
+        self.stage, self.events, self.verbose, self.best, self.slow = stage, events, verbose, 0.0, 0
+
+    def __call__(self, record: dict) -> None:
+        import torch
+
+        rate = record.get("img_per_s") or 0.0
+        if torch.get_num_threads() == 1:
+            return
+        self.best = max(self.best, rate)
+        self.slow = self.slow + 1 if rate < 0.5 * self.best else 0
+        if self.slow >= 2:
+            torch.set_num_threads(1)
+            note = (f"{self.stage} step {record.get('step')}: throughput fell from {self.best:.0f} to {rate:.0f} "
+                    "img/s (the cores are shared); continuing on 1 CPU thread")
+            self.events.append(note)
+            if self.verbose:
+                print(f"\n[fastcm demo] {note}", flush=True)
+
+
 def _environment(cfg: DemoConfig) -> dict:
     import torch
 
@@ -146,7 +195,7 @@ def _environment(cfg: DemoConfig) -> dict:
 
     return {"fastcm": fastcm.__version__, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads(), "device": "cpu"}
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": "cpu"}
 
 
 def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrite: bool = False,
@@ -154,11 +203,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
     """Run the demo and return its report (also written to ``out``; see the module docstring)."""
     import torch
 
-    from fastcm.data import load_digits
-    from fastcm.eval.digits_net import accuracy
-    from fastcm.eval.demo_report import format_summary, quality_checks, render_markdown
-    from fastcm.eval.features import digits_feature_network
-    from fastcm.eval.report import plot_training_curves, prepare_out_dir, write_json, write_text
+    from fastcm.eval.report import prepare_out_dir
 
     if not isinstance(cfg, DemoConfig):
         raise TypeError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
@@ -166,16 +211,33 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
     if overwrite:
         for stage in ("ict", "fd_finetune"):
             _clear_stage_run(out / stage)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads, why = choose_threads(cfg.threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(cfg, out, cache, verbose, threads, why)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:
+    from fastcm.data import load_digits
+    from fastcm.eval.demo_report import format_summary, quality_checks, render_markdown
+    from fastcm.eval.digits_net import accuracy
+    from fastcm.eval.features import digits_feature_network
+    from fastcm.eval.report import plot_training_curves, write_json, write_text
+
+    load_start = _load()
     clock = _Clock(verbose)
     if verbose:
-        print(f"fastcm demo → {out}", flush=True)
+        print(f"fastcm demo → {out} ({threads} CPU thread{'s' if threads > 1 else ''}: {why})", flush=True)
     train, test = load_digits("train"), load_digits("test")
     net, net_info = clock.phase("feature network (cached)", digits_feature_network, cache)
     ev = clock.phase("reference statistics", _Evaluator, net, train, test, cfg.judge, cfg.seed)
     real = clock.phase("real-data baseline", ev, ev.x_train, ev.y_train)
-    model, ict_records, ict_ckpt = clock.phase("stage 1: iCT training", _train_ict, cfg, train, out)
+    thread_events = []
+    model, ict_records, ict_ckpt = clock.phase("stage 1: iCT training", _train_ict, cfg, train, out,
+                                               ThreadGuard("iCT", thread_events, verbose))
     results, files, samples = {"real_train_split": real}, {}, {}
     for name, sigmas in (("one_step", (80.0,)), ("two_step", (80.0, cfg.two_step_sigma))):
         x, y = clock.phase(f"sampling {name.replace('_', '-')}", _draw, model, cfg, sigmas)
@@ -185,7 +247,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
     fd_records, fd_ckpt = [], None
     if cfg.fd_steps:
         model, fd_records, fd_ckpt = clock.phase("stage 2: FD-loss fine-tune", _train_fd, cfg, model, net, train,
-                                                 ev, out)
+                                                 ev, out, ThreadGuard("FD fine-tune", thread_events, verbose))
         x, y = clock.phase("sampling fd-finetuned", _draw, model, cfg, (80.0,))
         files["samples_fd_finetuned"] = _save_samples(out, "samples_fd_finetuned", x, y, cfg)
         results["fd_finetuned"] = clock.phase("evaluation fd-finetuned", ev, x, y)
@@ -202,7 +264,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
     clock.phase("training-curve plot", plot_training_curves, out / "training_curves.png", ict_records, fd_records,
                 fd_key="fd_test")
     report = {
-        "config": dataclasses.asdict(cfg), "seed": cfg.seed, "out": str(out), "environment": _environment(cfg),
+        "config": dataclasses.asdict(cfg), "seed": cfg.seed, "out": str(out), "environment": dict(_environment(cfg), torch_threads=threads),
         "data": {"dataset": "scikit-learn digits (8x8, 10 classes) scaled to [-1, 1]",
                  "split": "train_test_split(test_size=0.25, stratify=labels, random_state=0)",
                  "train_size": len(train), "test_size": len(test)},
@@ -213,6 +275,9 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
     }
     report["quality"] = quality_checks(report, QUALITY)
     report["timings_s"] = dict(clock.times, total=clock.total())
+    # Other processes on the machine change the timings a lot (see choose_threads): record the load.
+    report["environment"].update(load_average_start=load_start, load_average_end=_load(), threads_reason=why,
+                                 thread_events=thread_events)
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_markdown(report))
     if verbose:
@@ -242,16 +307,16 @@ def _rel(path, out: Path):
         return str(path)
 
 
-def _train_ict(cfg: DemoConfig, train, out: Path):
+def _train_ict(cfg: DemoConfig, train, out: Path, guard: ThreadGuard):
     from fastcm.cm import ConsistencyModel
     from fastcm.models import build_unet
     from fastcm.train import ICTConfig, train_ict
 
     icfg = ICTConfig(total_steps=cfg.ict_steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_beta=cfg.ema_beta,
-                     seed=cfg.seed, log_every=max(1, min(50, cfg.ict_steps // 20)), sample_every=0,
+                     seed=cfg.seed, log_every=max(1, min(10, cfg.ict_steps // 20)), sample_every=0,
                      num_samples=100, save_every=0, keep_last=1)
     model = ConsistencyModel(build_unet(cfg.preset))
-    res = train_ict(icfg, train, model, out_dir=out / "ict", progress=cfg.progress)
+    res = train_ict(icfg, train, model, out_dir=out / "ict", callbacks=[guard], progress=cfg.progress)
     return res.ema.module.eval(), res.records, res.checkpoint
 
 
@@ -279,7 +344,7 @@ class _FDCurve:
         self.records[-1].update({k: record[k] for k in ("loss", "fd") if k in record})
 
 
-def _train_fd(cfg: DemoConfig, model, feature_net, train, ev: "_Evaluator", out: Path):
+def _train_fd(cfg: DemoConfig, model, feature_net, train, ev: "_Evaluator", out: Path, guard: ThreadGuard):
     """Stage 2 as calibrated: exact FD of each batch's features to the train-split statistics (batch mode, B = 250
     > d = 64 so the batch covariance has full rank), normalised by its detached value + 0.01, Adam."""
     from fastcm.eval.features import DigitsFeatures
@@ -292,5 +357,5 @@ def _train_fd(cfg: DemoConfig, model, feature_net, train, ev: "_Evaluator", out:
     model = copy.deepcopy(model).requires_grad_(True)  # the iCT EMA copy is frozen; stage 1's model stays intact
     curve = _FDCurve(model, ev, cfg.seed)
     res = finetune_fd(fcfg, model, DigitsFeatures(feature_net), ev.train_feat, out_dir=out / "fd_finetune",
-                      callbacks=[curve], progress=cfg.progress)
+                      callbacks=[curve, guard], progress=cfg.progress)
     return res.ema.module.eval(), curve.records, res.checkpoint

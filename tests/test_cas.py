@@ -45,6 +45,9 @@ def test_cnn_judge_learns_digits_and_is_seeded(splits):
     n1 = train_classifier(xtr[:200], ytr[:200], epochs=1, seed=1)
     n2 = train_classifier(xtr[:200], ytr[:200], epochs=1, seed=2)
     assert not torch.equal(n1.conv1.weight, n2.conv1.weight)
+    # steps = epochs x batches per epoch is the same training; the protocol uses steps to match compute across arms
+    a, b = (train_classifier(xtr[:130], ytr[:130], seed=4, **kw) for kw in (dict(epochs=2), dict(steps=6)))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     state = torch.random.get_rng_state()
     train_classifier(xtr[:100], ytr[:100], epochs=1, seed=3)
     assert torch.equal(state, torch.random.get_rng_state()), "the caller's global RNG must be left untouched"
@@ -71,6 +74,7 @@ def test_protocol_needs_a_gain_beyond_the_seed_noise(splits):
     # synthetic = the real images again: no information added, so no "win" may be claimed from seed noise alone
     res = cas_protocol(xtr[:300], ytr[:300], xtr[:300], ytr[:300], xte, yte, judge="cnn", seeds=[0, 1, 2],
                        cnn_epochs=2)
+    assert res["cnn_steps_per_arm"] == 2 * 3  # 2 passes over 300 real images at batch 128, for every arm
     se = np.sqrt((res["real"]["std"] ** 2 + res["real+synthetic"]["std"] ** 2) / 3)
     assert res["real_plus_synthetic_beats_real"] == (res["real_plus_synthetic_minus_real"] > se)
     assert res["real"]["std"] == pytest.approx(np.std(res["real"]["values"], ddof=1))

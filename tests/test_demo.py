@@ -104,3 +104,21 @@ def test_markdown_and_refusal_to_overwrite(demo, capsys):
     assert report["quality"]["pixel_fd"]["statement"] in md and "Timings" in md
     rc = main(["demo", "--out", str(out), "--steps", "1"])
     assert rc == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_thread_guard_falls_back_to_one_thread_when_throughput_collapses():
+    from fastcm.demo import ThreadGuard, choose_threads
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        events = []
+        guard = ThreadGuard("iCT", events, verbose=False)
+        for step, rate in ((10, 100.0), (20, 600.0), (30, 250.0), (40, 590.0), (50, 200.0)):
+            guard({"step": step, "img_per_s": rate})
+        assert torch.get_num_threads() == 2 and not events  # one slow interval at a time is noise
+        guard({"step": 60, "img_per_s": 150.0})
+        assert torch.get_num_threads() == 1 and "step 60" in events[0] and "600" in events[0]
+        assert choose_threads(3) == (3, "--threads")
+    finally:
+        torch.set_num_threads(previous)

@@ -154,7 +154,7 @@ def _add_metrics(sub) -> None:
                                                     "(default: digits)")
     p.add_argument("--judge", choices=("cnn", "logreg"), default="cnn", help="classifier (default: cnn)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="classifier seeds (default: 0 1 2)")
-    p.add_argument("--epochs", type=int, default=30, help="CNN training epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=10, help="CNN judge training epochs (default 10)")
     p.add_argument("--json", default=None, help="also write the result to this .json file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
 

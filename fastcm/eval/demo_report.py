@@ -18,7 +18,7 @@ def quality_checks(report: dict, goals: dict) -> dict:
                                   "goal": f">= {goals['min_fd_reduction']:.0%} lower classifier-feature FD",
                                   "passed": reduction >= goals["min_fd_reduction"]}
         drop = one["cas"] - fd["cas"]
-        checks["cas_kept"] = {"value": -drop, "before": one["cas"], "after": fd["cas"],
+        checks["cas_kept"] = {"value": 0.0 - drop + 0.0, "before": one["cas"], "after": fd["cas"],
                               "goal": f"CAS drops by at most {100 * goals['max_cas_drop']:.0f} point",
                               "passed": drop <= goals["max_cas_drop"] + 1e-12}
         change = (fd["fd_pixels"] - one["fd_pixels"]) / one["fd_pixels"]
@@ -83,15 +83,22 @@ def render_markdown(report: dict) -> str:
     if p:
         verdict = "holds" if p["real_plus_synthetic_beats_real"] else "does not hold"
         lines += ["", "## Real / synthetic / real + synthetic (Azizi et al. 2023 protocol)", "",
-                  f"Judge: {p['judge']} trained from scratch, seeds {p['seeds']}; synthetic = the "
-                  f"{p['samples'].replace('_', ' ')} samples.", "", _protocol_table(p), "",
+                  f"Judge: {p['judge']} trained from scratch, seeds {p['seeds']}"
+                  + (f", {p['cnn_steps_per_arm']} Adam steps for every arm (equal compute)" if "cnn_steps_per_arm"
+                     in p else "") + f"; synthetic = the {p['samples'].replace('_', ' ')} samples.", "",
+                  _protocol_table(p), "",
                   f"The paper's headline (real + synthetic beats real alone) **{verdict}** here: "
                   f"{100 * p['real_plus_synthetic_minus_real']:+.2f} points (a win must exceed the standard error "
                   "over seeds)."]
+    env = report["environment"]
     lines += ["", "## Settings", "", markdown_table(["setting", "value"], [[k, v] for k, v in cfg.items()]),
               "", "## Timings (wall clock, seconds)", "",
               markdown_table(["phase", "seconds"], [[k, v] for k, v in t.items()]), "",
-              "## Files", ""]
+              f"CPU threads: {env['torch_threads']} ({env.get('threads_reason', '')}); load average at start "
+              f"{env.get('load_average_start')}, at end {env.get('load_average_end')} on {env.get('cpu_count')} "
+              "cores (other processes on the machine slow every phase down)."]
+    lines += [f"- {e}" for e in env.get("thread_events", [])]
+    lines += ["", "## Files", ""]
     for key, f in report["files"].items():
         lines.append(f"- {key}: " + (", ".join(f.values()) if isinstance(f, dict) else f))
     for key, f in report["checkpoints"].items():
