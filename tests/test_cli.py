@@ -97,6 +97,21 @@ def test_fid_and_stats_in_pixel_space_match_scipy(tmp_path, capsys):
     assert rc == 2 and "holds 'pixels' statistics" in err
 
 
+def test_fid_reads_image_folders(tmp_path, capsys):
+    from PIL import Image
+
+    te = load_digits("test")
+    pixels = ((te.images[:, 0] + 1) * 127.5).round().to(torch.uint8).numpy()  # what a PNG can hold
+    for i, (img, label) in enumerate(zip(pixels, te.labels.tolist())):
+        (tmp_path / "imgs" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img, mode="L").save(tmp_path / "imgs" / str(label) / f"{i}.png")
+    a = (pixels.reshape(len(pixels), -1).astype(np.float64) / 127.5 - 1.0)
+    ref = _scipy_fd(a, te.images.flatten(1).double().numpy())
+    rc, out, err = run(capsys, "fid", tmp_path / "imgs", "digits:test", "--features", "pixels", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["fd"] == pytest.approx(ref, rel=1e-4, abs=1e-9) and json.loads(out)["n_a"] == 450
+
+
 def test_fid_digits_features_of_identical_sets_is_zero_and_of_noise_is_large(tmp_path, capsys):
     rc, out, _ = run(capsys, "fid", "digits:test", "digits:test", "--json")
     assert rc == 0 and abs(json.loads(out)["fd"]) < 1e-6

@@ -160,8 +160,23 @@ def load_stats(path) -> tuple:
     return mu, sigma, features
 
 
-def load_images(spec: str, channels: int = 1) -> torch.Tensor:
-    """Images in [-1, 1] from an image folder, an ``.npz`` with ``x``, or ``digits[:train|test|all]``."""
+def folder_channels(root) -> int:
+    """1 when the first image file under ``root`` (or its class subfolders) is greyscale, else 3."""
+    from PIL import Image
+
+    root = Path(root)
+    for folder in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() in (".png", ".jpg", ".jpeg"):
+                with Image.open(f) as im:
+                    return 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return 3
+
+
+def load_images(spec: str, channels: Optional[int] = None) -> torch.Tensor:
+    """Images in [-1, 1] from an image folder, an ``.npz`` with ``x``, or ``digits[:train|test|all]``.
+
+    ``channels`` applies to folders (pillow converts each file); None keeps the first file's grey or colour."""
     from fastcm.data import load_digits, load_image_folder, load_npz
 
     spec = os.fspath(spec)
@@ -169,7 +184,7 @@ def load_images(spec: str, channels: int = 1) -> torch.Tensor:
         split = spec.partition(":")[2] or "train"
         ds = load_digits(split)
     elif Path(spec).is_dir():
-        ds = load_image_folder(spec, channels=channels)
+        ds = load_image_folder(spec, channels=channels or folder_channels(spec))
     elif Path(spec).suffix.lower() == ".npz":
         ds = load_npz(spec)
     else:
@@ -191,7 +206,7 @@ def stats_of(spec: str, features: str, *, weights: Optional[str] = None, cache: 
         if stored is not None and stored != features:
             raise ValueError(f"{spec} holds {stored!r} statistics but --features {features} was asked for")
         return mu, sigma, None
-    channels = 3 if features == "inception" else 1
+    channels = {"inception": 3, "digits": 1}.get(features)  # pixels: as stored
     x = load_images(spec, channels=channels)
     extractor = feature_extractor(features, weights=weights, cache=cache, device=device)
     mu, sigma = gaussian_stats(compute_features(x, extractor, batch_size, device))
