@@ -122,3 +122,16 @@ def test_thread_guard_falls_back_to_one_thread_when_throughput_collapses():
         assert choose_threads(3) == (3, "--threads")
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_run_is_a_function_of_its_seed(tmp_path, tmp_path_factory):
+    from fastcm.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(ict_steps=6, batch_size=16, fd_steps=0, per_class=5, cas_seeds=0, progress=False, threads=1)
+    cache = str(tmp_path_factory.getbasetemp() / "fastcm-cache")
+    reports = []
+    for i, caller_seed in enumerate((1, 2)):  # the caller's global RNG state must not matter
+        torch.manual_seed(caller_seed)
+        reports.append(run_demo(cfg, out=str(tmp_path / str(i)), cache=cache, verbose=False))
+    assert reports[0]["metrics"] == reports[1]["metrics"]
+    assert [r["loss"] for r in reports[0]["curves"]["ict"]] == [r["loss"] for r in reports[1]["curves"]["ict"]]
