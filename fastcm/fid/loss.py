@@ -13,7 +13,8 @@ queue   Sigma_g of the last ``queue_size`` features (FD-loss, Yang et al. 2026):
         with Sigma_r = L L^T (Cholesky, computed once), so M = L^T Sigma_g L = cov(y) has the eigenvalues of
         Sigma_r Sigma_g and is kept as fp64 running sums (rank-B updates per step, no d^3 matmul). The trace
         needs one symmetric eigendecomposition of M per step; the gradient to the batch rows is
-        2 (Y - ybar) G / (n - 1) with G = M^(-1/2) / 2, applied as (Y - ybar) U diag(1/sqrt(lambda)) U^T.
+        2 (Y - ybar) G / (n - 1) with G = M^(-1/2) / 2, applied as (Y - ybar) U diag(1/sqrt(lambda)) U^T; on CPU
+        U = Q Z stays factored (Householder reflectors of the tridiagonal reduction, eigenvectors of T).
 ema     moments as exponential moving averages (beta = ema_beta, bias-corrected), gradient through the current
         batch's (1 - beta) share; same whitened fp64 machinery as the queue.
 
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastcm.ops._lapack import TridiagonalEigh, eigvalsh_lower, use_lapack
 from fastcm.ops.frechet import check_gaussian, null_threshold, psd_factor, symmetrize_lower
 from fastcm.ops.sqrtm import sqrtm_ref
 
@@ -277,23 +279,38 @@ class _TraceSqrt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, mat, m, c, c2):
-        if ctx.needs_input_grad[0]:
-            lam, u = torch.linalg.eigh(mat)
+        eig = None
+        if not ctx.needs_input_grad[0]:
+            lam = eigvalsh_lower(mat)
+        elif use_lapack(mat):  # CPU fp64: tridiagonal route, U = Q Z is never formed (fastcm/ops/_lapack.py)
+            eig = TridiagonalEigh(mat)
+            lam = eig.lam
         else:
-            lam, u = torch.linalg.eigvalsh(mat), None
+            lam, u = torch.linalg.eigh(mat)
+            eig = _DenseEigh(u)
         keep = lam > null_threshold(lam)
         root = lam.where(keep, 0.0).sqrt()
-        if u is not None:
-            ctx.save_for_backward(y, m, u, root, keep)
-            ctx.c, ctx.c2 = c, c2
+        if eig is not None:
+            ctx.save_for_backward(y, m, root, keep)
+            ctx.eig, ctx.c, ctx.c2 = eig, c, c2
         return root.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        y, m, u, root, keep = ctx.saved_tensors
+        y, m, root, keep = ctx.saved_tensors
         inv = torch.where(keep, 1.0 / root.where(keep, 1.0), 0.0)
-        w = (ctx.c * y - ctx.c2 * m) @ u
-        return grad * ((w * inv) @ u.T), None, None, None, None
+        w = ctx.c * y - ctx.c2 * m
+        return grad * ctx.eig.apply(w.mT, inv).mT, None, None, None, None
+
+
+class _DenseEigh:
+    """Explicit eigenvectors U (torch.linalg.eigh; GPU and non-scipy path) with TridiagonalEigh's ``apply``."""
+
+    def __init__(self, u: Tensor):
+        self.u = u
+
+    def apply(self, x: Tensor, scale: Tensor) -> Tensor:
+        return self.u @ (scale.unsqueeze(1) * (self.u.mT @ x))
 
 
 def fd_loss_full_ref(features: Tensor, mu_ref: Tensor, sigma_ref: Tensor, sqrt_ref: Optional[Tensor] = None,

@@ -8,7 +8,8 @@ S1 S2 = L (L^T S2 L) L^(-1) is similar to the symmetric PSD matrix M = L^T S2 L,
 
     tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(M))        (lambda from a symmetric eigvalsh, clamped at 0)
 
-The whole method is one Cholesky (d^3/3 flops), the congruence L^T S2 L and one values-only eigvalsh. On CPU the
+The whole method is one Cholesky (d^3/3 flops), the congruence L^T S2 L and one values-only eigvalsh (on CPU, LAPACK
+dsyevr and dpotrf through scipy: faster than torch's MKL calls on the EPYC measured, see ops/_lapack.py). On CPU the
 congruence is LAPACK's dsygst (itype 3, ~d^3 flops: half of two general matmuls; through scipy.linalg.lapack when
 scipy is installed), elsewhere a block-triangular product in torch (~4/3 d^3). No scipy sqrtm (14-16 s at d = 2048
 on a 2-core CPU, and wrong in scipy 1.11.2-1.12), no general eigvals (3-4.5 s, complex arithmetic), no NaN:
@@ -24,10 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-try:  # LAPACK's dsygst; torch has no binding for it
-    from scipy.linalg import lapack as _lapack
-except ImportError:  # pragma: no cover - scipy is a test dependency
-    _lapack = None
+from ._lapack import cholesky_lower, eigvalsh_lower
+from ._lapack import lapack as _lapack  # LAPACK's dsygst (torch has no binding for it); None without scipy
 
 # Symmetry of a covariance is checked to this relative tolerance (covariances built in fp32 are symmetric only to
 # rounding); negative eigenvalues below -PSD_TOL * max(lambda) mean an input is not a covariance.
@@ -58,11 +57,11 @@ def trace_sqrt_product(sigma1, sigma2, _checked: bool = False) -> Tensor:
                           for s, name in ((sigma1, "sigma1"), (sigma2, "sigma2")))
     factor, triangular, other, name = _factor(sigma1, sigma2)
     if triangular:
-        m, uplo = congruence(factor, other)
+        m, _ = congruence(factor, other)
     else:
         other = symmetrize_lower(other)
-        m, uplo = factor.mT @ other @ factor, "L"
-    lam = torch.linalg.eigvalsh(m, UPLO=uplo)
+        m = factor.mT @ other @ factor
+    lam = eigvalsh_lower(m, overwrite=True)  # the lower triangle of M: congruence writes only that one
     _check_psd(lam, name)
     return lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
 
@@ -75,8 +74,7 @@ class FrechetReference:
 
     def __init__(self, mu_ref, sigma_ref):
         self.mu, self.sigma = check_gaussian(mu_ref, sigma_ref, ("mu_ref", "sigma_ref"))
-        chol, info = torch.linalg.cholesky_ex(self.sigma)
-        self.chol = chol if int(info) == 0 else None
+        self.chol = cholesky_lower(self.sigma)
         self.trace = self.sigma.trace()
 
     def distance(self, mu, sigma) -> Tensor:
@@ -86,8 +84,8 @@ class FrechetReference:
                              f"{tuple(mu.shape)} on {mu.device}")
         if self.chol is None:
             return frechet_distance(mu, sigma, self.mu, self.sigma)
-        m, uplo = congruence(self.chol, sigma)
-        lam = torch.linalg.eigvalsh(m, UPLO=uplo)
+        m, _ = congruence(self.chol, sigma)
+        lam = eigvalsh_lower(m, overwrite=True)
         _check_psd(lam, "sigma")
         trace_sqrt = lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
         diff = mu - self.mu
@@ -151,8 +149,8 @@ def _factor(sigma1: Tensor, sigma2: Tensor):
     """(F, F is triangular, S, name of S) with F F^T one covariance and S the other, so that the trace term is
     sum sqrt eig(F^T S F). Prefers a Cholesky factor of either covariance; eigh only when neither is definite."""
     for s_f, s_o, name in ((sigma1, sigma2, "sigma2"), (sigma2, sigma1, "sigma1")):
-        chol, info = torch.linalg.cholesky_ex(s_f)  # inputs are finite (validated), so info == 0 means usable
-        if int(info) == 0:
+        chol = cholesky_lower(s_f)
+        if chol is not None:
             return chol, True, s_o, name
     f, triangular = psd_factor(sigma1, "sigma1")
     return f, triangular, sigma2, "sigma2"
