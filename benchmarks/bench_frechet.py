@@ -16,10 +16,11 @@ fdloss:<B>x<d>          FD loss forward + backward for a (B, d) batch against fu
 fdloss-queue:<d>        one training step of FDLoss(mode="queue") / (mode="ema") with a full queue, forward + backward
                         + enqueue, next to one eigvalsh (values only) and one eigh of a d x d matrix.
                         goal: queue step <= 1.5x eigvalsh.
-Every group runs twice (full size): with the default thread counts (what a user gets; torch = the cores) and with
-one thread for torch and OpenBLAS alike (group suffix ":1thread"). Multi-threaded LAPACK on 2 cores is erratic as
-soon as anything else runs (thread barriers: the same eigvals call measured 2.7 s and 15 s, scipy sqrtm 20 s and
-75 s); the single-threaded group is the reproducible comparison. Values are checked outside the timed region.
+Groups run with the default thread counts (what a user gets; torch = the cores). BENCH_THREADS=both repeats them
+with one thread for torch and OpenBLAS alike (group suffix ":1thread"): multi-threaded LAPACK on 2 cores is erratic
+as soon as anything else runs (thread barriers: the same eigvals call measured 2.7 s and 15 s, scipy sqrtm 20 s and
+75 s), so on a shared machine the single-threaded group is the reproducible comparison. Values are checked outside
+the timed region.
 """
 import contextlib
 import math
@@ -40,8 +41,8 @@ QUEUE = 4 * B if SMOKE else 8192  # the per-step cost of a full queue does not d
 F64 = torch.float64
 
 
-# BENCH_THREADS=default skips the one-thread repeat (halves the run time).
-THREADS = ["default"] if SMOKE or os.environ.get("BENCH_THREADS") == "default" else ["default", 1]
+# BENCH_THREADS=both adds the one-thread repeat (doubles this suite's run time); BENCH_THREADS=1 runs only it.
+THREADS = {"both": ["default", 1], "1": [1]}.get("" if SMOKE else os.environ.get("BENCH_THREADS", ""), ["default"])
 
 
 @pytest.fixture(params=THREADS, ids=lambda t: f"threads={t}")

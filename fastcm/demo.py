@@ -258,15 +258,7 @@ def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: st
         files["samples_fd_finetuned"] = _save_samples(out, "samples_fd_finetuned", x, y, cfg)
         results["fd_finetuned"] = clock.phase("evaluation fd-finetuned", ev, x, y)
         samples["fd_finetuned"] = (x, y)
-    protocol = None
-    if cfg.cas_seeds:
-        from fastcm.eval.cas import cas_protocol
-
-        which = "fd_finetuned" if "fd_finetuned" in samples else "one_step"
-        protocol = clock.phase("CAS protocol (real / synthetic / both)", cas_protocol, ev.x_train, ev.y_train,
-                               *samples[which], ev.x_test, ev.y_test, judge=cfg.cas_judge,
-                               seeds=range(cfg.cas_seeds), num_classes=10, cnn_epochs=cfg.cas_epochs)
-        protocol["samples"] = which
+    protocol = _cas(clock, cfg, ev, samples) if cfg.cas_seeds else None
     clock.phase("training-curve plot", plot_training_curves, out / "training_curves.png", ict_records, fd_records,
                 fd_key="fd_test")
     report = {
@@ -290,6 +282,18 @@ def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: st
     if verbose:
         print(format_summary(report), flush=True)
     return report
+
+
+def _cas(clock, cfg: DemoConfig, ev, samples: dict) -> dict:
+    """The CAS protocol on the last stage's samples (FD-finetuned when there is a second stage)."""
+    from fastcm.eval.cas import cas_protocol
+
+    which = "fd_finetuned" if "fd_finetuned" in samples else "one_step"
+    protocol = clock.phase("CAS protocol (real / synthetic / both)", cas_protocol, ev.x_train, ev.y_train,
+                           *samples[which], ev.x_test, ev.y_test, judge=cfg.cas_judge,
+                           seeds=range(cfg.cas_seeds), num_classes=10, cnn_epochs=cfg.cas_epochs)
+    protocol["samples"] = which
+    return protocol
 
 
 def _clear_stage_run(path: Path) -> None:

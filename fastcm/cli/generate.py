@@ -38,6 +38,8 @@ def cmd_train(args) -> int:
 
 
 def _train_ict_stage(args, data, out, common):
+    import torch
+
     from fastcm.cm import ConsistencyModel
     from fastcm.models import build_unet
     from fastcm.train import ICTConfig, train_ict
@@ -46,7 +48,9 @@ def _train_ict_stage(args, data, out, common):
                                             args.fd_normalize)):
         raise UsageError("--init, --features, --feature-weights, --fd-mode and --fd-normalize belong to --stage fd")
     preset = args.preset or ("digits" if data.image_shape == (1, 8, 8) else "cifar10-small")
-    unet = build_unet(preset)
+    with torch.random.fork_rng(devices=[]):  # the initial weights are a function of --seed (as in the demo)
+        torch.manual_seed(args.seed)
+        unet = build_unet(preset)
     if tuple(unet.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--preset {preset} generates {tuple(unet.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}; pick a preset of that shape")
