@@ -14,7 +14,8 @@ fdloss:<B>x<d>          FD loss forward + backward for a (B, d) batch against fu
                           batch        FDLoss(mode="batch"): the B x B route with its analytic gradient
                         goal: batch >= 25x full, gradients equal to 1e-6 relative.
 fdloss-queue:<d>        one training step of FDLoss(mode="queue") / (mode="ema") with a full queue, forward + backward
-                        + enqueue, next to one eigvalsh (values only) and one eigh of a d x d matrix.
+                        + enqueue, next to one eigvalsh (values only), one eigh of a d x d matrix, and one
+                        eigvalsh with its backward (eigvalsh+grad: the eigen step of FD-loss's own code).
                         goal: queue step <= 1.5x eigvalsh.
 Groups run with the default thread counts (what a user gets; torch = the cores). BENCH_THREADS=both repeats them
 with one thread for torch and OpenBLAS alike (group suffix ":1thread"): multi-threaded LAPACK on 2 cores is erratic
@@ -173,17 +174,29 @@ def queue_setup(stats):
     return losses, mat, x
 
 
-@pytest.mark.parametrize("provider", ["eigvalsh", "eigh", "queue", "ema"])
+def _eigvalsh_with_grad(mat):
+    """What FD-loss's own step runs: a differentiable eigvalsh (torch computes eigenvectors for the backward)."""
+    leaf = mat.clone().requires_grad_()
+
+    def run():
+        leaf.grad = None
+        torch.linalg.eigvalsh(leaf).sqrt().sum().backward()
+    return run
+
+
+@pytest.mark.parametrize("provider", ["eigvalsh", "eigh", "eigvalsh+grad", "queue", "ema"])
 def test_fd_loss_queue_step(benchmark, queue_setup, provider, threads):
     losses, mat, x = queue_setup
     if provider == "eigvalsh":
         run = lambda: torch.linalg.eigvalsh(mat)  # noqa: E731
     elif provider == "eigh":
         run = lambda: torch.linalg.eigh(mat)  # noqa: E731
+    elif provider == "eigvalsh+grad":
+        run = _eigvalsh_with_grad(mat)
     else:
         run = _fwd_bwd(lambda: losses[provider](x), x)
     record(benchmark, group=f"fdloss-queue:{D}{threads}", op="FDLoss", case=f"B={B},d={D},queue={QUEUE}",
-           dtype="float64", mode="fwd+bwd" if provider in ("queue", "ema") else "fwd", provider=provider,
+           dtype="float64", mode="fwd" if provider in ("eigvalsh", "eigh") else "fwd+bwd", provider=provider,
            threads=torch.get_num_threads())
     result = bench(benchmark, run, rounds=2 if SMOKE else 7, warmup=1)
     if provider in ("queue", "ema"):
