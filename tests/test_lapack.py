@@ -38,6 +38,12 @@ def test_eigvalsh_overwrite_only_touches_its_argument():
     before = m.clone()
     eigvalsh_lower(m, overwrite=True)  # C-contiguous: LAPACK gets a column-major copy, m stays
     assert torch.equal(m, before)
+    # column-major storage: LAPACK works in place on it (reading its lower triangle), no copy
+    for fn in (eigvalsh_lower, lambda a, overwrite: TridiagonalEigh(a, overwrite=overwrite).lam):
+        col_major = _garble_upper(before).mT.contiguous().mT
+        assert not col_major.is_contiguous()
+        lam = fn(col_major, overwrite=True)
+        torch.testing.assert_close(lam, torch.linalg.eigvalsh(before), rtol=0, atol=1e-12 * before.norm().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -275,15 +275,17 @@ class _TraceSqrt(torch.autograd.Function):
     M is built by the caller without autograd (fused addmm / addr, the same matrix becomes the new running state),
     so Y and m only feed the backward: dT/dY = 2 (c Y - c2 1 m^T) G with G = dT/dM = M^(-1/2) / 2, applied as
     ((c Y - c2 m) U) diag(1 / sqrt(lambda)) U^T over the eigenvalues above rounding level (never a d x d G).
-    Only the lower triangle of M is read."""
+    M is symmetric by construction; one triangle is read and M is overwritten."""
 
     @staticmethod
     def forward(ctx, y, mat, m, c, c2):
         eig = None
+        # mat is a private temporary of the caller, symmetric: LAPACK may work in place on its transpose (which is
+        # column-major, so no copy), reading its upper triangle as the lower one of mat.mT.
         if not ctx.needs_input_grad[0]:
-            lam = eigvalsh_lower(mat)
+            lam = eigvalsh_lower(mat.mT, overwrite=True)
         elif use_lapack(mat):  # CPU fp64: tridiagonal route, U = Q Z is never formed (fastcm/ops/_lapack.py)
-            eig = TridiagonalEigh(mat)
+            eig = TridiagonalEigh(mat.mT, overwrite=True)
             lam = eig.lam
         else:
             lam, u = torch.linalg.eigh(mat)
