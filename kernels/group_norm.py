@@ -26,12 +26,45 @@ MAX_SPLIT = 1024                    # the finalize step combines at most this ma
 
 
 @triton.jit
-def _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
+def _program(G, S, CHUNK):
+    """Program (pid = n * G + g, chunk k) of the grid: its sample n and spatial range [s_lo, s_hi). The fused
+    kernels pass CHUNK = S: their grid is 1-D, so k = 0 and the range is all of [0, S)."""
+    pid, k = tl.program_id(0), tl.program_id(1)
+    s_lo = k * CHUNK
+    return pid, k, (pid // G).to(tl.int64), s_lo, tl.minimum(s_lo + CHUNK, S)
+
+
+@triton.jit
+def _channels(pid, c0, G, CPG, BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0 + BLOCK_C of program pid's group: offset in the group, global index, mask."""
+    c_loc = c0 + tl.arange(0, BLOCK_C)
+    return c_loc, (pid % G) * CPG + c_loc, c_loc < CPG
+
+
+@triton.jit
+def _tile(cmask, s0, s_hi, BLOCK_S: tl.constexpr):
+    """Spatial positions s0 .. s0 + BLOCK_S of a tile and its (channel, space) mask, cut at s_hi."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    return s, cmask[:, None] & (s < s_hi)[None, :]
+
+
+@triton.jit
+def _ptrs(ptr, n, c, s, sn, sc, ss):
+    return ptr + n * sn + c[:, None] * sc + s[None, :] * ss
+
+
+@triton.jit
+def _load(ptr, n, c, s, mask, sn, sc, ss, ACC: tl.constexpr):
+    return tl.load(_ptrs(ptr, n, c, s, sn, sc, ss), mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _fold(pid, c0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
           HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
           BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """(A, B) per channel of the block, so that u = A * x + B. Also returns gamma = w * (1 + s) = A / rstd."""
-    gamma = tl.full([BLOCK_C], 1.0, ACC)
-    beta = tl.full([BLOCK_C], 0.0, ACC)
+    """(c, cmask) of the channel block at c0, (A, B) per channel so that u = A x + B, and gamma = w (1 + s)."""
+    _, c, cmask = _channels(pid, c0, G, CPG, BLOCK_C)
+    gamma, beta = tl.full([BLOCK_C], 1.0, ACC), tl.full([BLOCK_C], 0.0, ACC)
     if HAS_W:
         gamma = tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
     if HAS_B:
@@ -43,16 +76,29 @@ def _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
         B = B * mod
     if HAS_SHIFT:
         B += tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0).to(ACC)
-    return gamma * rstd, B, gamma
+    return c, cmask, gamma * rstd, B, gamma
 
 
 @triton.jit
-def _act_grad(dy, u, SILU: tl.constexpr):
-    """du = dy * act'(u); silu'(u) = sigmoid(u) * (1 + u * (1 - sigmoid(u)))."""
+def _apply_store(y_ptr, x, A, B, n, c, s, mask, syn, syc, sys, SILU: tl.constexpr):
+    """y = act(A x + B) for one tile, stored in y's dtype."""
+    u = x * A[:, None] + B[:, None]
     if SILU:
+        u = u / (1.0 + tl.exp(-u))
+    tl.store(_ptrs(y_ptr, n, c, s, syn, syc, sys), u.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, x_ptr, A, B, n, c, s, mask, sdn, sdc, sds, sxn, sxc, sxs,
+              SILU: tl.constexpr, ACC: tl.constexpr):
+    """x and du = dy * act'(u) (zero on masked lanes), u = A x + B; silu'(u) = sig(u) (1 + u (1 - sig(u)))."""
+    x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, ACC)
+    du = _load(dy_ptr, n, c, s, mask, sdn, sdc, sds, ACC)
+    if SILU:
+        u = x * A[:, None] + B[:, None]
         sig = 1.0 / (1.0 + tl.exp(-u))
-        dy = dy * sig * (1.0 + u * (1.0 - sig))
-    return dy
+        du = du * sig * (1.0 + u * (1.0 - sig))
+    return x, du
 
 
 @triton.jit
@@ -66,26 +112,18 @@ def _group_norm_fwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = (pid // G).to(tl.int64)
-    c_loc = tl.arange(0, BLOCK_C)
-    c = (pid % G) * CPG + c_loc
-    s = tl.arange(0, BLOCK_S)
-    cmask = c_loc < CPG
-    mask = cmask[:, None] & (s < S)[None, :]
-    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(ACC)
-    count = CPG * S
-    mean = tl.sum(x) / count
+    pid, _, n, _, _ = _program(G, S, S)
+    _, c, cmask = _channels(pid, 0, G, CPG, BLOCK_C)
+    s, mask = _tile(cmask, 0, S, BLOCK_S)
+    x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, ACC)
+    mean = tl.sum(x) / (CPG * S)
     d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d) / count + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d) / (CPG * S) + eps)
     tl.store(mean_ptr + pid, mean)
     tl.store(rstd_ptr + pid, rstd)
-    A, B, _ = _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                    HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
-    u = x * A[:, None] + B[:, None]
-    if SILU:
-        u = u / (1.0 + tl.exp(-u))
-    tl.store(y_ptr + n * syn + c[:, None] * syc + s[None, :] * sys, u.to(y_ptr.dtype.element_ty), mask=mask)
+    _, _, A, B, _ = _fold(pid, 0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                          HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
+    _apply_store(y_ptr, x, A, B, n, c, s, mask, syn, syc, sys, SILU)
 
 
 @triton.jit
@@ -96,20 +134,13 @@ def _group_norm_fwd_partial_kernel(
     sxn, sxc, sxs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, k = tl.program_id(0), tl.program_id(1)
-    n = (pid // G).to(tl.int64)
-    s_lo = k * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    count = tl.full((), 0.0, ACC)
-    mean = tl.full((), 0.0, ACC)
-    m2 = tl.full((), 0.0, ACC)
+    pid, k, n, s_lo, s_hi = _program(G, S, CHUNK)
+    count, mean, m2 = tl.full((), 0.0, ACC), tl.full((), 0.0, ACC), tl.full((), 0.0, ACC)
     for c0 in range(0, CPG, BLOCK_C):
-        c_loc = c0 + tl.arange(0, BLOCK_C)
-        c = (pid % G) * CPG + c_loc
+        _, c, cmask = _channels(pid, c0, G, CPG, BLOCK_C)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = (c_loc < CPG)[:, None] & (s < s_hi)[None, :]
-            x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(ACC)
+            s, mask = _tile(cmask, s0, s_hi, BLOCK_S)
+            x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, ACC)
             # Exact two-pass mean / M2 of the tile, then Chan et al. (1979) pairwise merge into the running pair.
             t_count = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC)
             t_mean = tl.sum(x) / t_count
@@ -154,27 +185,15 @@ def _group_norm_fwd_apply_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, k = tl.program_id(0), tl.program_id(1)
-    n = (pid // G).to(tl.int64)
-    s_lo = k * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
+    pid, k, n, s_lo, s_hi = _program(G, S, CHUNK)
+    mean, rstd = tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid)
     for c0 in range(0, CPG, BLOCK_C):
-        c_loc = c0 + tl.arange(0, BLOCK_C)
-        c = (pid % G) * CPG + c_loc
-        cmask = c_loc < CPG
-        A, B, _ = _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
+        c, cmask, A, B, _ = _fold(pid, c0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = cmask[:, None] & (s < s_hi)[None, :]
-            x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(ACC)
-            u = x * A[:, None] + B[:, None]
-            if SILU:
-                u = u / (1.0 + tl.exp(-u))
-            tl.store(y_ptr + n * syn + c[:, None] * syc + s[None, :] * sys, u.to(y_ptr.dtype.element_ty),
-                     mask=mask)
+            s, mask = _tile(cmask, s0, s_hi, BLOCK_S)
+            x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, ACC)
+            _apply_store(y_ptr, x, A, B, n, c, s, mask, syn, syc, sys, SILU)
 
 
 # Backward. With du = dy * act'(u) (u recomputed as A x + B) and per-(n, c) sums over space
@@ -195,30 +214,19 @@ def _group_norm_bwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    n = (pid // G).to(tl.int64)
-    c_loc = tl.arange(0, BLOCK_C)
-    c = (pid % G) * CPG + c_loc
-    s = tl.arange(0, BLOCK_S)
-    cmask = c_loc < CPG
-    mask = cmask[:, None] & (s < S)[None, :]
-    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(ACC)
-    dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(ACC)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-    A, B, gamma = _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
-    du = _act_grad(dy, x * A[:, None] + B[:, None], SILU)  # zero on masked lanes (dy = 0 there)
+    pid, _, n, _, _ = _program(G, S, S)
+    mean, rstd = tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid)
+    c, cmask, A, B, gamma = _fold(pid, 0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
+    s, mask = _tile(cmask, 0, S, BLOCK_S)
+    x, du = _bwd_tile(dy_ptr, x_ptr, A, B, n, c, s, mask, sdn, sdc, sds, sxn, sxc, sxs, SILU, ACC)
     xhat = (x - mean) * rstd
-    p1 = tl.sum(du, axis=1)
-    p2 = tl.sum(du * xhat, axis=1)
+    p1, p2 = tl.sum(du, axis=1), tl.sum(du * xhat, axis=1)
     tl.store(p1_ptr + n * C + c, p1, mask=cmask)
     tl.store(p2_ptr + n * C + c, p2, mask=cmask)
-    count = CPG * S
-    c1 = tl.sum(gamma * p1, axis=0) / count
-    c2 = tl.sum(gamma * p2, axis=0) / count
+    c1, c2 = tl.sum(gamma * p1, axis=0) / (CPG * S), tl.sum(gamma * p2, axis=0) / (CPG * S)
     dx = rstd * (gamma[:, None] * du - c1 - xhat * c2)
-    tl.store(dx_ptr + n * sgn + c[:, None] * sgc + s[None, :] * sgs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(_ptrs(dx_ptr, n, c, s, sgn, sgc, sgs), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -230,26 +238,15 @@ def _group_norm_bwd_partial_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, k = tl.program_id(0), tl.program_id(1)
-    n = (pid // G).to(tl.int64)
-    s_lo = k * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
+    pid, k, n, s_lo, s_hi = _program(G, S, CHUNK)
+    mean, rstd = tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid)
     for c0 in range(0, CPG, BLOCK_C):
-        c_loc = c0 + tl.arange(0, BLOCK_C)
-        c = (pid % G) * CPG + c_loc
-        cmask = c_loc < CPG
-        A, B, _ = _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                        HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
-        p1 = tl.full([BLOCK_C], 0.0, ACC)
-        p2 = tl.full([BLOCK_C], 0.0, ACC)
+        c, cmask, A, B, _ = _fold(pid, c0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                  HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
+        p1, p2 = tl.full([BLOCK_C], 0.0, ACC), tl.full([BLOCK_C], 0.0, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = cmask[:, None] & (s < s_hi)[None, :]
-            x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(ACC)
-            du = _act_grad(dy, x * A[:, None] + B[:, None], SILU)
+            s, mask = _tile(cmask, s0, s_hi, BLOCK_S)
+            x, du = _bwd_tile(dy_ptr, x_ptr, A, B, n, c, s, mask, sdn, sdc, sds, sxn, sxc, sxs, SILU, ACC)
             p1 += tl.sum(du, axis=1)
             p2 += tl.sum(du * ((x - mean) * rstd), axis=1)
         tl.store(p1_part_ptr + (n * C + c) * SPLIT + k, p1, mask=cmask)
@@ -265,39 +262,23 @@ def _group_norm_bwd_dx_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, k = tl.program_id(0), tl.program_id(1)
-    n = (pid // G).to(tl.int64)
-    s_lo = k * CHUNK
-    s_hi = tl.minimum(s_lo + CHUNK, S)
-    mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
-    c1 = tl.full((), 0.0, ACC)
-    c2 = tl.full((), 0.0, ACC)
+    pid, k, n, s_lo, s_hi = _program(G, S, CHUNK)
+    mean, rstd = tl.load(mean_ptr + pid), tl.load(rstd_ptr + pid)
+    c1, c2 = tl.full((), 0.0, ACC), tl.full((), 0.0, ACC)
     for c0 in range(0, CPG, BLOCK_C):  # c1, c2 from the group's per-channel sums (fixed order: deterministic)
-        c_loc = c0 + tl.arange(0, BLOCK_C)
-        c = (pid % G) * CPG + c_loc
-        cmask = c_loc < CPG
-        _, _, gamma = _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
+        c, cmask, _, _, gamma = _fold(pid, c0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
         c1 += tl.sum(gamma * tl.load(p1_ptr + n * C + c, mask=cmask, other=0.0), axis=0)
         c2 += tl.sum(gamma * tl.load(p2_ptr + n * C + c, mask=cmask, other=0.0), axis=0)
-    c1 = c1 / (CPG * S)
-    c2 = c2 / (CPG * S)
+    c1, c2 = c1 / (CPG * S), c2 / (CPG * S)
     for c0 in range(0, CPG, BLOCK_C):
-        c_loc = c0 + tl.arange(0, BLOCK_C)
-        c = (pid % G) * CPG + c_loc
-        cmask = c_loc < CPG
-        A, B, gamma = _fold(n, c, cmask, mean, rstd, C, w_ptr, b_ptr, scale_ptr, shift_ptr,
-                            HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
+        c, cmask, A, B, gamma = _fold(pid, c0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                      HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = cmask[:, None] & (s < s_hi)[None, :]
-            x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(ACC)
-            du = _act_grad(dy, x * A[:, None] + B[:, None], SILU)
+            s, mask = _tile(cmask, s0, s_hi, BLOCK_S)
+            x, du = _bwd_tile(dy_ptr, x_ptr, A, B, n, c, s, mask, sdn, sdc, sds, sxn, sxc, sxs, SILU, ACC)
             dx = rstd * (gamma[:, None] * du - c1 - (x - mean) * rstd * c2)
-            tl.store(dx_ptr + n * sgn + c[:, None] * sgc + s[None, :] * sgs, dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask)
+            tl.store(_ptrs(dx_ptr, n, c, s, sgn, sgc, sgs), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,8 +352,7 @@ def group_norm_fwd(x, num_groups: int, weight, bias, eps: float, scale, shift, s
             BLOCK_C=bc, BLOCK_S=bs, num_warps=num_warps(bc * bs), **meta)
         return y, mean, rstd
     chunk, split, bc, bs = plan
-    mean_part = torch.empty((N * G, split), dtype=acc, device=x.device)
-    m2_part = torch.empty_like(mean_part)
+    mean_part, m2_part = torch.empty((2, N * G, split), dtype=acc, device=x.device)  # two contiguous halves
     _group_norm_fwd_partial_kernel[(N * G, split)](
         x3, mean_part, m2_part, G, CPG, S, chunk, split, *x3.stride(),
         BLOCK_C=bc, BLOCK_S=bs, ACC=meta["ACC"], num_warps=num_warps(bc * bs))
@@ -409,8 +389,7 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, silu: bool, ch
             BLOCK_C=bc, BLOCK_S=bs, num_warps=num_warps(bc * bs), **meta)
         return dx, p1, p2
     chunk, split, bc, bs = plan
-    p1_part = torch.empty((N, C, split), dtype=mean.dtype, device=x.device)
-    p2_part = torch.empty_like(p1_part)
+    p1_part, p2_part = torch.empty((2, N, C, split), dtype=mean.dtype, device=x.device)
     _group_norm_bwd_partial_kernel[(N * G, split)](
         dy3, x3, *params, mean, rstd, p1_part, p2_part, G, C, CPG, S, chunk, split, *strides,
         BLOCK_C=bc, BLOCK_S=bs, num_warps=num_warps(bc * bs), **meta)
