@@ -75,6 +75,56 @@ def _tile_ptrs(base, offs_l, offs_d, stride_l, stride_d):
     return base + offs_l[:, None] * stride_l + offs_d[None, :] * stride_d
 
 
+@triton.jit
+def _block(L, H, BLOCK: tl.constexpr):
+    """This program's (batch*head) index bh = b * H + h and its BLOCK rows of a length-L sequence (grid of
+    cdiv(L, BLOCK) * B * H programs, the row blocks of one (b, h) adjacent)."""
+    num = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    bh = (pid // num).to(tl.int64)
+    return bh, bh // H, bh % H, (pid % num) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _query_rows(Q, DO, LSE, DELTA, rows, offs_d, mask_d, sql, sqd, sdol, sdod, Lq, DOT: tl.constexpr):
+    """q, dO (as DOT), lse, delta of query rows ``rows`` (masked rows load 0) and the (rows, d) mask. Q and DO
+    point at the (b, h) slice, LSE and DELTA at the (b, h) row."""
+    mask_m = rows < Lq
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(_tile_ptrs(Q, rows, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
+    do = tl.load(_tile_ptrs(DO, rows, offs_d, sdol, sdod), mask=mask_md, other=0).to(DOT)
+    lse = tl.load(LSE + rows, mask=mask_m, other=0)
+    delta = tl.load(DELTA + rows, mask=mask_m, other=0)
+    return q, do, lse, delta, mask_md
+
+
+@triton.jit
+def _key_rows(K, V, cols, offs_d, mask_d, skl, skd, svl, svd, Lk, DOT: tl.constexpr):
+    """k, v (as DOT) of key rows ``cols`` (masked rows load 0), the key mask and the (cols, d) mask. K and V point
+    at the (b, h) slice."""
+    mask_n = cols < Lk
+    mask_nd = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(_tile_ptrs(K, cols, offs_d, skl, skd), mask=mask_nd, other=0).to(DOT)
+    v = tl.load(_tile_ptrs(V, cols, offs_d, svl, svd), mask=mask_nd, other=0).to(DOT)
+    return k, v, mask_n, mask_nd
+
+
+@triton.jit
+def _probs_ds(a, b, c, d, lse, delta, qk_scale, ACC: tl.constexpr):
+    """P = 2^(a b^T * qk_scale - lse), recomputed from the saved lse, and dP - delta = c d^T - delta, so that
+    dS = P * (dP - delta) (FA2 Alg. 2). The dQ kernel passes (q, k, do, v) with lse and delta as columns, the
+    dK/dV kernel the transposed problem (k, q, v, do) with them as rows: each gets its own layout."""
+    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC) * qk_scale - lse)
+    dp = tl.dot(c, tl.trans(d), input_precision="ieee", out_dtype=ACC)
+    return p, dp - delta
+
+
+@triton.jit
+def _store_tile(ptr, acc, offs_l, offs_d, stride_l, stride_d, mask):
+    """Store an accumulator tile in ptr's dtype."""
+    tl.store(_tile_ptrs(ptr, offs_l, offs_d, stride_l, stride_d), acc.to(ptr.dtype.element_ty), mask=mask)
+
+
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
 @triton.heuristics({"SINGLE_TILE": lambda a: a["Lk"] <= a["BLOCK_N"]})
 @triton.jit
@@ -89,11 +139,7 @@ def _attn_fwd_kernel(
     ACC: tl.constexpr,  # accumulation dtype, tl.float32 or tl.float64
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot tiles on GPUs
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _block(Lq, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m, mask_d = offs_m < Lq, offs_d < D
@@ -145,11 +191,7 @@ def _attn_bwd_preprocess_kernel(
     H, Lq, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _block(Lq, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
     o = tl.load(_tile_ptrs(O + b * sob + h * soh, offs_m, offs_d, sol, sod), mask=mask, other=0).to(ACC)
@@ -172,17 +214,12 @@ def _attn_bwd_dkdv_kernel(
     # One program per block of BLOCK_N keys: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta),
     # dP = dO V^T (FA2 Alg. 2), accumulated over all query blocks in registers and stored once.
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    num_n = tl.cdiv(Lk, BLOCK_N)
-    pid = tl.program_id(0)
-    bh = (pid // num_n).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs_n = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh, b, h, offs_n = _block(Lk, H, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_n, mask_d = offs_n < Lk, offs_d < D
-    mask_nd = mask_n[:, None] & mask_d[None, :]
-    k = tl.load(_tile_ptrs(K + b * skb + h * skh, offs_n, offs_d, skl, skd), mask=mask_nd, other=0).to(DOT)
-    v = tl.load(_tile_ptrs(V + b * svb + h * svh, offs_n, offs_d, svl, svd), mask=mask_nd, other=0).to(DOT)
+    mask_d = offs_d < D
+    k, v, _, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
+                                 skl, skd, svl, svd, Lk, DOT)
     qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
@@ -191,26 +228,16 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, Lq, BLOCK_M):
-        rows = start_m + offs_m
-        mask_m = rows < Lq
-        mask_md = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(_tile_ptrs(Q, rows, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
-        do = tl.load(_tile_ptrs(DO, rows, offs_d, sdol, sdod), mask=mask_md, other=0).to(DOT)
-        lse = tl.load(LSE + rows, mask=mask_m, other=0)
-        delta = tl.load(DELTA + rows, mask=mask_m, other=0)
-        s_t = tl.dot(k, tl.trans(q), input_precision="ieee", out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        # No mask needed: padded query rows load q = dO = lse = delta = 0, so p = 1 and dS = 0 there and they add
-        # nothing; padded key rows only reach rows of dK/dV that are never stored.
-        p_t = tl.exp2(s_t - lse[None, :])
+        q, do, lse, delta, _ = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
+                                           sql, sqd, sdol, sdod, Lq, DOT)
+        # Transposed (BLOCK_N, BLOCK_M) tiles. No mask needed: padded query rows load q = dO = lse = delta = 0, so
+        # p = 1 and dS = 0 there and they add nothing; padded key rows only reach rows of dK/dV never stored.
+        p_t, dpd_t = _probs_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, ACC)
         dv = tl.dot(p_t.to(DOT), do, dv, input_precision="ieee", out_dtype=ACC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision="ieee", out_dtype=ACC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(DOT), q, dk, input_precision="ieee", out_dtype=ACC)
+        dk = tl.dot((p_t * dpd_t).to(DOT), q, dk, input_precision="ieee", out_dtype=ACC)
     dk = dk * _join(scale_hi, scale_lo, ACC)
-    tl.store(_tile_ptrs(DK + b * sdkb + h * sdkh, offs_n, offs_d, sdkl, sdkd), dk.to(DK.dtype.element_ty),
-             mask=mask_nd)
-    tl.store(_tile_ptrs(DV + b * sdvb + h * sdvh, offs_n, offs_d, sdvl, sdvd), dv.to(DV.dtype.element_ty),
-             mask=mask_nd)
+    _store_tile(DK + b * sdkb + h * sdkh, dk, offs_n, offs_d, sdkl, sdkd, mask_nd)
+    _store_tile(DV + b * sdvb + h * sdvh, dv, offs_n, offs_d, sdvl, sdvd, mask_nd)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
@@ -226,39 +253,25 @@ def _attn_bwd_dq_kernel(
 ):
     # One program per block of BLOCK_M queries: dQ = scale * dS K, looping over key blocks (FA2 Alg. 2).
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
-    num_m = tl.cdiv(Lq, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = (pid // num_m).to(tl.int64)
-    b, h = bh // H, bh % H
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh, b, h, offs_m = _block(Lq, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m, mask_d = offs_m < Lq, offs_d < D
-    mask_md = mask_m[:, None] & mask_d[None, :]
-    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
-    do = tl.load(_tile_ptrs(DO + b * sdob + h * sdoh, offs_m, offs_d, sdol, sdod), mask=mask_md, other=0).to(DOT)
-    lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0)
-    delta = tl.load(DELTA + bh * Lq + offs_m, mask=mask_m, other=0)
+    mask_d = offs_d < D
+    q, do, lse, delta, mask_md = _query_rows(Q + b * sqb + h * sqh, DO + b * sdob + h * sdoh, LSE + bh * Lq,
+                                             DELTA + bh * Lq, offs_m, offs_d, mask_d, sql, sqd, sdol, sdod, Lq, DOT)
     qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
     K += b * skb + h * skh
     V += b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, Lk, BLOCK_N):
-        cols = start_n + offs_n
-        mask_n = cols < Lk
-        mask_nd = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(_tile_ptrs(K, cols, offs_d, skl, skd), mask=mask_nd, other=0).to(DOT)
-        v = tl.load(_tile_ptrs(V, cols, offs_d, svl, svd), mask=mask_nd, other=0).to(DOT)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee", out_dtype=ACC) * qk_scale
+        k, v, mask_n, _ = _key_rows(K, V, start_n + offs_n, offs_d, mask_d, skl, skd, svl, svd, Lk, DOT)
+        p, dpd = _probs_ds(q, k, do, v, lse[:, None], delta[:, None], qk_scale, ACC)
         # Padded keys must be masked: their score is 0, and 2^(0 - lse) overflows when all real scores are very
         # negative; inf * (zero k row) would be NaN.
-        p = tl.where(mask_n[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee", out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(DOT), k, dq, input_precision="ieee", out_dtype=ACC)
+        p = tl.where(mask_n[None, :], p, 0.0)
+        dq = tl.dot((p * dpd).to(DOT), k, dq, input_precision="ieee", out_dtype=ACC)
     dq = dq * _join(scale_hi, scale_lo, ACC)
-    tl.store(_tile_ptrs(DQ + b * sdqb + h * sdqh, offs_m, offs_d, sdql, sdqd), dq.to(DQ.dtype.element_ty),
-             mask=mask_md)
+    _store_tile(DQ + b * sdqb + h * sdqh, dq, offs_m, offs_d, sdql, sdqd, mask_md)
 
 
 # ----------------------------------------------------------------------------------------------------------------
