@@ -27,8 +27,7 @@ MAX_SPLIT = 1024                    # the finalize step combines at most this ma
 
 @triton.jit
 def _program(G, S, CHUNK):
-    """Program (pid = n * G + g, chunk k) of the grid: its sample n and spatial range [s_lo, s_hi). The fused
-    kernels pass CHUNK = S: their grid is 1-D, so k = 0 and the range is all of [0, S)."""
+    """Program (pid = n * G + g, chunk k): sample n, spatial range [s_lo, s_hi). Fused kernels: CHUNK = S, k = 0."""
     pid, k = tl.program_id(0), tl.program_id(1)
     s_lo = k * CHUNK
     return pid, k, (pid // G).to(tl.int64), s_lo, tl.minimum(s_lo + CHUNK, S)
