@@ -3,11 +3,11 @@ scipy.linalg.lapack for fp64 CPU tensors; every function has a torch fallback fo
 when scipy is missing. Used by the Frechet distance and the FD loss; tested against torch in tests/test_lapack.py.
 
 Why (measured side by side at d = 2048, fp64, 2 threads, AMD EPYC; torch 2.13's CPU LAPACK is MKL):
-  - values only: dsyevr (blocked dsytrd + dsterf) 0.26-0.29 s vs torch.linalg.eigvalsh 0.35-0.49 s;
+  - values only: dsyevr (blocked dsytrd + dsterf) 0.26-0.29 s vs torch.linalg.eigvalsh 0.31-0.49 s;
   - Cholesky: dpotrf 0.05 s vs torch.linalg.cholesky_ex 0.07 s;
   - M^(-1/2) applied to a (d, B) block without forming eigenvectors of M: M = Q T Q^T (dsytrd, Q kept as
     Householder reflectors), T = Z diag(lambda) Z^T (dstevd on the tridiagonal), then Q Z f(lambda) Z^T Q^T X by two
-    reflector sweeps (dormqr) and two GEMMs: ~0.7 s with B = 256, vs torch.linalg.eigh 0.86-1.06 s (whose
+    reflector sweeps (dormqr) and two GEMMs: 0.6-0.7 s with B = 256, vs torch.linalg.eigh 0.86-1.06 s (whose
     d x d back-transformation Q Z alone is 2 d^3 flops).
 Copies: inputs are never modified unless a function says ``overwrite``.
 """
