@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastcm.cli import build_parser, main
+from fastcm.cli import main
 from fastcm.data import load_digits
 
 COMMANDS = ("demo", "train", "sample", "edit", "stats", "fid", "cas", "bench")
