@@ -3,10 +3,9 @@ tridiagonal route against the dense-eigenvector route."""
 import pytest
 import torch
 
-import fastcm.fid.loss as fd_loss_module
 from fastcm.fid import FDLoss
 from fastcm.ops import _lapack
-from fastcm.ops._lapack import TridiagonalEigh, cholesky_lower, eigh_apply_ref, eigvalsh_lower, use_lapack
+from fastcm.ops._lapack import DenseEigh, TridiagonalEigh, cholesky_lower, eigvalsh_lower, factored_eigh, use_lapack
 
 F64 = torch.float64
 needs_scipy = pytest.mark.skipif(_lapack.lapack is None, reason="scipy's LAPACK is not installed")
@@ -76,7 +75,8 @@ def test_tridiagonal_eigh_apply_matches_dense_eigh(d, rank):
         keep = lam > 1e-9 * lam.abs().max()
         return torch.where(keep, lam.where(keep, 1.0).rsqrt(), 0.0)
 
-    _, ref = eigh_apply_ref(m, x, fn)
+    lam, u = torch.linalg.eigh(m)
+    ref = u @ (fn(lam).unsqueeze(1) * (u.mT @ x))
     torch.testing.assert_close(te.apply(x, fn(te.lam)), ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
 
 
@@ -99,8 +99,10 @@ def test_fd_loss_gradient_same_on_both_eigen_routes(mode, monkeypatch):
         loss.backward()
         return loss.detach(), x.grad
 
+    assert isinstance(factored_eigh(torch.eye(2, dtype=F64)), TridiagonalEigh)
     loss_tri, grad_tri = run()
-    monkeypatch.setattr(fd_loss_module, "use_lapack", lambda *t: False)
+    monkeypatch.setattr(_lapack, "use_lapack", lambda *t: False)
+    assert isinstance(factored_eigh(torch.eye(2, dtype=F64)), DenseEigh)
     loss_dense, grad_dense = run()
     torch.testing.assert_close(loss_tri, loss_dense, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad_tri, grad_dense, rtol=1e-9, atol=1e-12)

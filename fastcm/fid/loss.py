@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops._lapack import TridiagonalEigh, eigvalsh_lower, use_lapack
+from fastcm.ops._lapack import eigvalsh_lower, factored_eigh
 from fastcm.ops.frechet import check_gaussian, null_threshold, psd_factor, symmetrize_lower
 from fastcm.ops.sqrtm import sqrtm_ref
 
@@ -284,12 +284,9 @@ class _TraceSqrt(torch.autograd.Function):
         # column-major, so no copy), reading its upper triangle as the lower one of mat.mT.
         if not ctx.needs_input_grad[0]:
             lam = eigvalsh_lower(mat.mT, overwrite=True)
-        elif use_lapack(mat):  # CPU fp64: tridiagonal route, U = Q Z is never formed (fastcm/ops/_lapack.py)
-            eig = TridiagonalEigh(mat.mT, overwrite=True)
+        else:  # on CPU fp64 the tridiagonal route: U = Q Z is never formed (fastcm/ops/_lapack.py)
+            eig = factored_eigh(mat.mT, overwrite=True)
             lam = eig.lam
-        else:
-            lam, u = torch.linalg.eigh(mat)
-            eig = _DenseEigh(u)
         keep = lam > null_threshold(lam)
         root = lam.where(keep, 0.0).sqrt()
         if eig is not None:
@@ -303,16 +300,6 @@ class _TraceSqrt(torch.autograd.Function):
         inv = torch.where(keep, 1.0 / root.where(keep, 1.0), 0.0)
         w = ctx.c * y - ctx.c2 * m
         return grad * ctx.eig.apply(w.mT, inv).mT, None, None, None, None
-
-
-class _DenseEigh:
-    """Explicit eigenvectors U (torch.linalg.eigh; GPU and non-scipy path) with TridiagonalEigh's ``apply``."""
-
-    def __init__(self, u: Tensor):
-        self.u = u
-
-    def apply(self, x: Tensor, scale: Tensor) -> Tensor:
-        return self.u @ (scale.unsqueeze(1) * (self.u.mT @ x))
 
 
 def fd_loss_full_ref(features: Tensor, mu_ref: Tensor, sigma_ref: Tensor, sqrt_ref: Optional[Tensor] = None,

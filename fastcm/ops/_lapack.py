@@ -11,7 +11,7 @@ Why (measured side by side at d = 2048, fp64, 2 threads, AMD EPYC; torch 2.13's 
     d x d back-transformation Q Z alone is 2 d^3 flops).
 Copies: inputs are never modified unless a function says ``overwrite``.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -91,6 +91,24 @@ class TridiagonalEigh:
         return torch.from_numpy(out)
 
 
+class DenseEigh:
+    """The same interface as TridiagonalEigh with explicit eigenvectors (torch.linalg.eigh of the lower triangle):
+    the route for GPUs, other dtypes, or without scipy."""
+
+    def __init__(self, m: Tensor):
+        self.lam, self.u = torch.linalg.eigh(m, UPLO="L")
+
+    def apply(self, x: Tensor, scale: Tensor) -> Tensor:
+        """U diag(scale) U^T x for x (d, k)."""
+        return self.u @ (scale.unsqueeze(1) * (self.u.mT @ x))
+
+
+def factored_eigh(m: Tensor, overwrite: bool = False):
+    """Eigenvalues ``.lam`` and ``.apply(x, scale)`` of the symmetric matrix whose lower triangle is m's:
+    TridiagonalEigh (U never formed) where LAPACK can take m, DenseEigh elsewhere."""
+    return TridiagonalEigh(m, overwrite=overwrite) if use_lapack(m) else DenseEigh(m)
+
+
 def _fortran(m: Tensor) -> np.ndarray:
     a = m.numpy()
     return a if a.flags.f_contiguous else np.asfortranarray(a)
@@ -99,9 +117,3 @@ def _fortran(m: Tensor) -> np.ndarray:
 def _check(info: int, name: str) -> None:
     if info != 0:  # pragma: no cover - invalid arguments or LAPACK's internal convergence failure
         raise RuntimeError(f"LAPACK {name} failed with info={info}")
-
-
-def eigh_apply_ref(m: Tensor, x: Tensor, fn) -> Tuple[Tensor, Tensor]:
-    """Reference for TridiagonalEigh: (lam, U diag(fn(lam)) U^T x) from torch.linalg.eigh (lower triangle)."""
-    lam, u = torch.linalg.eigh(m, UPLO="L")
-    return lam, u @ (fn(lam).unsqueeze(1) * (u.mT @ x))

@@ -61,9 +61,7 @@ def trace_sqrt_product(sigma1, sigma2, _checked: bool = False) -> Tensor:
     else:
         other = symmetrize_lower(other)
         m = factor.mT @ other @ factor
-    lam = eigvalsh_lower(m, overwrite=True)  # the lower triangle of M: congruence writes only that one
-    _check_psd(lam, name)
-    return lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
+    return _sum_sqrt_eigvals(m, name)
 
 
 class FrechetReference:
@@ -84,12 +82,17 @@ class FrechetReference:
                              f"{tuple(mu.shape)} on {mu.device}")
         if self.chol is None:
             return frechet_distance(mu, sigma, self.mu, self.sigma)
-        m, _ = congruence(self.chol, sigma)
-        lam = eigvalsh_lower(m, overwrite=True)
-        _check_psd(lam, "sigma")
-        trace_sqrt = lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
+        trace_sqrt = _sum_sqrt_eigvals(congruence(self.chol, sigma)[0], "sigma")
         diff = mu - self.mu
         return (diff @ diff + sigma.trace() + self.trace - 2.0 * trace_sqrt).clamp(min=0.0)
+
+
+def _sum_sqrt_eigvals(m: Tensor, name: str) -> Tensor:
+    """sum sqrt(lambda) over the eigenvalues of the private symmetric matrix m (lower triangle read, overwritten),
+    those at rounding level counted as 0; a clearly negative one means ``name`` is not PSD."""
+    lam = eigvalsh_lower(m, overwrite=True)
+    _check_psd(lam, name)
+    return lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
 
 
 def null_threshold(lam: Tensor) -> Tensor:
@@ -136,13 +139,18 @@ def psd_factor(sigma: Tensor, name: str = "sigma"):
     """(F, is_triangular) with F F^T = sigma for a symmetric PSD matrix (lower triangle read): the (d, d) Cholesky
     factor, or the (d, rank) factor V_r diag(sqrt(lambda_r)) over the eigenvalues above rounding level when sigma
     is singular (raises ValueError naming ``name`` when sigma has clearly negative eigenvalues)."""
-    chol, info = torch.linalg.cholesky_ex(sigma)
-    if int(info) == 0 and bool(torch.isfinite(chol).all()):
+    chol = cholesky_lower(sigma)
+    if chol is not None:
         return chol, True
+    return _eigen_factor(sigma, name), False
+
+
+def _eigen_factor(sigma: Tensor, name: str) -> Tensor:
+    """V_r diag(sqrt(lambda_r)) over sigma's eigenvalues above rounding level (eigh of the lower triangle)."""
     lam, v = torch.linalg.eigh(sigma)
     _check_psd(lam, name)
     keep = lam > null_threshold(lam)  # drop the null space: F is (d, rank), so F^T S F has no null eigenvalues
-    return v[:, keep] * lam[keep].sqrt(), False
+    return v[:, keep] * lam[keep].sqrt()
 
 
 def _factor(sigma1: Tensor, sigma2: Tensor):
@@ -152,8 +160,7 @@ def _factor(sigma1: Tensor, sigma2: Tensor):
         chol = cholesky_lower(s_f)
         if chol is not None:
             return chol, True, s_o, name
-    f, triangular = psd_factor(sigma1, "sigma1")
-    return f, triangular, sigma2, "sigma2"
+    return _eigen_factor(sigma1, "sigma1"), False, sigma2, "sigma2"  # both Choleskys failed above: no third try
 
 
 def symmetrize_lower(s: Tensor) -> Tensor:
