@@ -28,17 +28,26 @@ def hash32(x: Tensor) -> Tensor:
 def dropout_keep_mask(shape, p: float, seed: Tensor, layer_id: int, device=None) -> Tensor:
     """Boolean keep-mask of ``shape`` with P(keep) = 1 - p, a pure function of (seed, layer_id, element index).
 
-    ``seed`` is an int64 tensor (0-d or 1 element) so that a new seed each step does not recompile a compiled
-    model. The keep test uses 24 bits of the hash, so p is resolved to 2**-24.
+    ``seed`` is an int64 tensor so that a new seed each step does not recompile a compiled model: 0-d (or one
+    element) for one mask over the whole tensor (element index = flat index), or (B,) with B = shape[0] for one
+    seed per sample (element index = flat index within the sample), so a sample's mask does not depend on where it
+    sits in its batch (the FD stage's DDP ranks hold different slices of one global batch). For B = 1 the two
+    agree. The keep test uses 24 bits of the hash, so p is resolved to 2**-24.
     """
-    seed = seed.reshape(()).to(device=device, dtype=torch.int64) & _MASK32
+    per_sample = seed.dim() == 1 and seed.numel() > 1
+    if per_sample and seed.shape[0] != shape[0]:
+        raise ValueError(f"dropout seed must be 0-d or one per sample ({shape[0]},), got {tuple(seed.shape)}")
+    seed = (seed if per_sample else seed.reshape(())).to(device=device, dtype=torch.int64) & _MASK32
     key = hash32((hash32(seed) + (layer_id + 1) * _GOLDEN) & _MASK32)
+    inner = tuple(shape[1:]) if per_sample else tuple(shape)
     n = 1
-    for s in shape:
+    for s in inner:
         n *= int(s)
     if n > 2**32:
         raise ValueError(f"seeded dropout supports tensors of up to 2**32 elements, got shape {tuple(shape)}")
-    index = torch.arange(n, device=device, dtype=torch.int64).view(shape)
+    index = torch.arange(n, device=device, dtype=torch.int64).view(inner)
+    if per_sample:
+        key = key.view(-1, *([1] * len(inner)))
     bits = hash32(hash32(index ^ key) ^ (key >> 7))
     uniform = (bits >> 8).to(torch.float32) * (1.0 / 2**24)  # exact in fp32: 24-bit integers
     return uniform >= p
@@ -56,7 +65,7 @@ class SeededDropout(nn.Module):
     """Dropout layer whose mask comes from an explicit per-step seed (see module docstring).
 
     ``forward(x, seed)``: in eval mode or with p == 0 it is the identity. In training mode ``seed`` is an int64
-    tensor (or a Python int); ``None`` draws a fresh seed from torch's global CPU generator, which is correct for
+    tensor, 0-d or one per sample (see :func:`dropout_keep_mask`), or a Python int; ``None`` draws a fresh seed from torch's global CPU generator, which is correct for
     plain training but gives different masks on each call.
     """
 

@@ -1,5 +1,6 @@
 """Checkpoint files: safetensors + JSON round trip, atomic replacement, damage detection, keep-last-k, no pickle."""
 import json
+import os
 import pathlib
 import pickle
 
@@ -8,7 +9,7 @@ import torch
 
 from fastcm.train.checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, optimizer_from_flat,
                                      optimizer_to_flat, read_checkpoint_meta, save_checkpoint)
-from fastcm.train.guard import NonFiniteError, NonFiniteGuard, grad_norm
+from fastcm.train.loop import NonFiniteError, NonFiniteGuard, grad_norm
 
 
 def _tensors():
@@ -105,21 +106,54 @@ def test_damaged_and_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "future.safetensors")
 
 
-def test_manager_keeps_last_k_and_skips_damaged(tmp_path):
+def test_manager_keeps_last_k_and_never_touches_a_damaged_file(tmp_path):
     m = CheckpointManager(tmp_path / "ck", keep_last=2)
     assert m.latest() is None
     for step in (10, 20, 30):
         m.save(step, {"w": torch.full((2,), float(step))}, {"stage": "ict"})
     assert [s for s, _ in m.checkpoints()] == [20, 30]
-    (tmp_path / "ck" / "ckpt_00000030.safetensors").write_bytes(b"\x00" * 10)  # torn newest file
+    path, tensors, meta = m.load_latest()
+    assert path.name == "ckpt_00000030.safetensors" and meta["step"] == 30 and tensors["w"][0] == 30
+    torn = tmp_path / "ck" / "ckpt_00000030.safetensors"
+    torn.write_bytes(b"\x00" * 10)  # torn newest file: evidence, neither skipped nor replaced
     (tmp_path / "ck" / "notes.txt").write_text("not a checkpoint")
-    with pytest.warns(RuntimeWarning, match="skipping unusable checkpoint ckpt_00000030"):
-        path, tensors, meta = m.load_latest()
-    assert path.name == "ckpt_00000020.safetensors" and meta["step"] == 20 and tensors["w"][0] == 20
-    m.save(30, {"w": torch.ones(2)}, {})  # re-writing a step replaces the damaged file
-    assert m.latest().name == "ckpt_00000030.safetensors"
+    with pytest.raises(CheckpointError, match=r"ckpt_00000030.*left untouched.*previous one is ckpt_00000020.*"
+                                              r"restart=True"):
+        m.load_latest()
+    with pytest.raises(FileExistsError):
+        m.save(30, {"w": torch.ones(2)}, {})
+    assert torn.read_bytes() == b"\x00" * 10
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_checkpoints_honour_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        p = save_checkpoint(tmp_path / "a.safetensors", _tensors(), {})
+        q = CheckpointManager(tmp_path / "ck").save(1, _tensors(), {})
+    finally:
+        os.umask(old)
+    assert oct(p.stat().st_mode & 0o777) == oct(0o640) and oct(q.stat().st_mode & 0o777) == oct(0o640)
+    p2 = save_checkpoint(tmp_path / "b.safetensors", _tensors(), {})  # the usual 022: like every other file, 0644
+    assert oct(p2.stat().st_mode & 0o777) == oct(0o666 & ~old)
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    m = CheckpointManager(tmp_path)
+    m.save(1, {"w": torch.ones(2)}, {})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".ckpt_00000002.safetensors.tmp-{int(dead.stdout)}"
+    live = tmp_path / f".ckpt_00000002.safetensors.tmp-{os.getppid()}"  # a running process may still write it
+    for p in (stale, live):
+        p.write_bytes(b"partial")
+    assert m.remove_stale_temporaries() == [stale]
+    assert not stale.exists() and live.exists() and m.path(1).exists()
 
 
 def test_optimizer_state_round_trip_continues_identically():

@@ -1,4 +1,4 @@
-"""Training pipelines: the iCT stage, the FD-loss fine-tune stage, checkpoints, torchrun DDP, torch.compile.
+"""Training pipelines: the iCT stage, the FD-loss fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
 
     from fastcm.data import load_digits
     from fastcm.models import build_unet
@@ -10,18 +10,17 @@
     ref = reference_stats(feature_net, load_digits("train"))     # fp64 feature statistics of the real data
     tuned = finetune_fd(FDConfig(), model, feature_net, ref, out_dir="runs/digits-fd")
 """
-from .checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, read_checkpoint_meta,
-                         save_checkpoint)
+from .checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, load_model, load_weights,
+                         read_checkpoint_meta, save_checkpoint)
 from .config import FDConfig, ICTConfig, TrainConfig
 from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .ema import EMA
 from .fd import finetune_fd, reference_stats
-from .guard import NonFiniteError, NonFiniteGuard
 from .ict import train_ict
-from .loop import TrainResult, Trainer
+from .loop import DivergenceError, NonFiniteError, NonFiniteGuard, Trainer, TrainingInterrupted, TrainResult
 from .progress import Callback
-from .state import load_model, load_weights
 
-__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "finetune_fd", "reference_stats",
-           "TrainResult", "Trainer", "Callback", "load_model", "load_weights", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
-           "CheckpointManager", "CheckpointError", "NonFiniteError", "NonFiniteGuard", "DistInfo",
-           "init_distributed", "cleanup_distributed"]
+__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "finetune_fd", "reference_stats", "EMA",
+           "TrainResult", "Trainer", "Callback", "load_model", "load_weights", "save_checkpoint", "load_checkpoint",
+           "read_checkpoint_meta", "CheckpointManager", "CheckpointError", "NonFiniteError", "DivergenceError",
+           "TrainingInterrupted", "NonFiniteGuard", "DistInfo", "init_distributed", "cleanup_distributed"]

@@ -1,21 +1,36 @@
-"""Checkpoints without pickle: tensors in one safetensors file, everything else as JSON in its header.
+"""Checkpoints without pickle, and what a training checkpoint holds.
 
-A checkpoint is ``<dir>/ckpt_<step>.safetensors``. Its safetensors metadata holds one key, ``fastcm``, whose value
-is a JSON document (format, version, stage, step, configs, optimizer hyper-parameters, RNG seeds, counters) plus
-the SHA-256 of the tensor data, so truncation and corruption are both detected. Writes go to a temporary file in
-the same directory, are fsync'ed, then renamed over the target (atomic on POSIX): a crash mid-write leaves the
-previous checkpoint untouched. Non-finite floating tensors are never written.
+The file: ``<dir>/ckpt_<step>.safetensors``, tensors in one safetensors file, everything else as JSON in its header.
+The safetensors metadata holds one key, ``fastcm``, whose value is a JSON document (format, version, stage, step,
+configs, optimizer hyper-parameters, RNG seeds, counters) plus the SHA-256 of the tensor data, so truncation and
+corruption are both detected. Writes go to a temporary file ``.ckpt_<step>.safetensors.tmp-<pid>`` in the same
+directory, are fsync'ed, given the mode the process umask allows (safetensors itself creates 0600 files), then
+renamed over the target (atomic on POSIX): a crash mid-write leaves the previous checkpoint untouched, and the next
+start removes the temporary file of a process that no longer runs. Non-finite floating tensors are never written,
+and a file that fails its check is evidence: it is never overwritten or deleted.
+
+The content: tensors ``model/…`` (the ConsistencyModel's state dict), ``ema/…`` (the EMA weights),
+``optim/<param>/<key>`` (optimizer moments and step counts), ``extra/<name>/…`` (stage state such as the FD-loss
+feature queue) and ``rng/cpu``, ``rng/cuda<i>`` (torch's global generators of rank 0). The training noise itself is
+drawn from generators re-seeded from (seed, step, rank) every step, so a resumed run needs no other RNG state.
+:func:`load_model` rebuilds the network of any checkpoint from its JSON.
 """
+import dataclasses
+import datetime
 import hashlib
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from fastcm.cm import ConsistencyModel
+from fastcm.cm.precond import unwrap
+
+from .config import RESUMABLE_CHANGES, TrainConfig
 
 FORMAT = "fastcm-checkpoint"
 VERSION = 1
@@ -51,6 +66,7 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(flat, str(tmp), metadata={_META_KEY: header})
+        os.chmod(tmp, 0o666 & ~_umask())  # like every other file of the run (safetensors creates 0600)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -126,6 +142,20 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by a set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -175,13 +205,14 @@ def optimizer_from_flat(tensors: Mapping[str, Tensor], doc: Mapping, prefix: str
 # ----------------------------------------------------------------------------------------------------------------
 
 class CheckpointManager:
-    """``ckpt_<step>.safetensors`` files in one directory: save with keep-last-k, find the newest usable one.
+    """``ckpt_<step>.safetensors`` files in one directory: save with keep-last-k, find the newest one.
 
-    Older checkpoints are deleted only after the new one is safely on disk, and :meth:`latest` skips a damaged
-    newest file (with a warning) so the previous checkpoint is used.
+    Older checkpoints are deleted only after the new one is safely on disk. An existing file is never replaced, and
+    :meth:`load_latest` refuses a damaged newest file instead of skipping it (see :func:`set_aside_run`).
     """
 
     _NAME = re.compile(r"^ckpt_(\d{8,})\.safetensors$")
+    _TMP = re.compile(r"^\.ckpt_\d{8,}\.safetensors\.tmp-(\d+)$")
 
     def __init__(self, directory: PathLike, keep_last: Optional[int] = 3):
         if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
@@ -200,8 +231,8 @@ class CheckpointManager:
         return sorted(found)
 
     def save(self, step: int, tensors: Mapping[str, Tensor], meta: Mapping) -> Path:
-        """Write the checkpoint of ``step`` (replacing a same-step file atomically), then prune to keep_last."""
-        path = save_checkpoint(self.path(step), tensors, {**dict(meta), "step": int(step)}, overwrite=True)
+        """Write the checkpoint of ``step`` (FileExistsError if that file exists), then prune to keep_last."""
+        path = save_checkpoint(self.path(step), tensors, {**dict(meta), "step": int(step)})
         if self.keep_last is not None:
             for _, old in self.checkpoints()[:-self.keep_last]:
                 if old != path:
@@ -209,18 +240,172 @@ class CheckpointManager:
         return path
 
     def latest(self) -> Optional[Path]:
-        """The newest checkpoint that reads back intact (full SHA-256 check), or None."""
+        """The newest checkpoint, verified (CheckpointError if it is damaged), or None."""
         found = self.load_latest()
         return None if found is None else found[0]
 
     def load_latest(self, device: Union[str, torch.device] = "cpu"):
-        """(path, tensors, meta) of the newest intact checkpoint, or None; damaged newer files are skipped with a
-        RuntimeWarning."""
-        for _, path in reversed(self.checkpoints()):
-            try:
-                tensors, meta = load_checkpoint(path, device)
-            except CheckpointError as e:
-                warnings.warn(f"skipping unusable checkpoint {path.name}: {e}", RuntimeWarning, stacklevel=2)
-                continue
-            return path, tensors, meta
+        """(path, tensors, meta) of the newest checkpoint, or None when there is none. A damaged newest file raises
+        CheckpointError naming it: it is neither skipped (a later save or prune would destroy it) nor touched."""
+        found = self.checkpoints()
+        if not found:
+            return None
+        path = found[-1][1]
+        try:
+            return (path, *load_checkpoint(path, device))
+        except CheckpointError as e:
+            older = f"; the previous one is {found[-2][1].name}" if len(found) > 1 else ""
+            raise CheckpointError(f"cannot resume: {e}. The file is left untouched{older}. Move it aside to resume "
+                                  "from an older checkpoint, or start over with restart=True (fastcm train "
+                                  "--restart), which moves the whole previous run aside") from e
+
+    def remove_stale_temporaries(self) -> List[Path]:
+        """Delete ``.ckpt_*.tmp-<pid>`` files left by a killed process (one whose pid no longer runs)."""
+        removed = []
+        if self.directory.is_dir():
+            for p in self.directory.iterdir():
+                m = self._TMP.match(p.name)
+                if m and not _pid_alive(int(m.group(1))):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a temporary of this process outside save_checkpoint is a leftover of an older process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def set_aside_run(out_dir: Path, names=("checkpoints", "metrics.jsonl", "config.json", "samples")) -> Optional[Path]:
+    """Move a previous run's files into ``out_dir/previous-<UTC time>/`` (nothing is deleted); return that folder,
+    or None when there was nothing to move."""
+    present = [out_dir / n for n in names if (out_dir / n).exists()]
+    if not present:
         return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    dest, i = out_dir / f"previous-{stamp}", 1
+    while dest.exists():
+        dest, i = out_dir / f"previous-{stamp}-{i}", i + 1
+    dest.mkdir()
+    for p in present:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training state <-> checkpoint contents.
+
+def model_meta(cm: ConsistencyModel) -> dict:
+    """JSON description of the network: enough for :func:`load_model` to rebuild a fastcm U-Net."""
+    unet = unwrap(cm.unet)
+    config = getattr(unet, "config", None)
+    return {
+        "unet_class": f"{type(unet).__module__}.{type(unet).__qualname__}",
+        "unet_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
+        "sigma_data": cm.sigma_data, "sigma_min": cm.sigma_min, "sigma_max": cm.sigma_max,
+    }
+
+
+def split_state(state: Mapping, prefix: str):
+    """A state dict -> (tensors named ``prefix + key``, JSON-able rest)."""
+    tensors, rest = {}, {}
+    for k, v in state.items():
+        if isinstance(v, Tensor):
+            tensors[prefix + k] = v
+        else:
+            rest[k] = v
+    return tensors, rest
+
+
+def take(tensors: Mapping[str, Tensor], prefix: str) -> Dict[str, Tensor]:
+    """The entries under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def rng_tensors() -> Dict[str, Tensor]:
+    out = {"rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng/cuda{i}"] = s
+    return out
+
+
+def restore_rng(tensors: Mapping[str, Tensor]) -> None:
+    if "rng/cpu" in tensors:
+        torch.set_rng_state(tensors["rng/cpu"].cpu())
+    cuda = [tensors[f"rng/cuda{i}"] for i in range(torch.cuda.device_count()) if f"rng/cuda{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in cuda])
+
+
+def check_resumable(path, meta: dict, stage: str, cfg: TrainConfig, cm: ConsistencyModel) -> None:
+    """Raise ValueError unless the checkpoint belongs to this stage, config (up to RESUMABLE_CHANGES) and net."""
+    if meta.get("stage") != stage:
+        raise ValueError(f"{path} is a {meta.get('stage')!r} checkpoint; cannot resume the {stage!r} stage from it "
+                         "(to start a stage from trained weights use load_model)")
+    now = json.loads(json.dumps(cfg.to_dict()))
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
+                                      if f.default is not dataclasses.MISSING}))
+    saved = {**defaults, **meta.get("config", {})}  # a field added since the checkpoint was written: its default
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if diff:
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume from {path}: the config changed ({changes}). Only "
+                         f"{sorted(RESUMABLE_CHANGES)} may change; start a new out_dir otherwise")
+    want, have = meta.get("model", {}), model_meta(cm)
+    for key in ("unet_config", "sigma_data", "sigma_min", "sigma_max"):
+        a, b = want.get(key), have.get(key)
+        if key == "unet_config" and a and b:
+            a, b = {**a, "impl": None}, json.loads(json.dumps({**b, "impl": None}))  # the backend may change
+        if a != b:
+            raise ValueError(f"cannot resume from {path}: the model's {key} differs from the checkpoint's "
+                             f"({a!r} saved, {b!r} now)")
+
+
+def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Union[str, torch.device] = "cpu",
+               impl: Optional[str] = None) -> ConsistencyModel:
+    """Rebuild the ConsistencyModel of a training checkpoint (any stage) with its ``weights``: "ema" (the
+    evaluation weights) or "model" (the raw trained weights). ``impl`` overrides the U-Net's op backend."""
+    from fastcm.models import UNet, UNetConfig
+
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    tensors, meta = load_checkpoint(path)
+    info = meta.get("model") or {}
+    if not info.get("unet_config"):
+        raise CheckpointError(f"{path} does not describe its network ({info.get('unet_class')}); build the model "
+                              "yourself and call load_weights(model, path)")
+    unet = UNet(UNetConfig(**info["unet_config"]))
+    if impl is not None:
+        unet.set_impl(impl)
+    cm = ConsistencyModel(unet, info["sigma_data"], info["sigma_min"], info["sigma_max"])
+    load_weights(cm, path, weights, tensors=tensors)
+    return cm.to(device).eval()
+
+
+def load_weights(model: nn.Module, path: Union[str, os.PathLike], weights: str = "ema",
+                 tensors: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
+    """Load a checkpoint's ``weights`` ("ema" or "model") into an existing ConsistencyModel (strict)."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
+    if tensors is None:
+        tensors, _ = load_checkpoint(path)
+    state = take(tensors, f"{weights}/")
+    if not state:
+        raise CheckpointError(f"{path} holds no '{weights}' weights")
+    bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # save_checkpoint never writes these; a file edited or written by other tools might hold them
+        raise CheckpointError(f"{path}: its '{weights}' weights hold NaN or inf ({len(bad)} tensors, e.g. "
+                              f"{bad[0]!r}); refusing to load them")
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{Path(path).name} does not fit this model: {e}") from e
+    return model

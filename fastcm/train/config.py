@@ -16,8 +16,9 @@ FD_MODES = ("queue", "batch", "ema")
 
 # Fields that may differ between a run and its resumption: they change logging, speed or safety margins, not the
 # optimisation trajectory (precision does change rounding; it is allowed so a run can move to other hardware).
-RESUMABLE_CHANGES = frozenset({"log_every", "sample_every", "num_samples", "save_every", "keep_last", "compile",
-                               "compile_backend", "num_workers", "max_nonfinite", "precision"})
+RESUMABLE_CHANGES = frozenset({"log_every", "sample_every", "num_samples", "save_every", "save_minutes", "keep_last",
+                               "compile", "compile_backend", "num_workers", "max_nonfinite", "max_weight_rms",
+                               "precision"})
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ class TrainConfig:
     sample_every: int = 1000           # steps between PNG sample grids (0 = only at the end)
     num_samples: int = 64              # images per sample grid (one-step, EMA weights, fixed seeds)
     save_every: int = 5000             # steps between checkpoints (0 = only at the end)
+    save_minutes: float = 10.0         # also save after this many minutes of training since the last save (0 = off)
     keep_last: Optional[int] = 3       # checkpoints kept on disk; None keeps all
     max_nonfinite: int = 10            # K non-finite steps in a row stop training
+    max_weight_rms: Optional[float] = 1e3  # divergence: weight RMS above this for K steps in a row stops (None = off)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
@@ -97,6 +100,7 @@ class FDConfig(TrainConfig):
     queue_size: int = 50_000           # feature queue length (queue mode)
     fd_ema_beta: float = 0.999         # statistics EMA decay (ema mode)
     fd_normalize: bool = False         # divide the FD by its detached value (+0.01) so its scale stays ~1
+    fd_dropout: bool = False           # generate the FD term's samples with the U-Net's dropout (see fd.py)
     balanced_labels: bool = True       # generate the classes in equal shares (conditional models)
     ict_weight: float = 0.0            # weight of the optional iCT term (0 = FD loss only)
     s1: int = 1280                     # the iCT term's discretization intervals (fixed N = s1 + 1)
@@ -130,14 +134,16 @@ def _validate(c: TrainConfig) -> None:
         raise ValueError(f"need lr > 0 and EMA betas in [0, 1), got lr={c.lr}, ema_beta={c.ema_beta}")
     if len(c.betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in c.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {c.betas!r}")
-    for name in ("grad_clip", "huber_c"):
+    if not _is_num(c.save_minutes) or c.save_minutes < 0:
+        raise ValueError(f"save_minutes must be a finite number >= 0 (0 = off), got {c.save_minutes!r}")
+    for name in ("grad_clip", "huber_c", "max_weight_rms"):
         v = getattr(c, name, None)
         if v is not None and not (_is_num(v) and v > 0):
             raise ValueError(f"{name} must be None or a positive finite number, got {v!r}")
     for name, choices in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("fd_mode", FD_MODES)):
         if hasattr(c, name) and getattr(c, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(c, name)!r}")
-    for name in ("compile", "hflip", "fd_normalize", "balanced_labels"):
+    for name in ("compile", "hflip", "fd_normalize", "fd_dropout", "balanced_labels"):
         if hasattr(c, name) and not isinstance(getattr(c, name), bool):
             raise ValueError(f"{name} must be a bool, got {getattr(c, name)!r}")
     if not isinstance(c.compile_backend, str) or not c.compile_backend:

@@ -92,13 +92,13 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def all_true(flag: bool, info: DistInfo) -> bool:
-    """True only when ``flag`` is True on every rank (so every rank takes the same branch)."""
+def any_rank(flags, info: DistInfo) -> list:
+    """Each flag True when it is True on any rank (one all-reduce for all, so every rank takes the same branch)."""
     if not info.distributed:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], device=info.device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+        return [bool(f) for f in flags]
+    t = torch.tensor([1 if f else 0 for f in flags], device=info.device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def broadcast_str(text: str, info: DistInfo) -> str:

@@ -7,7 +7,14 @@ Each generated sample j of the global batch draws its noise (and label) from its
 share it. Under DDP every rank gathers all ranks' features (FDLoss does), computes the same FD, and
 back-propagates into its own samples; DDP then averages the ranks' gradients, so the FD term is multiplied by
 the world size before backward to apply the full-batch gradient (see fastcm.fid.distributed).
+
+Dropout. By default the FD term's samples are generated *without* the U-Net's dropout: the FD is then measured on
+the samples that sampling and evaluation produce (dropout only perturbs them, and lowering the FD of perturbed
+samples is a different objective). ``fd_dropout=True`` keeps it on, with masks that are a function of
+(seed, step, global sample index) alone (one seed per sample, fastcm.nn.dropout_keep_mask), so N ranks still
+equal one process. The optional iCT term always trains with dropout, as iCT does.
 """
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -16,18 +23,19 @@ from torch import Tensor, nn
 from fastcm.cm import ICTLoss
 from fastcm.data import BatchLoader, derive_seed
 from fastcm.fid import FDLoss, FeatureStats
+from fastcm.nn import SeededDropout
 
 from .config import FDConfig
 from .ict import check_dataset
 from .loop import Trainer, TrainResult
 from .progress import CallbackLike
 
-_NOISE_STREAM, _ICT_STREAM = 0xFD, 0x1C7
+_NOISE_STREAM, _ICT_STREAM, _DROPOUT_STREAM = 0xFD, 0x1C7, 0xD0
 
 
 def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_stats, *, dataset=None,
-                out_dir=None, resume=False, device=None, callbacks: Optional[Sequence[CallbackLike]] = None,
-                progress: bool = True) -> TrainResult:
+                out_dir=None, resume=False, restart: bool = False, device=None,
+                callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True) -> TrainResult:
     """Fine-tune ``model`` (a ConsistencyModel, e.g. ``load_model(ict_checkpoint)``) to lower the FD of its
     one-step samples.
 
@@ -38,7 +46,8 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
         ref_stats: reference statistics of the training data in the same feature space: a FeatureStats (see
             :func:`reference_stats`), or a (mu, sigma) pair.
         dataset: training images, needed only for the iCT term (cfg.ict_weight > 0).
-        out_dir, resume, device, callbacks, progress: as for :func:`fastcm.train.train_ict`.
+        out_dir, resume, restart, device, callbacks, progress: as for :func:`fastcm.train.train_ict`.
+    Logged: ``fd`` (the FD of the global batch itself, also with fd_normalize), ``loss`` (the objective).
     """
     if not isinstance(cfg, FDConfig):
         raise TypeError(f"cfg must be an FDConfig, got {type(cfg).__name__}")
@@ -49,30 +58,34 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
     cm, dev, info, B = trainer.cm, trainer.device, trainer.info, trainer.local_batch
     feature_net = feature_net.to(dev).eval().requires_grad_(False)
     _check_features(feature_net, cm, mu.numel(), dev)
-    fd = FDLoss(mu, sigma, mode=cfg.fd_mode, queue_size=cfg.queue_size, ema_beta=cfg.fd_ema_beta,
-                normalize=cfg.fd_normalize).to(dev)
+    fd = FDLoss(mu, sigma, mode=cfg.fd_mode, queue_size=cfg.queue_size, ema_beta=cfg.fd_ema_beta).to(dev)
     trainer.extra["fd_loss"] = FDLossState(fd)
     ict_term = _ict_term(cfg, dataset, trainer) if cfg.ict_weight > 0 else None
     trainer.curriculum = lambda k: {"fd_mode": cfg.fd_mode, "ict_N": cfg.s1 + 1 if ict_term else None}
-    trainer.start(resume)
+    trainer.start(resume, restart)
     if ict_term is not None:
         ict_term.batches = ict_term.loader.iterate(trainer.step)
 
     def loss_fn(step: int):
-        z, labels = one_step_inputs(cfg.seed, step, info.rank * B, B, cm.input_shape, cm.num_classes,
-                                    cfg.balanced_labels)
+        start = info.rank * B  # global index of this rank's first sample
+        z, labels = one_step_inputs(cfg.seed, step, start, B, cm.input_shape, cm.num_classes, cfg.balanced_labels)
         z, labels = z.to(dev), None if labels is None else labels.to(dev)
-        x = trainer.net(z * cm.sigma_max, torch.full((B,), cm.sigma_max, device=dev), labels)  # with gradient
+        seeds = dropout_seeds(cfg.seed, step, start, B).to(dev) if cfg.fd_dropout else None
+        with contextlib.nullcontext() if cfg.fd_dropout else dropout_off(cm):
+            x = trainer.net(z * cm.sigma_max, torch.full((B,), cm.sigma_max, device=dev), labels,
+                            dropout_seed=seeds)  # with gradient
         feats = feature_net(x)
         with torch.autocast(dev.type, enabled=False):  # the FD is computed in fp64
             fd_value = fd(feats.float())
-        total, logged, extras = fd_value * info.world_size, fd_value.detach(), {"fd": fd_value.detach()}
+        # FD-loss's scale normalisation (FDLoss(normalize=True) computes the same): FD / (FD.detach() + 0.01)
+        objective = fd_value / (fd_value.detach() + 0.01) if cfg.fd_normalize else fd_value
+        total, logged, extras = objective * info.world_size, objective.detach(), {"fd": fd_value.detach()}
         if ict_term is not None:
             ict_mean = ict_term(step)
             total = total + cfg.ict_weight * ict_mean
             logged = logged + cfg.ict_weight * ict_mean.detach()
             extras["ict"] = ict_mean.detach()
-        extras["loss"] = logged  # the objective FD + w * iCT, without the DDP factor
+        extras["loss"] = logged  # the objective (normalised FD) + w * iCT, without the DDP factor
         return total, extras
 
     return trainer.run(loss_fn)
@@ -93,6 +106,26 @@ def one_step_inputs(seed: int, step: int, start: int, n: int, shape, num_classes
         return torch.stack(zs), None
     y = torch.arange(start, start + n) % num_classes if balanced else torch.tensor(labels)
     return torch.stack(zs), y.long()
+
+
+def dropout_seeds(seed: int, step: int, start: int, n: int) -> Tensor:
+    """int64 dropout seeds (n,) of global samples start .. start + n - 1 at ``step``: one mask per sample, the same
+    on any number of ranks."""
+    return torch.tensor([derive_seed(seed, step, j, _DROPOUT_STREAM) for j in range(start, start + n)],
+                        dtype=torch.int64)
+
+
+@contextlib.contextmanager
+def dropout_off(module: nn.Module):
+    """Evaluate ``module``'s SeededDropout layers as in eval mode (identity) inside the block; the rest stays."""
+    layers = [m for m in module.modules() if isinstance(m, SeededDropout) and m.training]
+    for m in layers:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = True
 
 
 @torch.no_grad()

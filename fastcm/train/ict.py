@@ -17,20 +17,23 @@ from .loop import Trainer, TrainResult
 from .progress import CallbackLike
 
 
-def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, device=None,
-              callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True) -> TrainResult:
+def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, restart: bool = False,
+              device=None, callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True) -> TrainResult:
     """Train ``model`` (a ConsistencyModel, or a fastcm U-Net wrapped with the default sigmas) with iCT.
 
     Args:
         cfg: the stage's ICTConfig (total_steps sets the N(k) curriculum).
         dataset: an ArrayDataset from fastcm.data (or any map-style dataset of (image in [-1, 1], label)).
         out_dir: run directory for config.json, metrics.jsonl, samples/ and checkpoints/; None writes nothing.
-        resume: True continues the newest intact checkpoint in out_dir (a fresh start if there is none);
-            a path resumes that checkpoint; False refuses an out_dir that already holds a run.
+        resume: True continues the newest checkpoint in out_dir (a fresh start if there is none; CheckpointError
+            if it is damaged: it is never skipped or overwritten); a path resumes that checkpoint; False refuses an
+            out_dir that already holds a run.
+        restart: start over in an out_dir that holds a run, after moving its files into out_dir/previous-<time>/.
         device: None picks cuda:LOCAL_RANK when available, else the CPU. Under torchrun the process group is
             initialised here (NCCL on CUDA, gloo on CPU) and cfg.batch_size is split across the ranks.
         callbacks: callables receiving every metrics record, or fastcm.train.Callback objects.
-    Returns a TrainResult (model, ema, step, records, checkpoint, skipped_steps).
+    Returns a TrainResult (model, ema, step, records, checkpoint, skipped_steps). SIGINT / SIGTERM save a checkpoint
+    after the step in flight and raise TrainingInterrupted; see fastcm.train.loop for the other ways to stop.
     """
     if not isinstance(cfg, ICTConfig):
         raise TypeError(f"cfg must be an ICTConfig, got {type(cfg).__name__}")
@@ -42,7 +45,7 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
                          hflip=cfg.hflip, num_workers=cfg.num_workers)
     ict = ICTLoss(cfg.total_steps, cfg.s0, cfg.s1, cfg.P_mean, cfg.P_std, cfg.rho, cfg.huber_c)
     trainer.curriculum = lambda k: {"N": ict.num_scales(k), "s0": ict.s0, "s1": ict.s1, "K": ict.total_steps}
-    trainer.start(resume)
+    trainer.start(resume, restart)
     batches = loader.iterate(trainer.step)
 
     def loss_fn(step: int):

@@ -1,28 +1,59 @@
-"""The training loop both stages share: optimizer, EMA, autocast, NaN guard, DDP, compile, logging, checkpoints.
+"""The training loop both stages share: optimizer, EMA, autocast, guards, DDP, compile, logging, checkpoints.
 
 A stage supplies ``loss_fn(step) -> (loss, extras)`` (a scalar to minimise and a dict of numbers/0-d tensors to
-log) and calls :meth:`Trainer.run`. Every random draw of a step comes from generators re-seeded from
-(seed, step, rank), so training k steps equals training j < k steps, saving, resuming and training k - j more.
+log) and calls :meth:`Trainer.run`. One step, in order: loss and backward (autocast), gradient norm and clipping,
+the guard (a non-finite loss or gradient skips the update), optimizer and EMA updates, the divergence check of the
+weights, then logging, sample grids and checkpoints. Every random draw of a step comes from generators re-seeded
+from (seed, step, rank), so training k steps equals training j < k steps, saving, resuming and training k - j more.
+
+Stopping early, always with the last checkpoint intact:
+- ``max_nonfinite`` (K) non-finite steps in a row raise :class:`NonFiniteError`; K steps in a row whose weight
+  RMS exceeds ``max_weight_rms`` raise :class:`DivergenceError` (nothing is saved from a diverged run).
+- SIGINT / SIGTERM: the step in flight finishes, a checkpoint is written, and :class:`TrainingInterrupted` is raised
+  (its ``exit_code`` is 130 / 143, what a shell reports for those signals). A second signal ends the process at
+  once with the signal's default action; checkpoint writes are atomic, so nothing on disk is left half-written.
 """
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from fastcm.cm import EMA, ConsistencyModel, sample
+from fastcm.cm import ConsistencyModel, sample
 from fastcm.data import derive_seed, save_grid
 
-from .checkpoint import CheckpointManager, load_checkpoint, optimizer_from_flat, optimizer_to_flat
+from .checkpoint import (CheckpointManager, check_resumable, load_checkpoint, model_meta, optimizer_from_flat,
+                         optimizer_to_flat, restore_rng, rng_tensors, set_aside_run, split_state, take)
 from .config import TrainConfig
-from .distributed import all_reduce_sum, all_true, broadcast_str, init_distributed, wrap_ddp
-from .guard import NonFiniteError, NonFiniteGuard, all_finite, grad_norm
+from .distributed import all_reduce_sum, any_rank, broadcast_str, init_distributed, wrap_ddp
+from .ema import EMA
 from .progress import RunLogger
-from .state import check_resumable, model_meta, restore_rng, rng_tensors, split_state, take
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients too many steps in a row."""
+
+
+class DivergenceError(RuntimeError):
+    """The weights grew past ``max_weight_rms`` and stayed there too many steps in a row."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training after a step; ``checkpoint`` holds that step (None without out_dir)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + signum
+        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint (no out_dir)"
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; {where}"
+                         + ("; continue with --resume (resume=True)" if checkpoint else ""))
 
 
 @dataclass
@@ -75,7 +106,7 @@ class Trainer:
         self.opt = _make_optimizer(cfg, self.cm.parameters())
         self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.guard = NonFiniteGuard(cfg.max_nonfinite)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite, cfg.max_weight_rms)
         self.extra: Dict[str, object] = {}
         self.curriculum: Optional[Callable[[int], dict]] = None  # step -> JSON description saved in checkpoints
         self.step, self.last_checkpoint, self.started = 0, None, False
@@ -89,35 +120,27 @@ class Trainer:
         g = torch.Generator(device=self.device)
         return g.manual_seed(derive_seed(self.cfg.seed, step, self.info.rank, stream))
 
-    def start(self, resume=False) -> "Trainer":
-        """Prepare out_dir and, with ``resume``, load the checkpoint (True: newest intact one in out_dir, or a
-        fresh start if there is none; a path: that file). False refuses an out_dir that already holds a run."""
+    def start(self, resume=False, restart: bool = False) -> "Trainer":
+        """Prepare out_dir and, with ``resume``, load the checkpoint (True: the newest one in out_dir, or a fresh
+        start if there is none; a path: that file). False refuses an out_dir that already holds a run, unless
+        ``restart``: then that run's files are moved into ``out_dir/previous-<time>/`` and training starts at 0.
+        A damaged newest checkpoint is never skipped, replaced or deleted: resuming from it raises CheckpointError."""
         if self.started:
             raise RuntimeError("start() was already called")
         self.started = True
-        found = None
-        if resume not in (False, None) and not isinstance(resume, (bool, str, os.PathLike)):
+        if not isinstance(resume, (bool, str, os.PathLike)) and resume is not None:
             raise TypeError(f"resume must be a bool or a checkpoint path, got {type(resume).__name__}")
+        if not isinstance(restart, bool) or (restart and resume not in (False, None)):
+            raise ValueError(f"restart must be a bool and excludes resume, got restart={restart!r}, resume={resume!r}")
         if isinstance(resume, (str, os.PathLike)):
             path = Path(resume)
             found = (path, *load_checkpoint(path))
         elif self.out_dir is not None:
-            # Rank 0 decides (it alone writes the run directory) and tells the others: "" fresh start,
-            # "\0" refuse, else the checkpoint to resume (on a file system every rank can read).
-            decision = ""
-            if self.info.is_main:
-                started = self.ckpt.checkpoints() or any((self.out_dir / n).exists()
-                                                         for n in ("metrics.jsonl", "config.json"))
-                found = self.ckpt.load_latest() if resume else None  # newest intact checkpoint, verified
-                decision = str(found[0]) if found else ("\0" if started and not resume else "")
-            decision = broadcast_str(decision, self.info)
-            if decision == "\0":
-                raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=True to continue it or "
-                                      "choose another out_dir (nothing is overwritten)")
-            if decision and found is None:
-                found = (Path(decision), *load_checkpoint(decision))
+            found = self._find_resume(bool(resume), restart)
         elif resume is True:
             raise ValueError("resume=True needs out_dir (or pass resume=<checkpoint path>)")
+        else:
+            found = None
         if found is not None:
             self._load(*found)
         if self.out_dir is not None and self.info.is_main:
@@ -128,6 +151,28 @@ class Trainer:
             tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             os.replace(tmp, self.out_dir / "config.json")
         return self
+
+    def _find_resume(self, resume: bool, restart: bool):
+        """Rank 0 decides (it alone writes the run directory) and tells the others: "" fresh start, "\\0" refuse,
+        else the checkpoint to resume (on a file system every rank can read)."""
+        decision, found = "", None
+        if self.info.is_main:
+            self.ckpt.remove_stale_temporaries()  # left by a process killed mid-write
+            started = self.ckpt.checkpoints() or any((self.out_dir / n).exists()
+                                                     for n in ("metrics.jsonl", "config.json"))
+            if restart:
+                set_aside_run(self.out_dir)
+            else:
+                found = self.ckpt.load_latest() if resume else None  # CheckpointError when the newest is damaged
+                decision = str(found[0]) if found else ("\0" if started and not resume else "")
+        decision = broadcast_str(decision, self.info)
+        if decision == "\0":
+            raise FileExistsError(f"{self.out_dir} already holds a run; pass resume=True (--resume) to continue it, "
+                                  "restart=True (--restart) to move it aside and start over, or choose another "
+                                  "out_dir (nothing is overwritten)")
+        if decision and found is None:
+            found = (Path(decision), *load_checkpoint(decision))
+        return found
 
     def _load(self, path: Path, tensors: Dict[str, Tensor], meta: dict) -> None:
         check_resumable(path, meta, self.stage, self.cfg, self.cm)
@@ -173,36 +218,37 @@ class Trainer:
         cfg = self.cfg
         log = RunLogger(self.out_dir, self.step, cfg.total_steps, self.info.is_main, self.progress,
                         self.callbacks, desc=self.stage)
-        sums: Dict[str, Tensor] = {}
-        last: Dict[str, float] = {}
-        count, t_log, t0 = 0, time.perf_counter(), time.perf_counter()
+        interval = _Interval()
+        self._saved_at, self._save_clock = self.step, time.monotonic()
         try:
-            while self.step < cfg.total_steps:
-                extras = self._train_step(loss_fn)
-                for k, v in extras.items():  # tensors are averaged over the interval, numbers keep the last value
-                    if isinstance(v, Tensor):
-                        sums[k] = sums.get(k, 0.0) + v.detach().double()
-                    else:
-                        last[k] = v
-                count += 1
-                self.step += 1
-                log.tick()
-                done = self.step == cfg.total_steps
-                if self.step % cfg.log_every == 0 or done:
-                    now = time.perf_counter()
-                    log.log(self._record(sums, last, count, now - t_log, now - t0))
-                    sums, count, t_log = {}, 0, now
-                if done or (cfg.sample_every and self.step % cfg.sample_every == 0):
-                    self._samples(log)
-                if done or (cfg.save_every and self.step % cfg.save_every == 0):
-                    self._save(log)
+            with _StopSignals() as signals:
+                while self.step < cfg.total_steps:
+                    stop = self._train_step(loss_fn, interval, signals)
+                    self.step += 1
+                    log.tick()
+                    self._after_step(log, interval, stop)
+                    if stop and self.step < cfg.total_steps:
+                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint)
         finally:
             log.close()
         result = TrainResult(self.cm, self.ema, self.step, log.records, self.last_checkpoint, self.guard.skipped)
         log.event("on_end", result)
         return result
 
-    def _train_step(self, loss_fn) -> dict:
+    def _after_step(self, log: RunLogger, interval: "_Interval", stop: int) -> None:
+        """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says."""
+        cfg, step = self.cfg, self.step
+        done = step == cfg.total_steps
+        if step % cfg.log_every == 0 or done or stop:
+            log.log(self._record(interval))
+        if done or (cfg.sample_every and step % cfg.sample_every == 0):
+            self._samples(log)
+        due_by_time = cfg.save_minutes and time.monotonic() - self._save_clock >= 60.0 * cfg.save_minutes
+        if done or stop or (cfg.save_every and step % cfg.save_every == 0) or (due_by_time and self.info.is_main):
+            self._save(log)
+
+    def _train_step(self, loss_fn, interval: "_Interval", signals: "_StopSignals") -> int:
+        """One optimizer step; returns the signal number every rank agrees to stop on after it (0 = go on)."""
         step = self.step
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -213,33 +259,39 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         norm = grad_norm(self.cm.parameters(), self.cfg.grad_clip)
-        # Every rank must agree (its loss is local; gradients are already averaged by DDP).
-        finite = all_true(bool(torch.isfinite(loss)) and bool(torch.isfinite(norm)), self.info)
+        # Every rank must agree (its loss is local; gradients are already averaged by DDP), and stop together.
+        bad, *stops = any_rank([not (bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))),
+                                signals.received == signal.SIGINT, signals.received == signal.SIGTERM], self.info)
+        finite = not bad
         if self.guard.update(finite, step):
             if self.scaler is not None:
                 self.scaler.step(self.opt)
             else:
                 self.opt.step()
             self.ema.update(self.cm)
+            self.guard.check_weights(weight_rms(self.cm.parameters()), step)  # identical on every rank
         if self.scaler is not None:
             self.scaler.update()
         # Averages over the log interval count finite steps only (a skipped step contributes zeros).
         out = {"loss": loss.detach(), "grad_norm": norm.detach(), **extras}
-        out = {k: (v if finite else torch.zeros(())) if isinstance(v, Tensor) else v for k, v in out.items()}
-        out["finite_steps"] = torch.ones(()) if finite else torch.zeros(())
-        return out
+        interval.add({k: (v if finite else torch.zeros(())) if isinstance(v, Tensor) else v for k, v in out.items()},
+                     finite)
+        return signal.SIGINT if stops[0] else signal.SIGTERM if stops[1] else 0
 
-    def _record(self, sums: Dict, last: Dict, count: int, dt: float, elapsed: float) -> dict:
-        keys = sorted(sums)
-        vec = torch.stack([sums[k].reshape(()).double().cpu() for k in keys])
+    def _record(self, interval: "_Interval") -> dict:
+        keys = sorted(interval.sums)
+        vec = torch.stack([interval.sums[k].reshape(()).double().cpu() for k in keys])
         vec = all_reduce_sum(vec.to(self.device), self.info).cpu()  # sums over steps and ranks
         total = dict(zip(keys, vec.tolist()))
         good = total.pop("finite_steps")
         rec = {"stage": self.stage, "step": self.step}
         rec.update({k: (v / good if good else float("nan")) for k, v in total.items()})
-        rec.update(last)
-        rec.update(lr=self.opt.param_groups[0]["lr"], img_per_s=self.cfg.batch_size * count / max(dt, 1e-9),
-                   skipped=self.guard.skipped, time=round(elapsed, 3))
+        rec.update(interval.last)
+        now = time.perf_counter()
+        rec.update(lr=self.opt.param_groups[0]["lr"],
+                   img_per_s=self.cfg.batch_size * interval.count / max(now - interval.t_start, 1e-9),
+                   skipped=self.guard.skipped, time=round(now - interval.t_run, 3))
+        interval.reset(now)
         return rec
 
     @torch.no_grad()
@@ -256,15 +308,141 @@ class Trainer:
         log.event("on_sample", self.step, images)
 
     def _save(self, log: RunLogger) -> None:
-        if self.ckpt is None:
+        if self.ckpt is None or self._saved_at == self.step:
             return
         # Identical on every rank (DDP keeps replicas equal), so all ranks stop together if this fails.
         if not all_finite(list(self.cm.parameters()) + list(self.ema.module.parameters())):
             raise NonFiniteError(f"weights are not finite at step {self.step}; refusing to save a checkpoint")
+        self._saved_at, self._save_clock = self.step, time.monotonic()
         if self.info.is_main:
             tensors, meta = self.checkpoint_state()
             self.last_checkpoint = self.ckpt.save(self.step, tensors, meta)
             log.event("on_checkpoint", self.step, self.last_checkpoint)
+
+
+class _Interval:
+    """Sums of the logged values since the last record: 0-d tensors are summed (then averaged over the finite steps
+    and the ranks), numbers keep their last value."""
+
+    def __init__(self):
+        self.t_run = time.perf_counter()
+        self.reset(self.t_run)
+
+    def reset(self, now: float) -> None:
+        self.sums: Dict[str, Tensor] = {}
+        self.last: Dict[str, float] = {}
+        self.count, self.t_start = 0, now
+
+    def add(self, values: dict, finite: bool) -> None:
+        for k, v in values.items():
+            if isinstance(v, Tensor):
+                self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+            else:
+                self.last[k] = v
+        self.sums["finite_steps"] = self.sums.get("finite_steps", 0.0) + torch.tensor(float(finite)).double()
+        self.count += 1
+
+
+class _StopSignals:
+    """While training: the first SIGINT / SIGTERM is recorded in ``received`` (the loop stops after the step in
+    flight and saves); the handlers then fall back to the default action, so a second signal ends the process at
+    once. Installed only in the main thread (Python delivers signals there); elsewhere nothing changes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received, self._previous = 0, {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if not self.received:
+            self.received = signum
+        for s in self.SIGNALS:
+            signal.signal(s, signal.SIG_DFL)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteGuard:
+    """Counts bad steps. A step with a non-finite loss or gradient is skipped (no optimizer or EMA update) and
+    counted in ``skipped``; ``max_consecutive`` of them in a row raise NonFiniteError. Under fp16 autocast the
+    gradient scaler's overflow steps (inf gradients, after which it halves its scale) are counted as skipped too.
+    After an update, weights whose RMS exceeds ``max_weight_rms`` (a bound far above what training produces: the
+    U-Net presets start near 0.1 and move by about lr per step) count as diverged; ``max_consecutive`` such steps in
+    a row raise DivergenceError."""
+
+    def __init__(self, max_consecutive: int = 10, max_weight_rms: Optional[float] = None):
+        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be a positive int, got {max_consecutive!r}")
+        self.max_consecutive, self.max_weight_rms = max_consecutive, max_weight_rms
+        self.skipped = self.consecutive = self.diverged = 0
+
+    def update(self, finite: bool, step: int) -> bool:
+        """Record whether ``step`` was finite; return it. Raises NonFiniteError at the K-th bad step in a row."""
+        if finite:
+            self.consecutive = 0
+            return True
+        self.skipped += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(f"{self.consecutive} consecutive steps (up to step {step}) had a non-finite loss "
+                                 f"or gradient ({self.skipped} skipped in total); training stopped. Lower the "
+                                 "learning rate, enable grad_clip, or use precision='fp32'")
+        return False
+
+    def check_weights(self, rms: float, step: int) -> None:
+        """Record the weight RMS after ``step``'s update. Raises DivergenceError at the K-th step in a row above
+        max_weight_rms (a NaN RMS counts as above)."""
+        if self.max_weight_rms is None or rms <= self.max_weight_rms:
+            self.diverged = 0
+            return
+        self.diverged += 1
+        if self.diverged >= self.max_consecutive:
+            raise DivergenceError(f"training diverged: the weight RMS was above max_weight_rms={self.max_weight_rms:g} "
+                                  f"for {self.diverged} steps in a row (up to step {step}, now {rms:.3g}); stopped "
+                                  "without saving. Lower the learning rate (or enable grad_clip)")
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "diverged": self.diverged}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])
+        self.diverged = int(state.get("diverged", 0))
+
+
+def grad_norm(params: Iterable[Tensor], max_norm: Optional[float] = None) -> Tensor:
+    """Total L2 norm of the gradients (inf/NaN if any gradient is), clipping them to ``max_norm`` when given
+    (torch's rule: scale by min(1, max_norm / (norm + 1e-6))). A non-finite norm is not clipped: that step is
+    thrown away."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    norm = get_total_norm([p.grad for p in params], 2.0, error_if_nonfinite=False)
+    if max_norm is not None and bool(torch.isfinite(norm)):
+        clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+@torch.no_grad()
+def weight_rms(params: Iterable[Tensor]) -> float:
+    """sqrt(mean of theta^2) over every element of every parameter (fp64 accumulation)."""
+    params = [p.detach() for p in params if p.is_floating_point()]
+    if not params:
+        return 0.0
+    sq = torch.stack(torch._foreach_norm(params)).double().square().sum()  # one device sync, not one per tensor
+    return (float(sq) / sum(p.numel() for p in params)) ** 0.5
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """True when every floating tensor is free of NaN and inf."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:

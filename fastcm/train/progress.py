@@ -90,12 +90,7 @@ class RunLogger:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=False) + "\n")
         if self.bar is not None:
-            post = {"loss": f"{record['loss']:.4g}" if record.get("loss") is not None else "nan"}
-            for key in ("N", "fd"):
-                if key in record:
-                    post[key] = record[key] if key == "N" else f"{record[key]:.4g}"
-            post["img/s"] = f"{record.get('img_per_s', 0):.1f}"
-            self.bar.set_postfix(post, refresh=False)
+            self.bar.set_postfix(bar_postfix(record), refresh=False)
         for cb in self.callbacks:
             cb.on_log(record)
 
@@ -106,6 +101,22 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def bar_postfix(record: dict) -> dict:
+    """What the progress bar shows: the FD itself in the FD stage (its loss may be the normalised FD, ~1 by
+    construction; the total with an iCT term), the loss and N(k) in the iCT stage, and the throughput."""
+    fmt = lambda v: "nan" if v is None else f"{v:.4g}"  # noqa: E731
+    if "fd" in record:
+        post = {"fd": fmt(record["fd"])}
+        if "ict" in record:
+            post.update(ict=fmt(record["ict"]), loss=fmt(record.get("loss")))
+    else:
+        post = {"loss": fmt(record.get("loss"))}
+        if "N" in record:
+            post["N"] = record["N"]
+    post["img/s"] = f"{record.get('img_per_s', 0):.1f}"
+    return post
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -10,7 +10,7 @@ import numbers
 import torch
 from torch import nn
 
-from .precond import unwrap
+from fastcm.cm.precond import unwrap
 
 
 class EMA:

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from fastcm.cm import EMA, ConsistencyModel, sample
+from fastcm.cm import ConsistencyModel, sample
 from fastcm.models import build_unet
+from fastcm.train import EMA
 
 
 def _model():
