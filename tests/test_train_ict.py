@@ -7,8 +7,8 @@ import torch
 from fastcm.cm import ConsistencyModel
 from fastcm.data import ArrayDataset, load_digits
 from fastcm.models import build_unet
-from fastcm.train import (Callback, CheckpointManager, ICTConfig, NonFiniteError, Trainer, load_checkpoint,
-                          load_model, train_ict)
+from fastcm.train import (Callback, CheckpointError, CheckpointManager, ICTConfig, NonFiniteError, Trainer,
+                          load_checkpoint, load_model, train_ict)
 
 
 def _cfg(**kw):
@@ -85,17 +85,23 @@ def test_resume_after_crash_is_exact(tmp_path, digits):
     assert not ema.training and isinstance(ema, ConsistencyModel) and ema.num_classes == 10
 
 
-def test_truncated_newest_checkpoint_falls_back(tmp_path, digits):
-    ref = train_ict(_cfg(total_steps=6, save_every=2, keep_last=3, sample_every=0), digits, _model(), progress=False)
+def test_damaged_newest_checkpoint_is_refused_and_kept(tmp_path, digits):
+    cfg = _cfg(total_steps=6, save_every=2, keep_last=3, sample_every=0)
+    ref = train_ict(cfg, digits, _model(), progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train_ict(_cfg(total_steps=6, save_every=2, keep_last=3, sample_every=0), digits, _model(),
-                  out_dir=tmp_path, progress=False, callbacks=[_Crash(at=5)])
+        train_ict(cfg, digits, _model(), out_dir=tmp_path, progress=False, callbacks=[_Crash(at=5)])
     newest = tmp_path / "checkpoints" / "ckpt_00000004.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])  # the disk filled up while it was written
-    with pytest.warns(RuntimeWarning, match="skipping unusable checkpoint ckpt_00000004"):
-        res = train_ict(_cfg(total_steps=6, save_every=2, keep_last=3, sample_every=0), digits, _model(seed=5),
-                        out_dir=tmp_path, resume=True, progress=False)
+    damaged = newest.read_bytes()
+    with pytest.raises(CheckpointError, match=r"ckpt_00000004.safetensors .*left untouched.*restart"):
+        train_ict(cfg, digits, _model(seed=5), out_dir=tmp_path, resume=True, progress=False)
+    assert newest.read_bytes() == damaged  # evidence: neither skipped (and later overwritten) nor deleted
+    res = train_ict(cfg, digits, _model(), out_dir=tmp_path, restart=True, progress=False)  # explicit start over
     assert all(torch.equal(a, b) for a, b in zip(ref.model.state_dict().values(), res.model.state_dict().values()))
+    (previous,) = tmp_path.glob("previous-*")
+    assert (previous / "checkpoints" / newest.name).read_bytes() == damaged
+    assert sorted(p.name for p in previous.iterdir()) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert [s for s, _ in CheckpointManager(tmp_path / "checkpoints").checkpoints()] == [2, 4, 6]
 
 
 def _toy_trainer(cfg, **kw):
