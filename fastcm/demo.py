@@ -209,6 +209,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
 
     if not isinstance(cfg, DemoConfig):
         raise TypeError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
+    _check_preset(cfg.preset)  # before any directory or training: the demo's later stages need labels
     out = prepare_out_dir(out, overwrite, prefix="demo")
     if overwrite:
         for stage in ("ict", "fd_finetune"):
@@ -224,6 +225,21 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
             return _run(cfg, out, cache, verbose, threads, why)
     finally:
         torch.set_num_threads(previous)
+
+
+def _check_preset(name: str) -> None:
+    """The demo trains on digits and evaluates per class (CAS, class-balanced samples): it needs a 10-class
+    conditional preset of 1x8x8 images."""
+    from fastcm.models import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    c = PRESETS[name]
+    if (c.in_channels, c.img_resolution, c.num_classes) != (1, 8, 10):
+        kind = f"{c.num_classes}-class conditional" if c.num_classes else "unconditional"
+        raise ValueError(f"--preset {name} makes {kind} {c.in_channels}x{c.img_resolution}x{c.img_resolution} "
+                         "images, but the demo trains on digits and scores samples per class: it needs a "
+                         "10-class 1x8x8 preset such as 'digits'")
 
 
 def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:

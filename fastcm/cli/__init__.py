@@ -1,10 +1,13 @@
 """The ``fastcm`` command: demo, train, sample, edit, stats, fid, cas, bench.
 
-Every subcommand has ``--help``. Mistakes a user can fix (a missing file, a non-empty --out, a wrong option value)
+Every subcommand has ``--help``. Mistakes a user can fix (a missing file, a non-empty --out, a wrong option value,
+a --device this torch cannot use, an output location that is read-only or under a file, a diverged training run)
 end with one line ``fastcm <command>: error: <what to fix>`` and exit status 2, not a traceback
-(FASTCM_DEBUG=1 shows the traceback instead).
+(FASTCM_DEBUG=1 shows the traceback instead). ``fastcm train`` stopped by SIGINT / SIGTERM saves a checkpoint after
+the step in flight, says where in one line and exits with 130 / 143.
 """
 import argparse
+import errno
 import os
 import sys
 
@@ -94,7 +97,17 @@ def _add_train(sub) -> None:
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--compile", action="store_true", help="torch.compile the model call (fullgraph)")
     p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available; torchrun sets it)")
-    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out")
+    p.add_argument("--save-every", type=int, default=None, metavar="STEPS",
+                   help="steps between checkpoints, 0 = only at the end (default: the stage config's, 5000 for ict, "
+                        "100 for fd)")
+    p.add_argument("--save-minutes", type=float, default=None, metavar="M",
+                   help="also save after M minutes of training since the last checkpoint, 0 = off (default: 10). "
+                        "Ctrl-C (SIGINT) or SIGTERM saves after the step in flight and exits 130 / 143; a second "
+                        "one exits at once")
+    p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out (a damaged one is "
+                                                        "refused and left untouched)")
+    p.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its files move "
+                                                         "to --out/previous-<time>/ (nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _out_args(p, "the run")
 
@@ -119,6 +132,9 @@ def _add_edit(sub) -> None:
     p.add_argument("--input", default="digits:test", help="images to edit: digits[:train|test], FILE.npz or an "
                                                           "image folder (default: digits:test)")
     p.add_argument("-n", "--num", type=int, default=16, help="number of images to edit (default 16)")
+    p.add_argument("--labels", type=int, nargs="+", default=None, metavar="L",
+                   help="class labels of the input images for a class-conditional model: one per image, or one for "
+                        "all (default: the labels --input holds; required when it holds none)")
     p.add_argument("--factor", type=int, default=2, help="super-resolution block factor (default 2)")
     p.add_argument("--sigma", type=float, default=0.5, help="noise level for denoise (default 0.5)")
     _out_args(p, "edited.npz and edited.png")
@@ -184,6 +200,37 @@ class UsageError(ValueError):
     """A mistake in the command line the user can fix; printed as one line, exit status 2."""
 
 
+def check_device(spec: str) -> None:
+    """Reject a --device this torch cannot use (a bad name, CUDA on a CPU-only build, a missing GPU) with one line,
+    before any work starts."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {spec!r} is not a device name ({str(e).splitlines()[0]}); use cpu, cuda or "
+                         "cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = "has no CUDA device visible" if torch.backends.cuda.is_built() else "is a CPU-only build"
+        raise UsageError(f"--device {spec!r}: this torch {torch.__version__} {built}; use --device cpu")
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # e.g. cuda:3 on a one-GPU machine, or a backend this build lacks
+        fix = f"cuda:N with N < {torch.cuda.device_count()}" if device.type == "cuda" else "cpu"
+        raise UsageError(f"--device {spec!r} is not usable here ({str(e).splitlines()[0]}); use {fix}") from e
+
+
+def _os_error(err: OSError) -> str:
+    """One line for a file-system error: what failed, on which path, and the usual fix."""
+    what = err.strerror or str(err)
+    path = f" {str(err.filename)!r}" if err.filename is not None else ""
+    hint = {errno.EROFS: "; that file system is read-only: choose a location you can write",
+            errno.EACCES: "; choose a location you can write", errno.EPERM: "; choose a location you can write",
+            errno.ENOTDIR: "; a part of that path is a file, not a directory",
+            errno.ENOSPC: "; free some space or choose another disk"}.get(err.errno, "")
+    return f"{what}:{path}{hint}" if path else f"{what}{hint}"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,16 +240,34 @@ def main(argv=None) -> int:
     from fastcm.cli import commands
 
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         return int(getattr(commands, f"cmd_{args.command}")(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-            PermissionError) as err:
-        if os.environ.get("FASTCM_DEBUG") == "1":  # developers: the full traceback
+    except Exception as err:
+        message = _one_line(err)
+        if message is None or os.environ.get("FASTCM_DEBUG") == "1":  # developers: the full traceback
             raise
-        print(f"fastcm {args.command}: error: {err}", file=sys.stderr)
+        print(f"fastcm {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        from fastcm.train import TrainingInterrupted
+
+        if isinstance(interrupt, TrainingInterrupted):  # the checkpoint of the last finished step is on disk
+            print(f"fastcm {args.command}: {interrupt}", file=sys.stderr)
+            return interrupt.exit_code
         print(f"fastcm {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(err: Exception):
+    """The one-line message of an error the user can fix, or None for a bug (which keeps its traceback)."""
+    from fastcm.train import DivergenceError, NonFiniteError
+
+    if isinstance(err, OSError):  # a read-only or full disk, a path through a file, no permission …
+        return _os_error(err) if err.errno is not None else str(err)
+    if isinstance(err, (ValueError, TypeError, NonFiniteError, DivergenceError)):
+        return str(err)
+    return None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,12 @@
-"""``fastcm train``, ``fastcm sample`` and ``fastcm edit``: checkpoints in, runs / samples / edited images out."""
+"""``fastcm train``, ``fastcm sample`` and ``fastcm edit``: checkpoints in, runs / samples / edited images out.
+
+Everything that can reject the inputs (options, data, checkpoint, model) runs before the output directory is
+created; a command that fails after creating it removes it again while it is still empty, and files are written
+only once their content is known to be valid (finite samples), each through a temporary file and a rename.
+"""
+import contextlib
 import os
+from pathlib import Path
 
 from fastcm.cli import UsageError
 
@@ -8,6 +15,22 @@ def _positive(name: str, value: int) -> int:
     if value is None or value < 1:
         raise UsageError(f"{name} must be a positive integer, got {value}")
     return value
+
+
+@contextlib.contextmanager
+def _output_dir(out, overwrite: bool, prefix: str):
+    """prepare_out_dir's directory for the block; removed again if the block fails and left it empty (and it did
+    not exist before)."""
+    from fastcm.eval.report import prepare_out_dir
+
+    existed = out is not None and Path(out).expanduser().exists()
+    path = prepare_out_dir(out, overwrite, prefix=prefix)
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
 
 
 # -- train ------------------------------------------------------------------------------------------
@@ -19,16 +42,16 @@ def _overrides(args, **names) -> dict:
 
 def cmd_train(args) -> int:
     from fastcm.data import load_dataset
-    from fastcm.eval.report import prepare_out_dir
 
+    if args.resume and args.restart:
+        raise UsageError("--resume continues the run in --out and --restart starts it over: pass one of them")
     data = load_dataset(args.data, "train")
-    out = prepare_out_dir(args.out, args.overwrite or args.resume, prefix=f"train-{args.stage}")
-    common = dict(_overrides(args, total_steps="steps", batch_size="batch_size", lr="lr"), seed=args.seed,
-                  hflip=args.hflip, compile=args.compile)
-    if args.stage == "ict":
-        result = _train_ict_stage(args, data, out, common)
-    else:
-        result = _train_fd_stage(args, data, out, common)
+    common = dict(_overrides(args, total_steps="steps", batch_size="batch_size", lr="lr", save_every="save_every",
+                             save_minutes="save_minutes"), seed=args.seed, hflip=args.hflip, compile=args.compile)
+    prepare = _train_ict_stage if args.stage == "ict" else _train_fd_stage
+    train = prepare(args, data, common)  # validates everything (and computes FD reference statistics) first
+    with _output_dir(args.out, args.overwrite or args.resume or args.restart, f"train-{args.stage}") as out:
+        result = train(out)
     last = result.records[-1] if result.records else {}
     print(f"trained {result.step} steps ({args.stage}); last loss {last.get('loss')}, skipped steps "
           f"{result.skipped_steps}")
@@ -37,7 +60,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _train_ict_stage(args, data, out, common):
+def _train_ict_stage(args, data, common):
+    """Validate the iCT stage's options and build its model; return ``train(out_dir) -> TrainResult``."""
     import torch
 
     from fastcm.cm import ConsistencyModel
@@ -54,11 +78,13 @@ def _train_ict_stage(args, data, out, common):
     if tuple(unet.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--preset {preset} generates {tuple(unet.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}; pick a preset of that shape")
-    return train_ict(ICTConfig(**common), data, ConsistencyModel(unet), out_dir=out, resume=args.resume,
-                     device=args.device, progress=not args.no_progress)
+    cfg, model = ICTConfig(**common), ConsistencyModel(unet)
+    return lambda out: train_ict(cfg, data, model, out_dir=out, resume=args.resume, restart=args.restart,
+                                 device=args.device, progress=not args.no_progress)
 
 
-def _train_fd_stage(args, data, out, common):
+def _train_fd_stage(args, data, common):
+    """Validate the FD stage's options, load --init and the reference statistics; return ``train(out_dir)``."""
     from fastcm.eval.features import feature_extractor
     from fastcm.train import FDConfig, finetune_fd, load_model, reference_stats
 
@@ -73,14 +99,19 @@ def _train_fd_stage(args, data, out, common):
         raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}")
     features = args.features or ("digits" if data.image_shape == (1, 8, 8) else "inception")
-    net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
-    ref = reference_stats(net, data)  # fp64 statistics of every training image in that feature space
     # Dead ReLU units make the digits features' covariance singular; queue/ema modes whiten with its Cholesky factor.
     mode = args.fd_mode or ("batch" if features == "digits" else "queue")
-    print(f"FD fine-tune in {features} feature space ({mode} mode) against {len(data)} training images", flush=True)
     cfg = FDConfig(**common, fd_mode=mode, fd_normalize=args.fd_normalize)
-    return finetune_fd(cfg, model, net, ref, dataset=data, out_dir=out, resume=args.resume, device=args.device,
-                       progress=not args.no_progress)
+    net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
+    ref = reference_stats(net, data)  # fp64 statistics of every training image in that feature space
+
+    def train(out):
+        print(f"FD fine-tune in {features} feature space ({mode} mode) against {len(data)} training images",
+              flush=True)
+        return finetune_fd(cfg, model, net, ref, dataset=data, out_dir=out, resume=args.resume,
+                           restart=args.restart, device=args.device, progress=not args.no_progress)
+
+    return train
 
 
 def _load_model(args):
@@ -104,9 +135,9 @@ def cmd_sample(args) -> int:
 
     from fastcm.cm import sample
     from fastcm.data import save_grid
-    from fastcm.eval.report import prepare_out_dir, save_samples_npz
+    from fastcm.eval.report import save_samples_npz
 
-    model = _load_model(args)
+    model = _load_model(args)  # refuses non-finite weights
     classes = model.num_classes
     if classes:
         per = _positive("--per-class", args.per_class)
@@ -114,20 +145,29 @@ def cmd_sample(args) -> int:
     else:
         labels, per = None, None
     n = len(labels) if labels is not None else _positive("--num", args.num or 64)
-    out = prepare_out_dir(args.out, args.overwrite, prefix="samples")
     sigmas = _sigmas(args, model, 1)
-    x = sample(model, n, labels, sigmas=sigmas, seeds=args.seed, batch_size=256).cpu()
-    save_samples_npz(out / "samples.npz", x, labels)
-    if labels is not None:
-        k = min(per, 16)  # one row per class, at most 16 columns
-        grid = x.reshape(classes, per, *x.shape[1:])[:, :k].reshape(classes * k, *x.shape[1:])
-        save_grid(grid, out / "samples.png", nrow=k, overwrite=True)
-    else:
-        save_grid(x[:256], out / "samples.png", overwrite=True)
+    with _output_dir(args.out, args.overwrite, "samples") as out:
+        x = _finite(sample(model, n, labels, sigmas=sigmas, seeds=args.seed, batch_size=256).cpu(), args)
+        save_samples_npz(out / "samples.npz", x, labels)
+        if labels is not None:
+            k = min(per, 16)  # one row per class, at most 16 columns
+            grid = x.reshape(classes, per, *x.shape[1:])[:, :k].reshape(classes * k, *x.shape[1:])
+            save_grid(grid, out / "samples.png", nrow=k, overwrite=True)
+        else:
+            save_grid(x[:256], out / "samples.png", overwrite=True)
     print(f"wrote {n} samples ({len(sigmas)} step(s), sigmas {list(sigmas)}) to {out}/samples.npz and "
           f"{out}/samples.png")
     return 0
 
+
+def _finite(x, args):
+    """``x`` when every value is finite; else ValueError (nothing is written)."""
+    import torch
+
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"the model of {args.checkpoint} produced NaN/inf images ({int((~torch.isfinite(x)).sum())} "
+                         "values); nothing was written")
+    return x
 
 
 # -- edit -----------------------------------------------------------------------------------------------------------
@@ -185,23 +225,46 @@ def _corrupt(args, model, x, labels):
     return noisy.clamp(-1, 1), edited, None
 
 
+def _edit_labels(args, model, labels, n: int):
+    """The class labels an edit uses: --labels (one per image, or one for all), else those of --input. A
+    class-conditional model without either is refused rather than given random labels."""
+    import torch
+
+    classes = model.num_classes
+    if not classes:
+        if args.labels is not None:
+            raise UsageError("--labels: the model of --checkpoint is unconditional (no class labels)")
+        return None
+    if args.labels is not None:
+        if len(args.labels) not in (1, n):
+            raise UsageError(f"--labels needs 1 label (for all) or {n} (one per image), got {len(args.labels)}")
+        labels = torch.tensor(args.labels * (n if len(args.labels) == 1 else 1), dtype=torch.long)
+    elif labels is None:
+        raise UsageError(f"the model is class-conditional ({classes} classes) but --input {args.input!r} holds no "
+                         "labels: pass --labels L [L ...] (one per image, or one for all)")
+    if int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise UsageError(f"labels must lie in 0 .. {classes - 1} for this model, got {int(labels.min())} .. "
+                         f"{int(labels.max())}")
+    return labels
+
+
 def cmd_edit(args) -> int:
     import torch
 
     from fastcm.data import save_grid
-    from fastcm.eval.report import prepare_out_dir, save_samples_npz
+    from fastcm.eval.report import save_samples_npz
 
     model = _load_model(args)
     n = _positive("--num", args.num)
     x, labels = _edit_inputs(args.input, n, model.input_shape[0])
     if tuple(x.shape[1:]) != tuple(model.input_shape):
         raise UsageError(f"--input images are {tuple(x.shape[1:])} but the model makes {tuple(model.input_shape)}")
-    labels = labels if model.num_classes else None
-    out = prepare_out_dir(args.out, args.overwrite, prefix=f"edit-{args.task}")
-    shown, edited, violation = _corrupt(args, model, x, labels)
-    edited = edited.cpu()
-    save_samples_npz(out / "edited.npz", edited, labels, original=x, corrupted=shown)
-    save_grid(torch.cat([x, shown, edited.clamp(-1, 1)]), out / "edited.png", nrow=x.shape[0], overwrite=True)
+    labels = _edit_labels(args, model, labels, x.shape[0])
+    with _output_dir(args.out, args.overwrite, f"edit-{args.task}") as out:
+        shown, edited, violation = _corrupt(args, model, x, labels)
+        edited = _finite(edited.cpu(), args)
+        save_samples_npz(out / "edited.npz", edited, labels, original=x, corrupted=shown)
+        save_grid(torch.cat([x, shown, edited.clamp(-1, 1)]), out / "edited.png", nrow=x.shape[0], overwrite=True)
     mse = float((edited - x).pow(2).mean())
     kept = "" if violation is None else f"; known part kept to max |Δ| = {violation:.2e}"
     print(f"{args.task}: {x.shape[0]} images, MSE to the originals {mse:.4f}{kept}\nwrote {out}/edited.npz and "
