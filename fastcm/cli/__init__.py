@@ -228,6 +228,8 @@ def _os_error(err: OSError) -> str:
             errno.EACCES: "; choose a location you can write", errno.EPERM: "; choose a location you can write",
             errno.ENOTDIR: "; a part of that path is a file, not a directory",
             errno.ENOSPC: "; free some space or choose another disk"}.get(err.errno, "")
+    if err.errno == errno.EEXIST and err.filename is not None and os.path.isfile(err.filename):
+        hint = "; it is a file, not a directory, so nothing can be created under it"
     return f"{what}:{path}{hint}" if path else f"{what}{hint}"
 
 

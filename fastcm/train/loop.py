@@ -263,13 +263,15 @@ class Trainer:
         bad, *stops = any_rank([not (bool(torch.isfinite(loss)) and bool(torch.isfinite(norm))),
                                 signals.received == signal.SIGINT, signals.received == signal.SIGTERM], self.info)
         finite = not bad
-        if self.guard.update(finite, step):
+        if finite:
             if self.scaler is not None:
                 self.scaler.step(self.opt)
             else:
                 self.opt.step()
             self.ema.update(self.cm)
-            self.guard.check_weights(weight_rms(self.cm.parameters()), step)  # identical on every rank
+        # Weights that ran away stay so on skipped steps too; identical on every rank (DDP keeps replicas equal).
+        self.guard.check_weights(weight_rms(self.cm.parameters()), step)
+        self.guard.update(finite, step)
         if self.scaler is not None:
             self.scaler.update()
         # Averages over the log interval count finite steps only (a skipped step contributes zeros).
@@ -313,6 +315,10 @@ class Trainer:
         # Identical on every rank (DDP keeps replicas equal), so all ranks stop together if this fails.
         if not all_finite(list(self.cm.parameters()) + list(self.ema.module.parameters())):
             raise NonFiniteError(f"weights are not finite at step {self.step}; refusing to save a checkpoint")
+        if self.guard.diverged:  # fewer than K steps so far, but a diverged run is never saved
+            raise DivergenceError(f"training diverged: the weight RMS is above max_weight_rms="
+                                  f"{self.cfg.max_weight_rms:g} at step {self.step}; refusing to save a checkpoint. "
+                                  "Lower the learning rate (or enable grad_clip)")
         self._saved_at, self._save_clock = self.step, time.monotonic()
         if self.info.is_main:
             tensors, meta = self.checkpoint_state()
