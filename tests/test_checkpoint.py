@@ -9,7 +9,7 @@ import torch
 
 from fastcm.train.checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, optimizer_from_flat,
                                      optimizer_to_flat, read_checkpoint_meta, save_checkpoint)
-from fastcm.train.loop import NonFiniteError, NonFiniteGuard, grad_norm
+from fastcm.train.loop import DivergenceError, NonFiniteError, NonFiniteGuard, grad_norm
 
 
 def _tensors():
@@ -196,6 +196,13 @@ def test_guard_counts_and_stops():
     assert (h.skipped, h.consecutive) == (5, 3)
     with pytest.raises(ValueError, match="max_consecutive"):
         NonFiniteGuard(0)
+    d = NonFiniteGuard(3, max_weight_rms=10.0)
+    for rms in (5.0, 11.0, float("nan"), 9.0, 11.0, float("inf")):  # NaN counts as above; a step below resets
+        d.check_weights(rms, 0)
+    assert d.diverged == 2 and json.loads(json.dumps(d.state_dict()))["diverged"] == 2
+    with pytest.raises(DivergenceError, match=r"max_weight_rms=10 for 3 steps in a row.*Lower the learning rate"):
+        d.check_weights(1e30, 7)
+    NonFiniteGuard(3).check_weights(1e30, 0)  # max_weight_rms=None: no bound
 
 
 def test_grad_norm_matches_torch_clip():
