@@ -65,8 +65,8 @@ class SeededDropout(nn.Module):
     """Dropout layer whose mask comes from an explicit per-step seed (see module docstring).
 
     ``forward(x, seed)``: in eval mode or with p == 0 it is the identity. In training mode ``seed`` is an int64
-    tensor, 0-d or one per sample (see :func:`dropout_keep_mask`), or a Python int; ``None`` draws a fresh seed from torch's global CPU generator, which is correct for
-    plain training but gives different masks on each call.
+    tensor, 0-d or one per sample (see :func:`dropout_keep_mask`), or a Python int; ``None`` draws a fresh seed from
+    torch's global CPU generator, which is correct for plain training but gives different masks on each call.
     """
 
     def __init__(self, p: float, layer_id: int):
