@@ -73,13 +73,6 @@ def _env(**extra):
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
 
 
-def fastcm(*argv, cwd=None, timeout=300):
-    """``python -m fastcm.cli ARGV`` in a subprocess: (exit status, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "fastcm.cli", *map(str, argv)], capture_output=True, text=True,
-                          env=_env(), cwd=cwd, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def one_line_error(command, err):
     lines = err.strip().splitlines()
     return len(lines) == 1 and lines[0].startswith(f"fastcm {command}: error: ") and "Traceback" not in err
@@ -140,72 +133,91 @@ def _device_cases(f, device):
     ]
 
 
-def test_every_subcommand_reports_unusable_outputs_and_devices_in_one_line(files):
-    """Item 5: EROFS, an output path under a regular file, --device bogus, --device cuda on a CPU-only torch."""
-    d = files["dir"]
-    cases = [(c, a, "read-only") for c, a in _output_cases(files, d / "readonly")]
-    cases += [(c, a, "not a directory") for c, a in _output_cases(files, d / "a_file")]
-    cases += [(c, a, "not a device name") for c, a in _device_cases(files, "bogus")]
-    if not torch.cuda.is_available():
-        cases += [(c, a, "cpu-only build" if not torch.backends.cuda.is_built() else "no cuda device")
-                  for c, a in _device_cases(files, "cuda")]
-    argvs = [[str(x) for x in a] for _, a, _ in cases]
-    proc = subprocess.run([sys.executable, "-c", DRIVER, str(d / "readonly"), json.dumps(argvs)],
-                          capture_output=True, text=True, env=_env(), cwd=d, timeout=600)
+def _refusal_cases(f):
+    """(name, argv, expected text, a path that must not exist afterwards) of items 7 and 8."""
+    d, ck, unlabelled = f["dir"], f["ckpt"], f["dir"] / "unlabelled.npz"
+    return [
+        ("nan-sample", ["sample", "--checkpoint", f["nan"], "--per-class", 1, "--out", d / "nan-s"], "nan",
+         d / "nan-s"),
+        ("nan-edit", ["edit", "--checkpoint", f["nan"], "--task", "inpaint", "--out", d / "nan-e"], "nan",
+         d / "nan-e"),
+        ("train-shape", ["train", "--preset", "cifar10-small", "--steps", 1, "--out", d / "r1"], "preset", d / "r1"),
+        ("train-lr", ["train", "--lr", "-1", "--steps", 1, "--out", d / "r2"], "lr", d / "r2"),
+        ("demo-tiny", ["demo", "--preset", "tiny", "--out", d / "demo"], "unconditional", d / "demo"),
+        ("edit-unlabelled", ["edit", "--checkpoint", ck, "--task", "inpaint", "--input", unlabelled, "--out",
+                             d / "e1"], "--labels", d / "e1"),
+        ("edit-colorize", ["edit", "--checkpoint", ck, "--task", "colorize", "--out", d / "e2"], "3-channel",
+         d / "e2"),  # fails after --out was made: removed again while empty
+        # --lr 1e30: with the digits preset the loss stays finite, so the NaN guard alone let such runs finish and
+        # save weights of 1e30; the weight-RMS bound stops it (a non-empty run directory, but no checkpoint)
+        ("diverge", ["train", "--lr", "1e30", "--steps", 40, "--batch-size", 2, "--save-every", 1, "--out",
+                     d / "r3", "--no-progress"], "diverged", d / "r3" / "checkpoints"),
+    ]
+
+
+def _drive(cases, readonly, cwd):
+    argvs = [[str(x) for x in a] for a in cases]
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(readonly), json.dumps(argvs)], capture_output=True,
+                          text=True, env=_env(), cwd=cwd, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    bad = [(r["argv"][0], r["code"], r["err"][-400:]) for (cmd, _, want), r in zip(cases, results)
-           if r["code"] != 2 or not one_line_error(cmd, r["err"]) or want not in r["err"].lower()]
-    assert not bad, bad
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    """Every case below through the real entry point, in one driver process: {name: (exit code, stderr)}."""
+    d = files["dir"]
+    cases = {f"rofs-{c}": (c, a, "read-only") for c, a in _output_cases(files, d / "readonly")}
+    cases.update({f"notdir-{c}": (c, a, "not a directory") for c, a in _output_cases(files, d / "a_file")})
+    cases.update({f"bogus-{c}": (c, a, "not a device name") for c, a in _device_cases(files, "bogus")})
+    if not torch.cuda.is_available():
+        want = "cpu-only build" if not torch.backends.cuda.is_built() else "no cuda device"
+        cases.update({f"cuda-{c}": (c, a, want) for c, a in _device_cases(files, "cuda")})
+    for name, argv, want, _ in _refusal_cases(files):
+        cases[name] = (argv[0], argv, want)
+    cases["edit-labels"] = ("edit", ["edit", "--checkpoint", files["ckpt"], "--task", "inpaint", "--input",
+                                     d / "unlabelled.npz", "--labels", 3, "--out", d / "e3"], "")
+    results = _drive([a for _, a, _ in cases.values()], d / "readonly", d)
+    return {name: (cmd, want, r["code"], r["err"]) for (name, (cmd, _, want)), r in zip(cases.items(), results)}
+
+
+def _failures(runs, prefixes):
+    return [(name, code, err[-400:]) for name, (cmd, want, code, err) in runs.items() if name.startswith(prefixes)
+            and (code != 2 or not one_line_error(cmd, err) or want not in err.lower())]
+
+
+def test_every_subcommand_reports_unusable_outputs_and_devices_in_one_line(runs, files):
+    """Item 5: EROFS, an output path under a regular file, --device bogus, --device cuda on a CPU-only torch."""
+    assert not _failures(runs, ("rofs-", "notdir-", "bogus-", "cuda-"))
+    d = files["dir"]
     assert not any((d / "readonly").iterdir()) and not (d / "dev-t").exists() and not (d / "dev-s").exists()
 
 
-def test_sample_from_nan_weights_writes_nothing(files, tmp_path):
-    """Item 7: non-finite EMA weights are refused before sampling; no samples.npz, no --out directory."""
-    rc, _, err = fastcm("sample", "--checkpoint", files["nan"], "--per-class", 1, "--out", tmp_path / "s")
-    assert rc == 2 and one_line_error("sample", err) and "nan" in err.lower(), err
-    assert not (tmp_path / "s").exists()
-    rc, _, err = fastcm("edit", "--checkpoint", files["nan"], "--task", "inpaint", "--out", tmp_path / "e")
-    assert rc == 2 and one_line_error("edit", err) and not (tmp_path / "e").exists(), err
+def test_failed_commands_leave_no_partial_output(runs, files):
+    """Item 7: NaN EMA weights are refused before sampling (no samples.npz, no --out); a train that fails
+    validation creates no --out; `demo --preset tiny` (unconditional) fails before training."""
+    assert not _failures(runs, ("nan-", "train-", "demo-", "edit-colorize"))
+    assert "10-class" in runs["demo-tiny"][3]
+    for name, _, _, gone in _refusal_cases(files):
+        assert not gone.exists(), name
 
 
-def test_failed_train_and_demo_leave_no_directory(tmp_path):
-    """Item 7: a train that fails validation creates no --out; `demo --preset tiny` (unconditional) fails at once."""
-    rc, _, err = fastcm("train", "--preset", "cifar10-small", "--steps", 1, "--out", tmp_path / "r")
-    assert rc == 2 and one_line_error("train", err) and not (tmp_path / "r").exists(), err
-    rc, _, err = fastcm("train", "--lr", "-1", "--steps", 1, "--out", tmp_path / "r")
-    assert rc == 2 and one_line_error("train", err) and "lr" in err and not (tmp_path / "r").exists(), err
-    rc, _, err = fastcm("demo", "--preset", "tiny", "--out", tmp_path / "d", timeout=60)
-    assert rc == 2 and one_line_error("demo", err) and "unconditional" in err and "10-class" in err, err
-    assert not (tmp_path / "d").exists()
+def test_train_stops_a_diverging_run_in_one_line(runs):
+    """Item 8: --lr 1e30 drives the weights past max_weight_rms; training stops in one line, nothing is saved."""
+    assert not _failures(runs, ("diverge",))
+    assert "learning rate" in runs["diverge"][3]
 
 
-def test_train_stops_a_diverging_run_in_one_line(tmp_path):
-    """Item 8: --lr 1e30 drives the weights past max_weight_rms; training stops, nothing is saved. (With the digits
-    preset the loss stays finite: the NaN guard alone let this run finish and save weights of 1e30.)"""
-    rc, out, err = fastcm("train", "--lr", "1e30", "--steps", 40, "--batch-size", 2, "--save-every", 1,
-                          "--out", tmp_path / "r", "--no-progress")
-    assert rc == 2 and one_line_error("train", err) and "diverged" in err and "learning rate" in err, (out, err)
-    assert CheckpointManager(tmp_path / "r" / "checkpoints").checkpoints() == []
-    rc, out, err = fastcm("train", "--preset", "tiny", "--lr", "1e-3", "--steps", 2, "--batch-size", 4,
-                          "--out", tmp_path / "ok", "--no-progress")
-    assert rc == 0, err  # the bound leaves ordinary training alone
-
-
-def test_edit_needs_labels_for_a_class_conditional_model(files, tmp_path):
+def test_edit_needs_labels_for_a_class_conditional_model(runs, files):
     """Item 8: unlabelled input to a class-conditional model is refused (no random labels); --labels fixes it."""
-    unlabelled = files["dir"] / "unlabelled.npz"
-    rc, _, err = fastcm("edit", "--checkpoint", files["ckpt"], "--task", "inpaint", "--input", unlabelled,
-                        "--out", tmp_path / "e")
-    assert rc == 2 and one_line_error("edit", err) and "--labels" in err and not (tmp_path / "e").exists(), err
-    rc, _, err = fastcm("edit", "--checkpoint", files["ckpt"], "--task", "inpaint", "--input", unlabelled,
-                        "--labels", 3, "--out", tmp_path / "e")
-    assert rc == 0, err
-    with np.load(tmp_path / "e" / "edited.npz") as f:
+    assert not _failures(runs, ("edit-unlabelled",))
+    assert runs["edit-labels"][2] == 0, runs["edit-labels"]
+    with np.load(files["dir"] / "e3" / "edited.npz") as f:
         assert f["y"].tolist() == [3] * 6
-    rc, _, err = fastcm("edit", "--checkpoint", files["ckpt"], "--task", "inpaint", "--input", unlabelled,
-                        "--labels", 1, 2, "--out", tmp_path / "e2")
-    assert rc == 2 and "1 label (for all) or 6" in err and not (tmp_path / "e2").exists(), err
-    # a failure after the --out directory was made (here the task itself) removes it again while it is empty
-    rc, _, err = fastcm("edit", "--checkpoint", files["ckpt"], "--task", "colorize", "--out", tmp_path / "e3")
-    assert rc == 2 and "3-channel" in err and not (tmp_path / "e3").exists(), err
+
+
+def test_the_console_entry_point_itself(tmp_path):
+    """The same one-line contract from `python -m fastcm.cli` (no driver)."""
+    proc = subprocess.run([sys.executable, "-m", "fastcm.cli", "fid", "digits:test", "digits:test", "--device",
+                           "bogus"], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and one_line_error("fid", proc.stderr), proc.stderr
