@@ -7,6 +7,7 @@ making every write under one directory fail with EROFS, as a read-only mount doe
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -102,7 +103,11 @@ def files(tmp_path_factory):
     (d / "bench" / "bench_x.py").write_text("def test_x(benchmark):\n    benchmark(sum, [1])\n")
     (d / "a_file").write_text("not a directory")
     (d / "readonly").mkdir()
-    return {"dir": d, "ckpt": res.checkpoint, "nan": d / "nan.safetensors"}
+    shutil.copytree(d / "run", d / "damaged")
+    torn = d / "damaged" / "checkpoints" / res.checkpoint.name
+    torn.write_bytes(torn.read_bytes()[:500])  # the disk filled up while it was written
+    return {"dir": d, "ckpt": res.checkpoint, "nan": d / "nan.safetensors", "damaged": d / "damaged",
+            "torn": torn.read_bytes()}
 
 
 def _output_cases(f, base):
@@ -175,6 +180,10 @@ def runs(files):
         cases.update({f"cuda-{c}": (c, a, want) for c, a in _device_cases(files, "cuda")})
     for name, argv, want, _ in _refusal_cases(files):
         cases[name] = (argv[0], argv, want)
+    cases["damaged-resume"] = ("train", ["train", "--preset", "tiny", "--steps", 1, "--batch-size", 4, "--resume",
+                                         "--out", files["damaged"], "--no-progress"], "--restart")
+    cases["damaged-restart"] = ("train", ["train", "--preset", "tiny", "--steps", 1, "--batch-size", 4,
+                                          "--restart", "--out", files["damaged"], "--no-progress"], "")
     cases["edit-labels"] = ("edit", ["edit", "--checkpoint", files["ckpt"], "--task", "inpaint", "--input",
                                      d / "unlabelled.npz", "--labels", 3, "--out", d / "e3"], "")
     results = _drive([a for _, a, _ in cases.values()], d / "readonly", d)
@@ -214,6 +223,17 @@ def test_edit_needs_labels_for_a_class_conditional_model(runs, files):
     assert runs["edit-labels"][2] == 0, runs["edit-labels"]
     with np.load(files["dir"] / "e3" / "edited.npz") as f:
         assert f["y"].tolist() == [3] * 6
+
+
+def test_a_damaged_checkpoint_is_refused_and_never_overwritten(runs, files):
+    """Item 2: --resume stops at a damaged newest checkpoint with one line naming it and --restart; --restart moves
+    the whole run aside (the damaged file with it, byte for byte) and starts over."""
+    assert not _failures(runs, ("damaged-resume",))
+    assert "ckpt_00000001.safetensors" in runs["damaged-resume"][3]
+    assert runs["damaged-restart"][2] == 0, runs["damaged-restart"]
+    (previous,) = files["damaged"].glob("previous-*")
+    assert (previous / "checkpoints" / "ckpt_00000001.safetensors").read_bytes() == files["torn"]
+    assert load_checkpoint(files["damaged"] / "checkpoints" / "ckpt_00000001.safetensors")[1]["step"] == 1
 
 
 def test_the_console_entry_point_itself(tmp_path):
