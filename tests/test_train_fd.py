@@ -147,3 +147,34 @@ def test_fd_stage_validation():
         _cfg(fd_mode="median")
     res = finetune_fd(_cfg(total_steps=1), _model(), net, (ref.mu.numpy(), ref.sigma.numpy()), progress=False)
     assert res.step == 1 and res.records[0]["fd"] > 0
+
+
+def test_fd_dropout_is_seeded_by_config_seed_and_global_sample_index():
+    """Item 3: with fd_dropout the masks are a function of (cfg.seed, step, global sample index) alone: torch's
+    global RNG plays no part, the seed does, and a sample's mask does not depend on its position in a batch."""
+    from fastcm.nn import dropout_keep_mask
+    from fastcm.train.fd import dropout_seeds
+
+    seeds = dropout_seeds(3, 7, 0, 6)
+    full = dropout_keep_mask((6, 4, 5, 5), 0.3, seeds, layer_id=2)
+    for j in range(6):  # sample j alone (a batch of one, the 0-d rule) has the mask it has inside the batch
+        assert torch.equal(full[j], dropout_keep_mask((1, 4, 5, 5), 0.3, seeds[j], layer_id=2)[0])
+    assert torch.equal(full[4:], dropout_keep_mask((2, 4, 5, 5), 0.3, dropout_seeds(3, 7, 4, 2), layer_id=2))
+    assert 0.6 < full.float().mean() < 0.8
+    with pytest.raises(ValueError, match="one per sample"):
+        dropout_keep_mask((6, 4), 0.3, seeds[:3], layer_id=0)
+    net, data = _feature_net(), _data(60)
+    ref = reference_stats(net, data)
+    cfg = _cfg(total_steps=2, fd_mode="batch", fd_dropout=True)
+
+    def weights(cfg, global_seed):
+        torch.manual_seed(global_seed)
+        model = _model()
+        torch.manual_seed(global_seed)  # the global RNG state during training differs between runs
+        return finetune_fd(cfg, model, net, ref, progress=False).model.state_dict()
+
+    a, b = weights(cfg, 1), weights(cfg, 2)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = weights(cfg.replace(seed=1), 1)
+    d = weights(cfg.replace(fd_dropout=False), 1)
+    assert any(not torch.equal(a[k], c[k]) for k in a) and any(not torch.equal(a[k], d[k]) for k in a)
