@@ -48,12 +48,13 @@ class DivergenceError(RuntimeError):
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training after a step; ``checkpoint`` holds that step (None without out_dir)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Optional[Path]):
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], saved_elsewhere: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
-        where = f"checkpoint saved to {checkpoint}" if checkpoint else "no checkpoint (no out_dir)"
+        where = (f"checkpoint saved to {checkpoint}" if checkpoint else "checkpoint saved by rank 0"
+                 if saved_elsewhere else "no checkpoint (no out_dir)")
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; {where}"
-                         + ("; continue with --resume (resume=True)" if checkpoint else ""))
+                         + ("; continue with --resume (resume=True)" if checkpoint or saved_elsewhere else ""))
 
 
 @dataclass
@@ -228,7 +229,8 @@ class Trainer:
                     log.tick()
                     self._after_step(log, interval, stop)
                     if stop and self.step < cfg.total_steps:
-                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint)
+                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint,
+                                                  saved_elsewhere=self.ckpt is not None and not self.info.is_main)
         finally:
             log.close()
         result = TrainResult(self.cm, self.ema, self.step, log.records, self.last_checkpoint, self.guard.skipped)
