@@ -138,8 +138,9 @@ class Trainer:
             found = (path, *load_checkpoint(path))
         elif self.out_dir is not None:
             found = self._find_resume(bool(resume), restart)
-        elif resume is True:
-            raise ValueError("resume=True needs out_dir (or pass resume=<checkpoint path>)")
+        elif resume is True or restart:
+            raise ValueError(f"{'resume' if resume else 'restart'}=True needs out_dir"
+                             + (" (or pass resume=<checkpoint path>)" if resume else ""))
         else:
             found = None
         if found is not None:
@@ -224,7 +225,8 @@ class Trainer:
         try:
             with _StopSignals() as signals:
                 while self.step < cfg.total_steps:
-                    stop = self._train_step(loss_fn, interval, signals)
+                    stop = self._train_step(loss_fn, interval, signals)  # agreed by all ranks mid-step
+                    stop = stop if self.info.distributed else signals.received  # alone: also one that came later
                     self.step += 1
                     log.tick()
                     self._after_step(log, interval, stop)
