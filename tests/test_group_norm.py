@@ -135,17 +135,21 @@ def test_split_reduction(shape, G, chunk, cl):
 def test_split_reduction_automatic_for_large_groups():
     # 4 x 5120 elements per group exceed one tile: split path, several tiles merged inside one chunk.
     shape, G = (1, 4, 64, 80), 1
-    assert K._plan(1, G, 4, 64 * 80, 0, torch.device("cpu"), K.MAX_FUSED_SIZE) is not None
+    assert not _plan((1, 4, 64 * 80), G, 0).fused
     _check(shape, G, offset=3.0)
 
 
-def test_plan_fills_a_gpu_at_batch_1(monkeypatch):
-    cpu = torch.device("cpu")
-    assert K._plan(64, 32, 8, 32 * 32, 0, cpu, K.MAX_FUSED_SIZE) is None  # fused: one program per (n, g)
-    monkeypatch.setattr(K, "_target_programs", lambda device: 264)       # e.g. 132 SMs x 2
-    chunk, split, _, _ = K._plan(1, 32, 8, 64 * 64, 0, cpu, K.MAX_FUSED_SIZE)
-    assert split > 1 and chunk * split >= 64 * 64 and 8 * chunk >= K.MIN_SPLIT_ELEMS
-    assert K._plan(64, 32, 8, 32 * 32, 0, cpu, K.MAX_FUSED_SIZE) is None
+def _plan(shape, G, num_sms, **kw):
+    return K.group_norm_plan(shape, torch.empty(shape).stride(), torch.float32, G, num_sms, **kw)
+
+
+def test_plan_fills_a_gpu_at_batch_1():
+    assert _plan((64, 256, 32 * 32), 32, 132).fused   # fused: one program per (n, g)
+    plan = _plan((1, 256, 64 * 64), 32, 132)          # 32 groups cannot fill 132 SMs x 2
+    assert not plan.fused and plan.split > 1 and plan.chunk * plan.split >= 64 * 64
+    assert 8 * plan.chunk >= K.MIN_SPLIT_ELEMS
+    assert [launch.grid for launch in plan.launches] == [(32, plan.split)] * 2
+    assert _plan((1, 256, 32 * 32), 32, 0).fused and not _plan((1, 256, 32 * 32), 32, 132).fused  # CPU: 1 at a time
 
 
 @pytest.mark.parametrize("chunk", [None, 8])

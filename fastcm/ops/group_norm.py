@@ -17,7 +17,6 @@ from torch import Tensor, nn
 from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
 
 ACTS = (None, "silu")
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -26,9 +25,10 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     """Fused ``act((group_norm(x) * weight + bias) * (1 + scale) + shift)``.
 
     Args:
-        x: (N, C, *spatial) floating tensor, zero or more spatial dims. Contiguous and channels_last layouts are
-            read natively; any other layout is copied once to contiguous. Statistics are computed in fp32 (fp64
-            for fp64 inputs); the output has x's dtype and layout.
+        x: (N, C, *spatial) floating tensor, zero or more spatial dims. Read in place whenever its spatial dims
+            merge into one strided dim (contiguous, channels_last, a transposed (B, C, L) view, channel or batch
+            slices); otherwise copied once. Statistics are computed in fp32 (fp64 for fp64 inputs); the output has
+            x's dtype, and x's strides when x is dense (else contiguous).
         num_groups: G, dividing C.
         weight, bias: optional (C,) affine parameters (as in ``nn.GroupNorm``).
         eps: positive constant added to the group variance.
@@ -39,8 +39,6 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     _validate(x, num_groups, weight, bias, eps, scale, shift, act)
     if resolve_impl(impl, x) == "torch":
         return group_norm_ref(x, num_groups, weight, bias, eps, scale, shift, act)
-    if not _dense(x):
-        x = x.contiguous()
     y, _, _ = torch.ops.fastcm.group_norm_fwd(x, int(num_groups), weight, bias, float(eps), scale, shift,
                                               act == "silu", 0)
     return y
@@ -71,12 +69,6 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
-
-
-def _dense(x: Tensor) -> bool:
-    """True when the kernels can read x in place: contiguous, or channels_last (4-D) / channels_last_3d (5-D)."""
-    fmt = _CHANNELS_LAST.get(x.dim())
-    return x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt))
 
 
 def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
@@ -164,11 +156,11 @@ def _group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
 
 @_group_norm_fwd.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, silu, chunk):
-    from fastcm.kernels.group_norm import out_format
+    from fastcm.kernels.group_norm import empty_out
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     stats = x.new_empty((x.shape[0], num_groups), dtype=acc)
-    return torch.empty_like(x, memory_format=out_format(x)), stats, torch.empty_like(stats)
+    return empty_out(x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("fastcm::group_norm_bwd", mutates_args=())
@@ -182,10 +174,10 @@ def _group_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: O
 
 @_group_norm_bwd.register_fake
 def _(dy, x, mean, rstd, weight, bias, scale, shift, silu, chunk):
-    from fastcm.kernels.group_norm import out_format
+    from fastcm.kernels.group_norm import empty_out
 
     sums = x.new_empty(x.shape[:2], dtype=mean.dtype)
-    return torch.empty_like(x, memory_format=out_format(x)), sums, torch.empty_like(sums)
+    return empty_out(x), sums, torch.empty_like(sums)
 
 
 def _setup_context(ctx, inputs, output):
@@ -197,9 +189,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, d_mean, d_rstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in x's layout.
-    fmt = _CHANNELS_LAST.get(x.dim()) if not x.is_contiguous() else None
-    dy = dy.contiguous(memory_format=fmt or torch.contiguous_format)
+    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in y's layout (vector loads).
+    from fastcm.kernels.group_norm import empty_out
+
+    dense = empty_out(x)
+    if dy.stride() != dense.stride():
+        dy = dense.copy_(dy)
     dx, sum_du, sum_du_xhat = torch.ops.fastcm.group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift,
                                                              ctx.silu, ctx.chunk)
     # Parameter gradients from the per-(n, c) sums  P1 = sum_s du,  P2 = sum_s du * xhat  (u the pre-activation;
