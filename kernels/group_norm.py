@@ -367,7 +367,7 @@ def group_norm_plan(shape, strides, dtype, num_groups: int, num_sms: int, *, bac
             kernel = _KERNELS["bwd_fused" if backward else "fwd_fused"]
             fused = dict(meta, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=num_warps(full_c * full_s))
             return Plan(True, S, 1, (Launch(kernel, (N * G,), fused),))
-        chunk = triton.cdiv(S, max(splits, 1))
+        chunk = 16 * triton.cdiv(S, 16 * max(splits, 1))  # multiple of 16: chunks start 16-aligned
     chunk = max(int(chunk), triton.cdiv(S, MAX_SPLIT))
     split = triton.cdiv(S, chunk)
     block_c = min(full_c, 1024)
