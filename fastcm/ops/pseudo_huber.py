@@ -22,7 +22,7 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float, weight: Optional[T
     Args:
         pred, target: (B, ...) floating tensors of one shape (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
         c: the positive constant c (iCT: 0.00054 * sqrt(d)).
-        weight: optional per-sample factor of shape (B,) (iCT's lambda(sigma_i)).
+        weight: optional per-sample factor of shape (B,) (iCT's lambda(sigma_i)); finite and >= 0.
         reduction: "mean", "sum" or "none" ("none" gives (B,) per sample, or pred's shape per element).
         per: "sample" (norm over all non-batch dims, iCT) or "element".
         impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
@@ -66,6 +66,14 @@ def _validate(pred, target, c, weight, reduction, per) -> None:
     check_same_device(pred=pred, target=target, weight=weight)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("per", per, PERS)
+    if reduction == "mean" and pred.shape[0] == 0:
+        raise ValueError("pred must hold at least one sample for reduction='mean' (the mean of an empty batch is "
+                         "undefined), got shape " + str(tuple(pred.shape)))
+    if weight is not None and not torch.compiler.is_compiling():  # a value check needs a host sync: eager only
+        bad = ~(weight >= 0) | ~torch.isfinite(weight)  # catches NaN, which compares False
+        if bool(bad.any()):
+            raise ValueError(f"weight must be finite and >= 0, got {weight[bad][0].item()!r} at index "
+                             f"{int(bad.nonzero()[0, 0])}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
