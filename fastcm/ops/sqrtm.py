@@ -23,29 +23,71 @@ from ._utils import check_tensor, resolve_impl
 NUM_ITERS = 30  # resolves condition numbers up to ~1e8 in fp64 (see the accuracy table)
 
 
-def sqrtm(a: Tensor, impl: str = "auto", num_iters: int = NUM_ITERS) -> Tensor:
+def sqrtm(a: Tensor, num_iters: int = NUM_ITERS, psd_projection: bool = False, impl: str = "auto") -> Tensor:
     """Principal square root of symmetric PSD matrices ``a`` of shape (..., n, n).
 
     Args:
-        a: symmetric positive semi-definite matrices (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
+        a: symmetric positive semi-definite matrices (fp16/bf16/fp32 compute in fp32, fp64 in fp64). An eigenvalue
+            below ``-PSD_RTOL * ||a||_F`` (1e-5 in fp32, 1e-12 in fp64: round-off of a singular covariance) raises
+            a ValueError naming the most negative eigenvalue; eigenvalues within that tolerance are taken as 0.
+        num_iters: Newton-Schulz steps (Triton path only); 30 resolves eigenvalues down to ~1e-8 * ||a||_F.
+        psd_projection: project onto the PSD cone instead of raising (negative eigenvalues set to 0).
         impl: "auto" (Triton Newton-Schulz on CUDA, the eigendecomposition reference elsewhere), "triton"
             or "torch" (the reference).
-        num_iters: Newton-Schulz steps (Triton path only); 30 resolves eigenvalues down to ~1e-8 * ||a||_F.
     Returns sqrt(a) in a's dtype and shape. Gradients flow to ``a`` (Lyapunov backward; needs a positive definite).
+    The eigenvalue check needs a host sync and runs in eager mode only (not under torch.compile).
     """
-    _validate(a, num_iters)
+    _validate(a, num_iters, psd_projection)
     if resolve_impl(impl, a) == "torch":
-        return sqrtm_ref(a)
+        return _sqrtm_eig(a, psd_projection)
+    if not psd_projection and not torch.compiler.is_compiling():
+        _check_psd(a)
     x = _flat(a)
-    out = torch.ops.fastcm.sqrtm_ns(x, int(num_iters))
+    out = torch.ops.fastcm.sqrtm_fwd(x, int(num_iters))
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        # Eigenvalues slightly below 0 (within the tolerance, or any with psd_projection) grow by 9/4 per step in
+        # Newton-Schulz and overflow; the eigendecomposition projects them to 0 instead.
+        return _sqrtm_eig(a, True)
     return out.reshape(a.shape).to(a.dtype)
 
 
 def sqrtm_ref(a: Tensor) -> Tensor:
     """Reference: V diag(sqrt(max(lambda, 0))) V^T from ``torch.linalg.eigh`` (reads the lower triangle), with the
-    Daleckii-Krein backward. Computes in fp32 (fp64 for fp64 input) and returns a's dtype."""
+    Daleckii-Krein backward. Computes in fp32 (fp64 for fp64 input) and returns a's dtype. Projects onto the PSD
+    cone without checks (``sqrtm`` checks)."""
+    return _sqrtm_eig(a, True)
+
+
+def _sqrtm_eig(a: Tensor, psd_projection: bool) -> Tensor:
     acc = torch.promote_types(a.dtype, torch.float32)
-    return _SqrtmEig.apply(a.to(acc)).to(a.dtype)
+    return _SqrtmEig.apply(a.to(acc), psd_projection).to(a.dtype)
+
+
+PSD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _raise_if_not_psd(lam: Tensor, a: Tensor) -> None:
+    """ValueError when an eigenvalue lies below -PSD_RTOL * ||a||_F (eager mode only: it needs a host sync)."""
+    if torch.compiler.is_compiling() or lam.numel() == 0:
+        return
+    acc = torch.promote_types(a.dtype, torch.float32)
+    tol = PSD_RTOL[acc] * torch.linalg.matrix_norm(a.to(acc), "fro")
+    worst = lam.amin(-1)
+    if bool((worst < -tol).any()):
+        lam_min = worst.min().item()
+        raise ValueError(f"a must be positive semi-definite: its most negative eigenvalue is {lam_min:.4g} (below "
+                         f"-{PSD_RTOL[acc]:g} * ||a||_F); pass psd_projection=True to set negative eigenvalues to 0")
+
+
+def _check_psd(a: Tensor) -> None:
+    """The Triton route's check: a Cholesky factorisation of a + tol I (tol = PSD_RTOL * ||a||_F) succeeds exactly
+    when no eigenvalue lies below -tol; only on failure are the eigenvalues computed, to name the worst one."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    a = a.to(acc)
+    tol = PSD_RTOL[acc] * torch.linalg.matrix_norm(a, "fro", keepdim=True)
+    eye = torch.eye(a.shape[-1], dtype=acc, device=a.device)
+    if bool((torch.linalg.cholesky_ex(a + tol * eye).info > 0).any()):
+        _raise_if_not_psd(torch.linalg.eigvalsh(a), a)
 
 
 def sqrtm_newton_schulz(a: Tensor, num_iters: int = NUM_ITERS) -> Tensor:
@@ -83,8 +125,10 @@ def lyapunov_newton_schulz(x: Tensor, grad: Tensor, num_iters: int = NUM_ITERS) 
 
 class _SqrtmEig(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a):
+    def forward(ctx, a, psd_projection):
         lam, v = torch.linalg.eigh(a)
+        if not psd_projection:
+            _raise_if_not_psd(lam, a)
         s = lam.clamp(min=0).sqrt()
         ctx.save_for_backward(v, s)
         return (v * s.unsqueeze(-2)) @ v.mT
@@ -98,7 +142,7 @@ class _SqrtmEig(torch.autograd.Function):
         inner = v.mT @ grad.contiguous() @ v
         ok = denom > 0
         inner = torch.where(ok, inner / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(inner))
-        return v @ inner @ v.mT
+        return v @ inner @ v.mT, None
 
 
 def _flat(a: Tensor) -> Tensor:
@@ -107,12 +151,14 @@ def _flat(a: Tensor) -> Tensor:
     return a.reshape(-1, n, n).to(acc).contiguous()
 
 
-def _validate(a, num_iters) -> None:
+def _validate(a, num_iters, psd_projection) -> None:
     check_tensor("a", a, min_ndim=2)
     if a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
         raise ValueError(f"a must be a batch of non-empty square matrices (..., n, n), got shape {tuple(a.shape)}")
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    if not isinstance(psd_projection, bool):
+        raise ValueError(f"psd_projection must be a bool, got {psd_projection!r}")
     if torch.compiler.is_compiling() or a.numel() == 0:
         return  # value checks need a host sync; they run in eager mode only
     if not bool(torch.isfinite(a).all()):
@@ -128,24 +174,24 @@ def _validate(a, num_iters) -> None:
 # Triton path as torch.library custom ops: the whole iteration is one opaque op for torch.compile, and so is the
 # Lyapunov backward (matmul-only torch code; on CUDA it runs on cuBLAS).
 
-@torch.library.custom_op("fastcm::sqrtm_ns", mutates_args=())
-def _sqrtm_ns(a: Tensor, num_iters: int) -> Tensor:
-    from fastcm.kernels.sqrtm import newton_schulz_sqrtm
+@torch.library.custom_op("fastcm::sqrtm_fwd", mutates_args=())
+def _sqrtm_fwd(a: Tensor, num_iters: int) -> Tensor:
+    from fastcm.kernels.sqrtm import sqrtm_fwd
 
-    return newton_schulz_sqrtm(a, num_iters)
+    return sqrtm_fwd(a, num_iters)
 
 
-@_sqrtm_ns.register_fake
+@_sqrtm_fwd.register_fake
 def _(a, num_iters):
     return torch.empty_like(a)
 
 
-@torch.library.custom_op("fastcm::sqrtm_ns_backward", mutates_args=())
-def _sqrtm_ns_backward(x: Tensor, grad: Tensor, num_iters: int) -> Tensor:
+@torch.library.custom_op("fastcm::sqrtm_bwd", mutates_args=())
+def _sqrtm_bwd(x: Tensor, grad: Tensor, num_iters: int) -> Tensor:
     return lyapunov_newton_schulz(x, grad, num_iters)
 
 
-@_sqrtm_ns_backward.register_fake
+@_sqrtm_bwd.register_fake
 def _(x, grad, num_iters):
     return torch.empty_like(grad)
 
@@ -157,10 +203,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastcm.sqrtm_ns_backward(x, grad.contiguous().to(x.dtype), ctx.num_iters), None
+    return torch.ops.fastcm.sqrtm_bwd(x, grad.contiguous().to(x.dtype), ctx.num_iters), None
 
 
-_sqrtm_ns.register_autograd(_backward, setup_context=_setup_context)
+_sqrtm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:
