@@ -326,6 +326,68 @@ def _group_norm_bwd_dx_kernel(
             tl.store(_ptrs(dx_ptr, n, c, s, sgn, sgc, sgs, CL), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+# Forward-mode tangent (JVP), continuous-time.md Sec. 3.1. Per group, with M = CPG * S elements:
+#     mu' = mean(x'),  kappa = mean(xhat * x') = rstd * mean((x - mu) x'),  xhat' = rstd (x' - mu' - xhat kappa),
+#     h = gamma xhat + beta,  h' = gamma xhat' + gamma' xhat + beta',  a = h (1 + s) + t,  a' = h' (1 + s) + h s' + t',
+#     y' = a' silu'(a)  (silu'(a) = sig(a) (1 + a (1 - sig(a)))).
+# One read of x and x' gives the four sums (sum x, sum (x - mu)^2, sum x', sum (x - mu) x'), the centred forms
+# being exact two-pass values in registers (no E[x^2] - E[x]^2 cancellation); y is written too when WRITE_Y.
+@triton.jit
+def _group_norm_jvp_fused_kernel(
+    x_ptr, xd_ptr, y_ptr, yd_ptr,              # (N, C, S) input, its tangent, output (if WRITE_Y), tangent out
+    w_ptr, b_ptr, scale_ptr, shift_ptr,        # as in the forward
+    wd_ptr, bd_ptr, scaled_ptr, shiftd_ptr,    # their tangents: (C,), (C,), (N, C), (N, C); unused unless HAS_*D
+    eps, G, C, S,
+    sxn, sxc, sxs, sdn, sdc, sds, syn, syc, sys, sen, sec, ses,  # strides of x, x', y, y'
+    CPG: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_XD: tl.constexpr, HAS_WD: tl.constexpr, HAS_BD: tl.constexpr, HAS_SCALED: tl.constexpr,
+    HAS_SHIFTD: tl.constexpr, SILU: tl.constexpr, WRITE_Y: tl.constexpr, CL: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
+):
+    pid, _, n, _, _ = _program(G, S, S)
+    _, c, cmask = _channels(pid, 0, G, CPG, BLOCK_C)
+    s, mask = _tile(cmask, 0, S, BLOCK_S, CL)
+    x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, CL, ACC)
+    mean, m2 = _tile_stats(x, mask, (CPG * S).to(ACC), ACC)
+    rstd = 1.0 / tl.sqrt(m2 / (CPG * S) + eps)
+    xhat = tl.where(mask, x - mean, 0.0) * rstd
+    xhat_dot = tl.zeros_like(xhat)
+    if HAS_XD:
+        xd = _load(xd_ptr, n, c, s, mask, sdn, sdc, sds, CL, ACC)
+        mean_dot = tl.sum(xd) / (CPG * S)
+        kappa = tl.sum(xhat * xd) / (CPG * S)
+        xhat_dot = tl.where(mask, rstd * (xd - mean_dot - xhat * kappa), 0.0)
+    gamma, beta = tl.full([BLOCK_C], 1.0, ACC), tl.full([BLOCK_C], 0.0, ACC)
+    if HAS_W:
+        gamma = tl.load(w_ptr + c, mask=cmask, other=0.0).to(ACC)
+    if HAS_B:
+        beta = tl.load(b_ptr + c, mask=cmask, other=0.0).to(ACC)
+    h = xhat * _per_c(gamma, CL) + _per_c(beta, CL)
+    h_dot = xhat_dot * _per_c(gamma, CL)
+    if HAS_WD:
+        h_dot += xhat * _per_c(tl.load(wd_ptr + c, mask=cmask, other=0.0).to(ACC), CL)
+    if HAS_BD:
+        h_dot += _per_c(tl.load(bd_ptr + c, mask=cmask, other=0.0).to(ACC), CL)
+    a, a_dot = h, h_dot
+    if HAS_SCALE:
+        mod = _per_c(1.0 + tl.load(scale_ptr + n * C + c, mask=cmask, other=0.0).to(ACC), CL)
+        a, a_dot = h * mod, h_dot * mod
+    if HAS_SCALED:
+        a_dot += h * _per_c(tl.load(scaled_ptr + n * C + c, mask=cmask, other=0.0).to(ACC), CL)
+    if HAS_SHIFT:
+        a += _per_c(tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0).to(ACC), CL)
+    if HAS_SHIFTD:
+        a_dot += _per_c(tl.load(shiftd_ptr + n * C + c, mask=cmask, other=0.0).to(ACC), CL)
+    y, y_dot = a, a_dot
+    if SILU:
+        sig = 1.0 / (1.0 + tl.exp(-a))
+        y, y_dot = a * sig, a_dot * sig * (1.0 + a * (1.0 - sig))
+    if WRITE_Y:
+        tl.store(_ptrs(y_ptr, n, c, s, syn, syc, sys, CL), y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(_ptrs(yd_ptr, n, c, s, sen, sec, ses, CL), y_dot.to(yd_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launch plan: a pure function of shapes, strides, dtype and SM count, so that the ahead-of-time compile gate
 # compiles exactly the kernels and configurations the launchers run.
@@ -345,12 +407,15 @@ class Plan(NamedTuple):
 
 def group_norm_plan(shape, strides, dtype, num_groups: int, num_sms: int, *, backward: bool = False,
                     has_weight: bool = True, has_bias: bool = True, has_scale: bool = False,
-                    has_shift: bool = False, silu: bool = False, chunk: int = 0) -> Plan:
+                    has_shift: bool = False, silu: bool = False, chunk: int = 0, jvp=None) -> Plan:
     """Kernels, grids, constexprs and num_warps for x viewed as ``shape`` = (N, C, S) with ``strides`` (of that
     view), in ``dtype``, on a GPU with ``num_sms`` SMs (0: the CPU interpreter, which runs programs one by one).
 
     Fused path when the whole group fits one tile and N * G programs fill the GPU; else the split path with
-    ``chunk`` spatial positions per program (``chunk`` > 0 forces it: the op's test hook)."""
+    ``chunk`` spatial positions per program (``chunk`` > 0 forces it: the op's test hook).
+    ``jvp``: a dict of the tangent kernel's flags (HAS_XD, HAS_WD, HAS_BD, HAS_SCALED, HAS_SHIFTD, WRITE_Y): plans
+    the one-pass tangent kernel, fused only (x, x' and the tangent chain live at once: the backward's tile); a
+    group too large for it gets ``Plan(False, S, 1, ())``, and the caller takes the reference tangent."""
     N, C, S = (int(v) for v in shape)
     G = int(num_groups)
     CPG = C // G
@@ -358,6 +423,11 @@ def group_norm_plan(shape, strides, dtype, num_groups: int, num_sms: int, *, bac
     meta = dict(CPG=CPG, HAS_W=has_weight, HAS_B=has_bias, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, SILU=silu,
                 CL=S > 1 and CPG > 1 and sc < ss, ACC=tl.float64 if dtype == torch.float64 else tl.float32)
     full_c, full_s = triton.next_power_of_2(CPG), triton.next_power_of_2(S)
+    if jvp is not None:
+        if full_c * full_s > MAX_TILE_BWD:
+            return Plan(False, S, 1, ())
+        meta = dict(meta, **jvp, BLOCK_C=full_c, BLOCK_S=full_s, num_warps=num_warps(full_c * full_s))
+        return Plan(True, S, 1, (Launch(_group_norm_jvp_fused_kernel, (N * G,), meta),))
     max_tile = MAX_TILE_BWD if backward else MAX_FUSED_SIZE
     names = ("bwd_partial", "bwd_dx") if backward else ("fwd_partial", "fwd_apply")
     if chunk <= 0:
@@ -477,3 +547,35 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, silu: bool, ch
     dx_launch.kernel[dx_launch.grid](dy3, x3, dx3, *params, mean, rstd, p1, p2, G, C, S, plan.chunk, *strides,
                                      *dx3.stride(), **dx_launch.meta)
     return dx, p1, p2
+
+
+def group_norm_jvp(x, x_dot, num_groups: int, weight, bias, eps: float, scale, shift, weight_dot, bias_dot,
+                   scale_dot, shift_dot, silu: bool, write_y: bool):
+    """One pass over x and its tangent x_dot (None: zero) giving (y, y_dot) of
+    y = act((GN(x) * weight + bias) * (1 + scale) + shift); y is an empty tensor unless ``write_y``. Groups must
+    fit the fused tangent kernel (``jvp_fits``)."""
+    N, C = x.shape[:2]
+    x3 = x.reshape(N, C, -1)
+    S = x3.shape[2]
+    dots = (weight_dot, bias_dot, scale_dot, shift_dot)
+    flags = dict(HAS_XD=x_dot is not None, HAS_WD=weight_dot is not None, HAS_BD=bias_dot is not None,
+                 HAS_SCALED=scale_dot is not None, HAS_SHIFTD=shift_dot is not None, WRITE_Y=write_y)
+    params, has = _params(x3, weight, bias, scale, shift)
+    plan = group_norm_plan(x3.shape, x3.stride(), x.dtype, num_groups, _num_sms(x.device), silu=silu, jvp=flags,
+                           **has)
+    if not plan.fused:
+        raise ValueError(f"groups of {C // num_groups} x {S} elements exceed the tangent kernel's tile")
+    xd3 = x_dot.reshape(N, C, -1) if x_dot is not None else x3
+    y, y_dot = (empty_out(x) if write_y else x.new_empty(0)), empty_out(x)
+    y3, yd3 = (y.view(N, C, S) if write_y else x3), y_dot.view(N, C, S)
+    dot_params = [t.contiguous() if t is not None else x3 for t in dots]
+    (launch,) = plan.launches
+    launch.kernel[launch.grid](x3, xd3, y3, yd3, *params, *dot_params, eps, num_groups, C, S, *x3.stride(),
+                               *xd3.stride(), *y3.stride(), *yd3.stride(), **launch.meta)
+    return y, y_dot
+
+
+def jvp_fits(x: torch.Tensor, num_groups: int) -> bool:
+    """True when a group of x fits the one-pass tangent kernel's tile."""
+    S = x[0, 0].numel()
+    return triton.next_power_of_2(x.shape[1] // num_groups) * triton.next_power_of_2(S) <= MAX_TILE_BWD

@@ -27,6 +27,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 ISSUE = "https://github.com/pytorch/pytorch/issues/192985"
+_SAVED = object()  # marks the positions of tensors kept with ctx.save_for_forward
 
 
 def has_tangent(*values) -> bool:
@@ -62,8 +63,13 @@ class JvpRule:
             @staticmethod
             def setup_context(ctx, inputs, output):
                 setup_context(ctx, inputs, output)
-                ctx.jvp_inputs, ctx.jvp_output = inputs, output  # for the tangent rule (same call, no copies)
                 outs = output if isinstance(output, tuple) else (output,)
+                # The tangent rule gets the inputs and outputs through save_for_forward (under torch.func.jvp the
+                # raw objects are functorch wrappers, which a Triton launch cannot read).
+                values = (*inputs, *outs)
+                ctx.jvp_layout = (len(inputs), isinstance(output, tuple),
+                                  [_SAVED if isinstance(v, Tensor) else v for v in values])
+                ctx.save_for_forward(*(v for v in values if isinstance(v, Tensor)))
                 fixed = [o for i, o in enumerate(outs) if i not in rule.differentiable and isinstance(o, Tensor)]
                 if fixed:
                     ctx.mark_non_differentiable(*fixed)
@@ -74,8 +80,12 @@ class JvpRule:
 
             @staticmethod
             def jvp(ctx, *tangents):
+                n_inputs, tuple_out, values = ctx.jvp_layout
+                saved = iter(ctx.saved_tensors)
+                values = [next(saved) if v is _SAVED else v for v in values]
+                output = tuple(values[n_inputs:]) if tuple_out else values[n_inputs]
                 with torch.no_grad():  # tangents need no graph of their own (continuous-time.md Sec. 3.4)
-                    return tangent(ctx.jvp_inputs, ctx.jvp_output, tangents)
+                    return tangent(tuple(values[:n_inputs]), output, tangents)
 
         Function.__name__ = Function.__qualname__ = f"{name}_jvp"
         self.differentiable = tuple(differentiable)

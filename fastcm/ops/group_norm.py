@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._jvp import JvpRule, has_tangent
 from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
 
 ACTS = (None, "silu")
@@ -39,8 +40,10 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     _validate(x, num_groups, weight, bias, eps, scale, shift, act)
     if resolve_impl(impl, x) == "torch":
         return group_norm_ref(x, num_groups, weight, bias, eps, scale, shift, act)
-    y, _, _ = torch.ops.fastcm.group_norm_fwd(x, int(num_groups), weight, bias, float(eps), scale, shift,
-                                              act == "silu", 0)
+    args = (x, int(num_groups), weight, bias, float(eps), scale, shift, act == "silu", 0)
+    if has_tangent(x, weight, bias, scale, shift):  # torch.func.jvp / forward_ad: the op's tangent rule
+        return _JVP.apply(*args)[0]
+    y, _, _ = torch.ops.fastcm.group_norm_fwd(*args)
     return y
 
 
@@ -51,6 +54,10 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     acc = torch.promote_types(x.dtype, torch.float32)
     per_nc = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)  # (N, C) -> (N, C, 1, ..., 1): broadcast over space
     per_c = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if has_tangent(x, weight, bias, scale, shift):
+        y = _group_normalize(x.to(acc), num_groups, eps)
+        y = y if weight is None else y * weight.to(acc).view(per_c)
+        return _modulate(y if bias is None else y + bias.to(acc).view(per_c), scale, shift, act, per_nc, x.dtype)
     # torch.group_norm is F.group_norm minus its "more than 1 value per channel" check, which rejects legitimate
     # one-element groups at batch 1 (e.g. x of shape (1, C, 1, 1) with G = C). A bias without a weight is added
     # outside: aten's group-norm backward fails on it ("tensor does not have a device", torch 2.13 CPU).
@@ -58,13 +65,26 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     y = torch.group_norm(x.to(acc), num_groups, _cast(weight, acc), native_bias, eps)
     if weight is None and bias is not None:
         y = y + bias.to(acc).view(per_c)
+    return _modulate(y, scale, shift, act, per_nc, x.dtype)
+
+
+def _modulate(y: Tensor, scale, shift, act, per_nc, dtype) -> Tensor:
+    """act(y * (1 + scale) + shift), cast to ``dtype``."""
     if scale is not None:
-        y = y * (1 + scale.to(acc).view(per_nc))
+        y = y * (1 + scale.to(y.dtype).view(per_nc))
     if shift is not None:
-        y = y + shift.to(acc).view(per_nc)
+        y = y + shift.to(y.dtype).view(per_nc)
     if act == "silu":
         y = F.silu(y)
-    return y.to(x.dtype)
+    return y.to(dtype)
+
+
+def _group_normalize(x: Tensor, num_groups: int, eps: float) -> Tensor:
+    """(x - mean_g) / sqrt(var_g + eps) written with mean and var: torch's group_norm has no working forward AD on
+    channels_last inputs, and fails in compiled torch.func.jvp (continuous-time.md Sec. 4); this form has both."""
+    xg = x.reshape(x.shape[0], num_groups, -1)
+    d = xg - xg.mean(-1, keepdim=True)
+    return (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -215,6 +235,54 @@ def _backward(ctx, dy, d_mean, d_rstd):
 
 
 _group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastcm::group_norm_jvp", mutates_args=())
+def _group_norm_jvp(x: Tensor, x_dot: Optional[Tensor], num_groups: int, weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float, scale: Optional[Tensor], shift: Optional[Tensor],
+                    weight_dot: Optional[Tensor], bias_dot: Optional[Tensor], scale_dot: Optional[Tensor],
+                    shift_dot: Optional[Tensor], silu: bool, write_y: bool) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.group_norm import group_norm_jvp
+
+    return group_norm_jvp(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
+                          shift_dot, silu, write_y)
+
+
+@_group_norm_jvp.register_fake
+def _(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot, silu,
+      write_y):
+    from fastcm.kernels.group_norm import empty_out
+
+    return (empty_out(x) if write_y else x.new_empty(0)), empty_out(x)
+
+
+def _tangent(inputs, output, tangents):
+    """Tangent of y (continuous-time.md Sec. 3.1): the one-pass Triton kernel when a group fits its tile, else
+    torch.func.jvp of the reference's mean/var form (the same formula, in torch)."""
+    from fastcm.kernels.group_norm import jvp_fits
+
+    x, num_groups, weight, bias, eps, scale, shift, silu, _ = inputs
+    x_dot, _, weight_dot, bias_dot, _, scale_dot, shift_dot, _, _ = tangents
+    if jvp_fits(x, num_groups):
+        _, y_dot = torch.ops.fastcm.group_norm_jvp(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot,
+                                                   bias_dot, scale_dot, shift_dot, silu, False)
+        return y_dot, None, None
+    act = "silu" if silu else None
+    primals = (x, weight, bias, scale, shift)
+    keep = [i for i, p in enumerate(primals) if p is not None]
+    dots = [(x_dot, weight_dot, bias_dot, scale_dot, shift_dot)[i] for i in keep]
+    dots = [torch.zeros_like(primals[i]) if d is None else d for i, d in zip(keep, dots)]
+
+    def ref(*present):
+        full = list(primals)
+        for i, p in zip(keep, present):
+            full[i] = p
+        return group_norm_ref(full[0], num_groups, full[1], full[2], eps, full[3], full[4], act)
+
+    return torch.func.jvp(ref, tuple(primals[i] for i in keep), tuple(dots))[1], None, None
+
+
+_JVP = JvpRule("group_norm", torch.ops.fastcm.group_norm_fwd, _setup_context, _backward, _tangent)
 
 
 # ----------------------------------------------------------------------------------------------------------------

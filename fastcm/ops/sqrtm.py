@@ -18,6 +18,7 @@ because d sqrt(lambda) / d lambda is unbounded at 0.
 import torch
 from torch import Tensor
 
+from ._jvp import JvpRule, has_tangent
 from ._utils import check_tensor, resolve_impl
 
 NUM_ITERS = 30  # resolves condition numbers up to ~1e8 in fp64 (see the accuracy table)
@@ -43,7 +44,10 @@ def sqrtm(a: Tensor, num_iters: int = NUM_ITERS, psd_projection: bool = False, i
     if not psd_projection and not torch.compiler.is_compiling():
         _check_psd(a)
     x = _flat(a)
-    out = torch.ops.fastcm.sqrtm_fwd(x, int(num_iters))
+    if has_tangent(x):  # torch.func.jvp / forward_ad: X' solves X X' + X' X = A' (the Lyapunov solver)
+        out = _JVP.apply(x, int(num_iters))
+    else:
+        out = torch.ops.fastcm.sqrtm_fwd(x, int(num_iters))
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
         # Eigenvalues slightly below 0 (within the tolerance, or any with psd_projection) grow by 9/4 per step in
         # Newton-Schulz and overflow; the eigendecomposition projects them to 0 instead.
@@ -60,7 +64,8 @@ def sqrtm_ref(a: Tensor) -> Tensor:
 
 def _sqrtm_eig(a: Tensor, psd_projection: bool) -> Tensor:
     acc = torch.promote_types(a.dtype, torch.float32)
-    return _SqrtmEig.apply(a.to(acc), psd_projection).to(a.dtype)
+    fn = _SqrtmEigJvp if has_tangent(a) else _SqrtmEig  # Dynamo refuses a Function with a jvp: only when needed
+    return fn.apply(a.to(acc), psd_projection)[0].to(a.dtype)
 
 
 PSD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
@@ -123,26 +128,44 @@ def lyapunov_newton_schulz(x: Tensor, grad: Tensor, num_iters: int = NUM_ITERS) 
     return 0.5 * c
 
 
+def _daleckii_krein(v: Tensor, s: Tensor, e: Tensor) -> Tensor:
+    """V [ (V^T E V) / (s_i + s_j) ] V^T: the derivative of sqrt at A = V diag(s^2) V^T in direction E, and (the
+    map being self-adjoint) the gradient for an output gradient E. Pairs of null eigenvalues (s_i + s_j = 0) have
+    no finite derivative: they get 0."""
+    denom = s.unsqueeze(-1) + s.unsqueeze(-2)
+    inner = v.mT @ e @ v
+    ok = denom > 0
+    inner = torch.where(ok, inner / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(inner))
+    return v @ inner @ v.mT
+
+
 class _SqrtmEig(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, psd_projection):
+    def forward(a, psd_projection):
         lam, v = torch.linalg.eigh(a)
         if not psd_projection:
             _raise_if_not_psd(lam, a)
         s = lam.clamp(min=0).sqrt()
-        ctx.save_for_backward(v, s)
-        return (v * s.unsqueeze(-2)) @ v.mT
+        return (v * s.unsqueeze(-2)) @ v.mT, v, s
 
     @staticmethod
-    def backward(ctx, grad):
-        # d sqrt(A) = V [ (V^T dA V) / (s_i + s_j) ] V^T, so the adjoint is V [ (V^T G V) / (s_i + s_j) ] V^T.
-        # Pairs of null eigenvalues (s_i + s_j = 0) have no finite derivative: they get 0.
+    def setup_context(ctx, inputs, output):
+        _, v, s = output
+        ctx.mark_non_differentiable(v, s)
+        ctx.save_for_backward(v, s)
+        ctx.save_for_forward(v, s)
+
+    @staticmethod
+    def backward(ctx, grad, _v, _s):
         v, s = ctx.saved_tensors
-        denom = s.unsqueeze(-1) + s.unsqueeze(-2)
-        inner = v.mT @ grad.contiguous() @ v
-        ok = denom > 0
-        inner = torch.where(ok, inner / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(inner))
-        return v @ inner @ v.mT, None
+        return _daleckii_krein(v, s, grad.contiguous()), None
+
+
+class _SqrtmEigJvp(_SqrtmEig):
+    @staticmethod
+    def jvp(ctx, a_dot, _):
+        v, s = ctx.saved_tensors
+        return _daleckii_krein(v, s, a_dot), None, None
 
 
 def _flat(a: Tensor) -> Tensor:
@@ -207,6 +230,14 @@ def _backward(ctx, grad):
 
 
 _sqrtm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _tangent(inputs, output, tangents):
+    # d sqrt(A)[A'] = X' with X X' + X' X = A' (X = sqrt(A)): the Sylvester equation the backward solves.
+    return torch.ops.fastcm.sqrtm_bwd(output, tangents[0].contiguous(), inputs[1])
+
+
+_JVP = JvpRule("sqrtm", torch.ops.fastcm.sqrtm_fwd, _setup_context, _backward, _tangent)
 
 
 def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:
