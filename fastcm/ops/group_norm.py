@@ -257,29 +257,55 @@ def _(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_do
 
 
 def _tangent(inputs, output, tangents):
-    """Tangent of y (continuous-time.md Sec. 3.1): the one-pass Triton kernel when a group fits its tile, else
-    torch.func.jvp of the reference's mean/var form (the same formula, in torch)."""
+    """Tangent of y: the one-pass Triton kernel when a group fits its tile, else the same formula in torch."""
     from fastcm.kernels.group_norm import jvp_fits
 
     x, num_groups, weight, bias, eps, scale, shift, silu, _ = inputs
     x_dot, _, weight_dot, bias_dot, _, scale_dot, shift_dot, _, _ = tangents
+    args = (x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot, silu)
     if jvp_fits(x, num_groups):
-        _, y_dot = torch.ops.fastcm.group_norm_jvp(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot,
-                                                   bias_dot, scale_dot, shift_dot, silu, False)
-        return y_dot, None, None
-    act = "silu" if silu else None
-    primals = (x, weight, bias, scale, shift)
-    keep = [i for i, p in enumerate(primals) if p is not None]
-    dots = [(x_dot, weight_dot, bias_dot, scale_dot, shift_dot)[i] for i in keep]
-    dots = [torch.zeros_like(primals[i]) if d is None else d for i, d in zip(keep, dots)]
+        return torch.ops.fastcm.group_norm_jvp(*args, False)[1], None, None
+    return group_norm_tangent_ref(*args), None, None
 
-    def ref(*present):
-        full = list(primals)
-        for i, p in zip(keep, present):
-            full[i] = p
-        return group_norm_ref(full[0], num_groups, full[1], full[2], eps, full[3], full[4], act)
 
-    return torch.func.jvp(ref, tuple(primals[i] for i in keep), tuple(dots))[1], None, None
+def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
+                           shift_dot, silu) -> Tensor:
+    """y' of y = act((GN(x) w + b) (1 + s) + t) in torch, continuous-time.md Sec. 3.1 (any argument's tangent may
+    be None: zero). Per group: mu' = mean(x'), kappa = mean(xhat x'), xhat' = rstd (x' - mu' - xhat kappa)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    N, C = x.shape[:2]
+    per_c, per_nc = (1, C) + (1,) * (x.dim() - 2), (N, C) + (1,) * (x.dim() - 2)
+    xg = x.to(acc).reshape(N, num_groups, -1)
+    d = xg - xg.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
+    xhat = d * rstd
+    xhat_dot = torch.zeros_like(xhat)
+    if x_dot is not None:
+        xg_dot = x_dot.to(acc).reshape(N, num_groups, -1)
+        kappa = (xhat * xg_dot).mean(-1, keepdim=True)
+        xhat_dot = rstd * (xg_dot - xg_dot.mean(-1, keepdim=True) - xhat * kappa)
+    xhat, xhat_dot = xhat.reshape(x.shape), xhat_dot.reshape(x.shape)
+
+    def c(t, shape):  # a parameter (or its tangent) broadcast over x, or 0 / 1 when absent
+        return None if t is None else t.to(acc).view(shape)
+
+    w, b, w_dot, b_dot = c(weight, per_c), c(bias, per_c), c(weight_dot, per_c), c(bias_dot, per_c)
+    h = xhat if w is None else xhat * w
+    h = h if b is None else h + b
+    h_dot = xhat_dot if w is None else xhat_dot * w
+    h_dot = h_dot if w_dot is None else h_dot + xhat * w_dot
+    h_dot = h_dot if b_dot is None else h_dot + b_dot
+    a, a_dot = h, h_dot
+    if scale is not None:
+        a, a_dot = h * (1 + c(scale, per_nc)), h_dot * (1 + c(scale, per_nc))
+    if scale_dot is not None:
+        a_dot = a_dot + h * c(scale_dot, per_nc)
+    a = a if shift is None else a + c(shift, per_nc)
+    a_dot = a_dot if shift_dot is None else a_dot + c(shift_dot, per_nc)
+    if silu:
+        sig = torch.sigmoid(a)
+        a_dot = a_dot * sig * (1 + a * (1 - sig))
+    return a_dot.to(x.dtype)
 
 
 _JVP = JvpRule("group_norm", torch.ops.fastcm.group_norm_fwd, _setup_context, _backward, _tangent)
