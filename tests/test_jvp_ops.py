@@ -242,3 +242,13 @@ def test_group_norm_tangent_reference_formula(use, silu):
     present_dots = [d if d is not None else torch.zeros_like(p) for p, d in zip(params, dots) if p is not None]
     ref_dot = torch.func.jvp(oracle, (primals[0], *present), (tangents[0], *present_dots))[1]
     assert_close(y_dot, ref_dot, torch.float64, reduce_len=45)
+
+
+def test_group_norm_jvp_opcheck():
+    primals, tangents = _gn_case((2, 4, 2, 3), 2, torch.float32, "channels_last")
+    x, w, b, s, sh = primals
+    for write_y in (True, False):
+        torch.library.opcheck(torch.ops.fastcm.group_norm_jvp.default,
+                              (x, tangents[0], 2, w, b, 1e-5, s, sh, *tangents[1:], True, write_y))
+    torch.library.opcheck(torch.ops.fastcm.group_norm_jvp.default,
+                          (x, None, 2, None, None, 1e-5, None, None, None, None, None, None, False, False))
