@@ -36,6 +36,9 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
         scale, shift: optional (N, C) per-sample modulation; the output is multiplied by ``1 + scale``.
         act: None or "silu".
         impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
+    Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) works on every impl, with tangents on x and on the
+    parameters: the Triton route computes y' with a one-pass kernel (kernels/group_norm.py); under torch.compile
+    it raises instead (pytorch#192985), the reference route compiles.
     """
     _validate(x, num_groups, weight, bias, eps, scale, shift, act)
     if resolve_impl(impl, x) == "torch":

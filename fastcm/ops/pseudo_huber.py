@@ -27,7 +27,8 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float, weight: Optional[T
         reduction: "mean", "sum" or "none" ("none" gives (B,) per sample, or pred's shape per element).
         per: "sample" (norm over all non-batch dims, iCT) or "element".
         impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
-    Returns the loss in fp32 (fp64 for fp64 inputs).
+    Returns the loss in fp32 (fp64 for fp64 inputs). Forward-mode AD (torch.func.jvp, forward_ad) works on every
+    impl; the Triton route raises under torch.compile (pytorch#192985).
     """
     _validate(pred, target, c, weight, reduction, per)
     if resolve_impl(impl, pred) == "torch":

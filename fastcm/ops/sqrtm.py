@@ -37,6 +37,8 @@ def sqrtm(a: Tensor, num_iters: int = NUM_ITERS, psd_projection: bool = False, i
             or "torch" (the reference).
     Returns sqrt(a) in a's dtype and shape. Gradients flow to ``a`` (Lyapunov backward; needs a positive definite).
     The eigenvalue check needs a host sync and runs in eager mode only (not under torch.compile).
+    Forward-mode AD (torch.func.jvp, forward_ad): A' maps to X' with X X' + X' X = A' (Daleckii-Krein on the eigen
+    route, the Lyapunov Newton-Schulz solver on the Triton route, which raises under torch.compile: pytorch#192985).
     """
     _validate(a, num_iters, psd_projection)
     if resolve_impl(impl, a) == "torch":
