@@ -252,3 +252,16 @@ def test_group_norm_jvp_opcheck():
                               (x, tangents[0], 2, w, b, 1e-5, s, sh, *tangents[1:], True, write_y))
     torch.library.opcheck(torch.ops.fastcm.group_norm_jvp.default,
                           (x, None, 2, None, None, 1e-5, None, None, None, None, None, None, False, False))
+
+
+def test_compiled_jvp_through_the_reference_route():
+    # The reference route's mean/var form compiles under torch.func.jvp (aten's group_norm fails there).
+    primals, tangents = _gn_case((2, 4, 3, 3), 2, torch.float64, "channels_last")
+
+    def fn(*primals_and_tangents):
+        p, t = primals_and_tangents[:5], primals_and_tangents[5:]
+        return torch.func.jvp(lambda x, w, b, s, sh: group_norm(x, 2, w, b, 1e-5, s, sh, "silu", impl="torch"), p, t)
+
+    _, out_dot = torch.compile(fn, fullgraph=True, backend="aot_eager")(*primals, *tangents)
+    ref_dot = torch.func.jvp(lambda *a: _gn_oracle(a[0], 2, *a[1:], "silu"), primals, tangents)[1]
+    assert_close(out_dot, ref_dot, torch.float64, reduce_len=18)
