@@ -24,7 +24,7 @@ def _row_diff(pred_row, target_row, offs, mask, stride_pred_d, stride_target_d, 
 # d/dx [sqrt(S + c^2) - c] with S = sum_j (x_j - y_j)^2 is (x - y) / sqrt(S + c^2). The loss itself is written as
 # S / (sqrt(S + c^2) + c), which equals sqrt(S + c^2) - c without the cancellation when S << c^2.
 @triton.jit
-def _pseudo_huber_sample_fwd_kernel(
+def _pseudo_huber_fwd_sample_kernel(
     pred_ptr,          # (B, D) rows, any strides
     target_ptr,        # (B, D) rows, any strides
     c_ptr,             # (1,) c in the compute dtype
@@ -62,7 +62,7 @@ def _pseudo_huber_sample_fwd_kernel(
 
 # Elementwise: loss_j = d_j^2 / (sqrt(d_j^2 + c^2) + c), gradient d_j / sqrt(d_j^2 + c^2).
 @triton.jit
-def _pseudo_huber_element_fwd_kernel(
+def _pseudo_huber_fwd_element_kernel(
     pred_ptr,          # (numel,) contiguous
     target_ptr,        # (numel,) contiguous
     c_ptr,             # (1,) c in the compute dtype
@@ -98,7 +98,7 @@ def pseudo_huber_fwd(pred: torch.Tensor, target: torch.Tensor, c: float, per_sam
         if B == 0:
             return loss, grad
         block = block_size(D)
-        _pseudo_huber_sample_fwd_kernel[(B,)](
+        _pseudo_huber_fwd_sample_kernel[(B,)](
             p2, t2, c_t, loss, grad, D, *p2.stride(), *t2.stride(),
             HAS_GRAD=need_grad, BLOCK=block, ACC=compute_dtype(pred), num_warps=num_warps(block))
         return loss, grad
@@ -108,7 +108,7 @@ def pseudo_huber_fwd(pred: torch.Tensor, target: torch.Tensor, c: float, per_sam
         return loss, grad
     block = 4096
     grid = (triton.cdiv(p1.numel(), block),)
-    _pseudo_huber_element_fwd_kernel[grid](
+    _pseudo_huber_fwd_element_kernel[grid](
         p1, t1, c_t, loss, grad, p1.numel(),
         HAS_GRAD=need_grad, BLOCK=block, ACC=compute_dtype(pred), num_warps=num_warps(block))
     return loss, grad
