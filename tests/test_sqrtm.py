@@ -239,3 +239,11 @@ def test_signature_impl_last():
     import inspect
 
     assert list(inspect.signature(sqrtm).parameters) == ["a", "num_iters", "psd_projection", "impl"]
+
+
+def test_projection_on_the_triton_route_with_few_steps(device):
+    # -1e-3 ||a|| is far past the tolerance but too small for 5 Newton-Schulz steps to overflow: the projection
+    # must still be exact (the route takes the eigendecomposition for an indefinite matrix).
+    a, root = _with_eigenvalues([1.0, 0.5, 0.2, -1e-3])
+    out = sqrtm(a.to(device), impl="triton", num_iters=5, psd_projection=True)
+    torch.testing.assert_close(out.cpu(), root, atol=1e-12, rtol=0)
