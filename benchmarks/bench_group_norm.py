@@ -3,9 +3,9 @@
 Providers: the eager reference (``group_norm_ref``: aten group_norm, then modulation and SiLU as separate kernels,
 computed in fp32), ``eager-native`` (the same chain in the input dtype, as a plain U-Net block writes it: no fp32
 round trip for fp16 inputs), the reference under ``torch.compile`` (Inductor fuses it into one kernel per pass: the
-baseline to beat), and the fused Triton op (CUDA only; the interpreter is no benchmark). Cases come from the registry's ``make_inputs``
-(``batch1`` is sampling at batch 1, where the split reduction keeps a GPU busy). Each case runs NCHW and
-channels_last (the kernels read both in place, with vector loads along the contiguous axis).
+baseline to beat), and the fused Triton op (CUDA only; the interpreter is no benchmark). Cases come from the
+registry's ``make_inputs`` (``batch1`` is sampling at batch 1, where the split reduction keeps a GPU busy). Each
+case runs NCHW and channels_last (the kernels read both in place, with vector loads along the contiguous axis).
 
 Each entry records ``bytes``, the compulsory memory traffic of a fully fused implementation (forward: read x, write
 y; backward: read x and dy, write dx; the (N, C) and (C,) parameters are negligible), so the report prints the
