@@ -83,10 +83,22 @@ def test_group_norm_jvp_fp64(impl, layout, act):
     _check_gn((2, 6, 3, 5), 2, impl, layout, act, torch.float64)  # 3 channels per group: masked channel lanes
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout", GN_LAYOUTS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_group_norm_jvp_fp32(impl, layout):
-    _check_gn((2, 8, 4, 4), 4, impl, layout, "silu", torch.float32)
+def test_group_norm_jvp_low_precision(impl, layout, dtype):
+    _check_gn((2, 8, 4, 4), 4, impl, layout, "silu", dtype)
+
+
+def test_group_norm_jvp_small_groups_use_the_kernel(monkeypatch):
+    # Groups that fit the tile take the one-pass kernel, not the torch formula.
+    import sys
+
+    def fail(*args):
+        raise AssertionError("the reference tangent ran")
+
+    monkeypatch.setattr(sys.modules["fastcm.ops.group_norm"], "group_norm_tangent_ref", fail)
+    _check_gn((2, 6, 3, 5), 2, "triton", "channels_last", "silu", torch.float64)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
