@@ -212,12 +212,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, d_mean, d_rstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in y's layout (vector loads).
-    from fastcm.kernels.group_norm import empty_out
+    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in y's layout (vector loads). Any
+    # other layout is read in place.
+    if 0 in dy.stride():
+        from fastcm.kernels.group_norm import empty_out
 
-    dense = empty_out(x)
-    if dy.stride() != dense.stride():
-        dy = dense.copy_(dy)
+        dy = empty_out(x).copy_(dy)
     dx, sum_du, sum_du_xhat = torch.ops.fastcm.group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift,
                                                              ctx.silu, ctx.chunk)
     # Parameter gradients from the per-(n, c) sums  P1 = sum_s du,  P2 = sum_s du * xhat  (u the pre-activation;
