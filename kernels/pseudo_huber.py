@@ -5,6 +5,8 @@
 One pass per sample computes the loss and, when a gradient is needed, writes d loss / d pred into a buffer in the
 same program, so backward is a single multiply by grad_output (the target's gradient is its negative).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -12,18 +14,25 @@ import triton.language as tl
 from ._utils import accumulate_dtype, block_size, compute_dtype, num_warps
 
 
+@triton.jit
+def _row_diff(pred_row, target_row, offs, mask, stride_pred_d, stride_target_d, ACC: tl.constexpr):
+    """pred - target at positions offs of one row, in the compute dtype (0 on masked lanes)."""
+    pred = tl.load(pred_row + offs * stride_pred_d, mask=mask, other=0).to(ACC)
+    return pred - tl.load(target_row + offs * stride_target_d, mask=mask, other=0).to(ACC)
+
+
 # d/dx [sqrt(S + c^2) - c] with S = sum_j (x_j - y_j)^2 is (x - y) / sqrt(S + c^2). The loss itself is written as
 # S / (sqrt(S + c^2) + c), which equals sqrt(S + c^2) - c without the cancellation when S << c^2.
 @triton.jit
-def _pseudo_huber_sample_fwd_kernel(
-    pred_ptr,          # (B, D) rows, unit inner stride
-    target_ptr,        # (B, D) rows, unit inner stride
+def _pseudo_huber_fwd_sample_kernel(
+    pred_ptr,          # (B, D) rows, any strides
+    target_ptr,        # (B, D) rows, any strides
     c_ptr,             # (1,) c in the compute dtype
     loss_ptr,          # (B,) per-sample loss, compute dtype
     grad_ptr,          # (B, D) contiguous d loss_b / d pred_b, pred's dtype (unused unless HAS_GRAD)
     D,                 # elements per sample
-    stride_pred,       # row stride of pred
-    stride_target,     # row stride of target
+    stride_pred, stride_pred_d,      # row and inner stride of pred (the inner one is specialised when it is 1)
+    stride_target, stride_target_d,  # row and inner stride of target
     HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,  # tl.float32 or tl.float64
@@ -35,8 +44,7 @@ def _pseudo_huber_sample_fwd_kernel(
     for start in range(0, D, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < D
-        diff = tl.load(pred_row + offs, mask=mask, other=0).to(ACC) - tl.load(target_row + offs, mask=mask,
-                                                                                other=0).to(ACC)
+        diff = _row_diff(pred_row, target_row, offs, mask, stride_pred_d, stride_target_d, ACC)
         acc += diff * diff
     S = tl.sum(acc, axis=0)
     c = tl.load(c_ptr).to(ACC)
@@ -48,14 +56,13 @@ def _pseudo_huber_sample_fwd_kernel(
         for start in range(0, D, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < D
-            diff = tl.load(pred_row + offs, mask=mask, other=0).to(ACC) - tl.load(target_row + offs, mask=mask,
-                                                                                    other=0).to(ACC)
+            diff = _row_diff(pred_row, target_row, offs, mask, stride_pred_d, stride_target_d, ACC)
             tl.store(grad_row + offs, (diff * inv_root).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 # Elementwise: loss_j = d_j^2 / (sqrt(d_j^2 + c^2) + c), gradient d_j / sqrt(d_j^2 + c^2).
 @triton.jit
-def _pseudo_huber_element_fwd_kernel(
+def _pseudo_huber_fwd_element_kernel(
     pred_ptr,          # (numel,) contiguous
     target_ptr,        # (numel,) contiguous
     c_ptr,             # (1,) c in the compute dtype
@@ -78,12 +85,6 @@ def _pseudo_huber_element_fwd_kernel(
         tl.store(grad_ptr + offs, (diff / root).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """(B, D) view of x with unit inner stride (copies only when the sample is not contiguous)."""
-    x2 = x.reshape(x.shape[0], -1)
-    return x2 if x2.stride(1) == 1 or x2.shape[1] == 1 else x2.contiguous()
-
-
 def pseudo_huber_fwd(pred: torch.Tensor, target: torch.Tensor, c: float, per_sample: bool, need_grad: bool):
     """Launch the fused kernel. Returns (loss, grad): loss is (B,) per sample or pred.shape per element, in fp32
     (fp64 for fp64 inputs); grad is d loss / d pred in pred's dtype and shape, or an empty tensor."""
@@ -91,19 +92,23 @@ def pseudo_huber_fwd(pred: torch.Tensor, target: torch.Tensor, c: float, per_sam
     c_t = torch.full((1,), c, dtype=acc, device=pred.device)
     grad = torch.empty(pred.shape if need_grad else (0,), dtype=pred.dtype, device=pred.device)
     if per_sample:
-        p2, t2 = _rows(pred), _rows(target)
-        B, D = p2.shape
+        B, D = pred.shape[0], math.prod(pred.shape[1:])
+        p2, t2 = pred.reshape(B, D), target.reshape(B, D)  # views (any strides) unless the dims cannot merge
         loss = torch.empty(B, dtype=acc, device=pred.device)
+        if B == 0:
+            return loss, grad
         block = block_size(D)
-        _pseudo_huber_sample_fwd_kernel[(B,)](
-            p2, t2, c_t, loss, grad, D, p2.stride(0), t2.stride(0),
+        _pseudo_huber_fwd_sample_kernel[(B,)](
+            p2, t2, c_t, loss, grad, D, *p2.stride(), *t2.stride(),
             HAS_GRAD=need_grad, BLOCK=block, ACC=compute_dtype(pred), num_warps=num_warps(block))
         return loss, grad
     p1, t1 = pred.contiguous().view(-1), target.contiguous().view(-1)
     loss = torch.empty(pred.shape, dtype=acc, device=pred.device)
+    if loss.numel() == 0:
+        return loss, grad
     block = 4096
     grid = (triton.cdiv(p1.numel(), block),)
-    _pseudo_huber_element_fwd_kernel[grid](
+    _pseudo_huber_fwd_element_kernel[grid](
         p1, t1, c_t, loss, grad, p1.numel(),
         HAS_GRAD=need_grad, BLOCK=block, ACC=compute_dtype(pred), num_warps=num_warps(block))
     return loss, grad

@@ -41,12 +41,17 @@ def _inputs(shape, dtype=torch.float32, offset=0.5, seed=0):
 
 
 def _check(shape, G, dtype=torch.float32, *, use=PARAMS, act="silu", channels_last=False, chunk=None, offset=0.5,
-           param_dtype=None, sum_backward=False, atol_scale=1.0):
-    """Run the Triton path forward + backward and compare output and every gradient with the fp64 oracle."""
+           param_dtype=None, sum_backward=False, atol_scale=1.0, view=None, y_format=None):
+    """Run the Triton path forward + backward and compare output and every gradient with the fp64 oracle.
+
+    ``view`` maps x to the layout under test (a view of a larger tensor, whose strides the leaf keeps); y must have
+    x's strides, or those of the memory format ``y_format`` (for x that is not dense)."""
     t = _inputs(shape, dtype, offset)
     x = t.pop("x")
     if channels_last:
         x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if view is not None:
+        x = view(x).detach()
     args = {k: (v.to(param_dtype or dtype) if k in use else None) for k, v in t.items()}
     leaves = {"x": x, **{k: v for k, v in args.items() if v is not None}}
     for v in leaves.values():
@@ -70,7 +75,9 @@ def _check(shape, G, dtype=torch.float32, *, use=PARAMS, act="silu", channels_la
 
     N, C = shape[:2]
     S = x[0, 0].numel()
-    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    assert y.dtype == dtype and y.shape == x.shape
+    expected_strides = x.stride() if y_format is None else torch.empty(x.shape, memory_format=y_format).stride()
+    assert y.stride() == expected_strides
     reduce = {"y": C // G * S, "x": C // G * S, "weight": N * S, "bias": N * S, "scale": S, "shift": S}
     names = ["y", *leaves]
     for name, a, e, base in zip(names, [y, *grads], [y64, *grads64], [y32, *grads32]):
@@ -132,20 +139,82 @@ def test_split_reduction(shape, G, chunk, cl):
     _check(shape, G, chunk=chunk, channels_last=cl)
 
 
+def test_split_more_chunks_than_the_cap(monkeypatch):
+    # chunk=1 asks for 25 chunks per group; with the cap at 4 the plan widens the chunk to 7 (chunks 7, 7, 7, 4).
+    assert _plan((1, 256, 1 << 20), 32, 132, chunk=1).split <= K.MAX_SPLIT
+    monkeypatch.setattr(K, "MAX_SPLIT", 4)
+    plan = _plan((1, 4, 25), 2, 0, chunk=1)
+    assert (plan.fused, plan.chunk, plan.split) == (False, 7, 4)
+    assert plan.launches[1].meta["BLOCK_SPLIT"] == 4
+    _check((1, 4, 5, 5), 2, chunk=1)
+    _check((1, 4, 5, 5), 2, chunk=1, channels_last=True)
+
+
+def _channel_slice(x):
+    return torch.cat([x, x], 1)[:, 1:1 + x.shape[1]]
+
+
+CL = torch.channels_last
+LAYOUTS = {  # name: (view of x, memory format of y); every one but the spatial step is read in place
+    "channel_slice": (_channel_slice, torch.contiguous_format),
+    "batch_step": (lambda x: torch.cat([x, x])[::2], torch.contiguous_format),
+    "spatial_step": (lambda x: torch.cat([x, x], -1)[..., ::2], torch.contiguous_format),  # H, W do not merge
+    "channels_last": (lambda x: x.to(memory_format=CL), CL),
+    "channels_last_channel_slice": (lambda x: _channel_slice(x.to(memory_format=CL)), CL),
+    "channels_last_batch_step": (lambda x: torch.cat([x, x]).to(memory_format=CL)[::2], CL),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 4], ids=["fused", "split"])
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_layouts(layout, chunk):
+    view, y_format = layout
+    _check((2, 6, 5, 5), 2, chunk=chunk, view=view, y_format=y_format)  # 3 channels per group: masked
+
+
+@pytest.mark.parametrize("chunk", [None, 4], ids=["fused", "split"])
+def test_transposed_3d_view_read_in_place(chunk):
+    # diffusers-style (B, C, L) view of a (B, L, C) tensor: channels are the contiguous axis; y keeps the strides.
+    _check((2, 8, 10), 4, chunk=chunk, view=lambda x: x.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_module_on_3d_views(impl):
+    # nn.GroupNorm's contract: (N, C, *) of any rank >= 2, any strides, on every impl.
+    t = _inputs((2, 8, 12))
+    mod = GroupNorm(4, 8, act="silu")
+    with torch.no_grad():
+        mod.weight.copy_(t["weight"]), mod.bias.copy_(t["bias"])
+    mod.impl = impl
+    for x in (t["x"].transpose(1, 2).contiguous().transpose(1, 2), t["x"][:, :, ::2], t["x"][:, :, 0]):
+        x = x.detach().requires_grad_()
+        y = mod(x)
+        x64 = x.detach().double().requires_grad_()
+        y64 = _oracle(x64, 4, mod.weight.detach().double(), mod.bias.detach().double(), act="silu")
+        dy = torch.randn(y.shape, dtype=torch.float64)
+        assert_close(y, y64, torch.float32, reduce_len=24)
+        assert_close(torch.autograd.grad(y, x, dy.float())[0], torch.autograd.grad(y64, x64, dy)[0], torch.float32,
+                     reduce_len=24)
+
+
 def test_split_reduction_automatic_for_large_groups():
     # 4 x 5120 elements per group exceed one tile: split path, several tiles merged inside one chunk.
     shape, G = (1, 4, 64, 80), 1
-    assert K._plan(1, G, 4, 64 * 80, 0, torch.device("cpu"), K.MAX_FUSED_SIZE) is not None
+    assert not _plan((1, 4, 64 * 80), G, 0).fused
     _check(shape, G, offset=3.0)
 
 
-def test_plan_fills_a_gpu_at_batch_1(monkeypatch):
-    cpu = torch.device("cpu")
-    assert K._plan(64, 32, 8, 32 * 32, 0, cpu, K.MAX_FUSED_SIZE) is None  # fused: one program per (n, g)
-    monkeypatch.setattr(K, "_target_programs", lambda device: 264)       # e.g. 132 SMs x 2
-    chunk, split, _, _ = K._plan(1, 32, 8, 64 * 64, 0, cpu, K.MAX_FUSED_SIZE)
-    assert split > 1 and chunk * split >= 64 * 64 and 8 * chunk >= K.MIN_SPLIT_ELEMS
-    assert K._plan(64, 32, 8, 32 * 32, 0, cpu, K.MAX_FUSED_SIZE) is None
+def _plan(shape, G, num_sms, **kw):
+    return K.group_norm_plan(shape, torch.empty(shape).stride(), torch.float32, G, num_sms, **kw)
+
+
+def test_plan_fills_a_gpu_at_batch_1():
+    assert _plan((64, 256, 32 * 32), 32, 132).fused   # fused: one program per (n, g)
+    plan = _plan((1, 256, 64 * 64), 32, 132)          # 32 groups cannot fill 132 SMs x 2
+    assert not plan.fused and plan.split > 1 and plan.chunk * plan.split >= 64 * 64
+    assert 8 * plan.chunk >= K.MIN_SPLIT_ELEMS
+    assert [launch.grid for launch in plan.launches] == [(32, plan.split)] * 2
+    assert _plan((1, 256, 32 * 32), 32, 0).fused and not _plan((1, 256, 32 * 32), 32, 132).fused  # CPU: 1 at a time
 
 
 @pytest.mark.parametrize("chunk", [None, 8])

@@ -94,6 +94,58 @@ def test_noncontiguous_inputs(device):
         assert_close(out, _closed_form(pred, target, 0.02, None, per), torch.float32, reduce_len=192)
 
 
+def _check_value_and_grads(pred_base, target_base, view, c, per, device, reduce_len):
+    """Loss and gradients (through the views back to their bases) of the Triton path vs fp64 autograd of the
+    closed form, for inputs that are views of larger tensors."""
+    results = []
+    for impl in ("triton", "oracle"):
+        pb, tb = (b.detach().clone().requires_grad_() for b in (pred_base, target_base))
+        if impl == "oracle":
+            pb, tb = (b.detach().double().requires_grad_() for b in (pb, tb))
+        pred, target = view(pb, tb)
+        if impl == "oracle":
+            diff = pred - target
+            sq = diff.pow(2).flatten(1).sum(1) if per == "sample" else diff.pow(2)
+            out = (sq + c * c).sqrt() - c
+        else:
+            out = pseudo_huber_loss(pred, target, c, reduction="none", per=per, impl="triton")
+        g = torch.Generator().manual_seed(1)
+        out.backward(torch.randn(out.shape, generator=g, dtype=torch.float64).to(device=device, dtype=out.dtype))
+        results.append((out, pb.grad, tb.grad))
+    for name, a, e in zip(("loss", "d_pred", "d_target"), *results):
+        assert_close(a, e, torch.float32, reduce_len=reduce_len, msg=name)
+
+
+@pytest.mark.parametrize("per", ["sample", "element"])
+def test_rows_longer_than_one_block(per, device):
+    # A 3x128x128 sample is 49,152 elements: the per-sample kernel loops over 3 blocks of 16,384 (both passes).
+    from fastcm.kernels._utils import MAX_FUSED_SIZE
+
+    pred, target, _ = _inputs((2, 3, 128, 128), torch.float32, device)
+    assert pred[0].numel() > MAX_FUSED_SIZE
+    _check_value_and_grads(pred, target, lambda p, t: (p, t), 0.05, per, device, pred[0].numel())
+
+
+@pytest.mark.parametrize("per", ["sample", "element"])
+def test_rows_with_non_unit_inner_stride(per, device):
+    # Every other column of a (B, 2D) tensor, and every third of a (B, 3D) one: (B, D) views whose rows have inner
+    # strides 2 and 3 (read in place by the per-sample kernel); and a 4-D view whose dims merge into stride-2 rows.
+    pred, _, _ = _inputs((3, 2 * 37), torch.float32, device)
+    target, _, _ = _inputs((3, 3 * 37), torch.float32, device, seed=1)
+    _check_value_and_grads(pred, target, lambda p, t: (p[:, ::2], t[:, 1::3]), 0.05, per, device, 37)
+    pred4, target4, _ = _inputs((2, 3, 4, 10), torch.float32, device)
+    _check_value_and_grads(pred4, target4, lambda p, t: (p[..., ::2], t[..., 1::2]), 0.05, per, device, 60)
+
+
+@pytest.mark.parametrize("per", ["sample", "element"])
+def test_gradients_on_sliced_inputs(per, device):
+    # Batch and channel slices, a spatial step and a channels-last permutation: the gradient reaches each base.
+    pred, _, _ = _inputs((6, 4, 9, 9), torch.float32, device)
+    target, _, _ = _inputs((3, 9, 9, 5), torch.float32, device, seed=2)
+    view = lambda p, t: (p[1::2, 1:, ::3, 1:7:2], t.permute(0, 3, 1, 2)[:, 1:4, ::3, 1:7:2])  # noqa: E731
+    _check_value_and_grads(pred, target, view, 0.05, per, device, 27)
+
+
 def test_bfloat16_storage(device):
     # The interpreter cannot compute in bf16; the kernel loads, upcasts to fp32 and stores, which it can.
     pred, target, _ = _inputs((4, 3, 8, 8), torch.bfloat16, device)
@@ -164,13 +216,27 @@ def test_registry_entry_runs_every_case():
         (dict(per="pixel"), ValueError, "per must be one of"),
         (dict(impl="cuda"), ValueError, "impl must be one of"),
         (dict(pred=[1.0]), TypeError, "pred must be a torch.Tensor"),
+        (dict(weight=torch.tensor([1.0, -0.5, 1.0, 1.0])), ValueError, r"weight must be finite and >= 0, got -0.5 at"),
+        (dict(weight=torch.tensor([1.0, 1.0, float("nan"), 1.0])), ValueError, "weight must be finite and >= 0, got n"),
+        (dict(weight=torch.tensor([float("inf"), 1.0, 1.0, 1.0])), ValueError, "weight must be finite and >= 0"),
+        (dict(pred=torch.zeros(0, 3, 2), target=torch.zeros(0, 3, 2), weight=torch.zeros(0)), ValueError,
+         r"pred must hold at least one sample for reduction='mean'"),
     ],
 )
 def test_bad_input(kwargs, err, match):
     args = dict(pred=torch.zeros(4, 3, 2), target=torch.zeros(4, 3, 2), c=0.1, weight=None)
     args.update(kwargs)
-    with pytest.raises(err, match=match):
-        pseudo_huber_loss(**args)
+    for impl in ("torch", "triton"):
+        with pytest.raises(err, match=match):
+            pseudo_huber_loss(**{"impl": impl, **args})
+
+
+@pytest.mark.parametrize("per", ["sample", "element"])
+def test_empty_batch_sums_to_zero(per):
+    pred = torch.zeros(0, 3, 2, requires_grad=True)
+    for impl in ("torch", "triton"):
+        assert pseudo_huber_loss(pred, torch.zeros(0, 3, 2), 0.1, reduction="sum", per=per, impl=impl).item() == 0
+        assert pseudo_huber_loss(pred, torch.zeros(0, 3, 2), 0.1, reduction="none", per=per, impl=impl).numel() == 0
 
 
 @pytest.mark.gpu

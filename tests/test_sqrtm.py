@@ -122,9 +122,9 @@ def test_gradcheck_fp64(impl, device):
 def test_opcheck(device):
     a, _ = _spd(8, (1,), cond=10)
     a = a.to(device).requires_grad_()
-    torch.library.opcheck(torch.ops.fastcm.sqrtm_ns.default, (a, 3))
+    torch.library.opcheck(torch.ops.fastcm.sqrtm_fwd.default, (a, 3))
     x = sqrtm_ref(a.detach())
-    torch.library.opcheck(torch.ops.fastcm.sqrtm_ns_backward.default, (x, torch.randn_like(x), 3))
+    torch.library.opcheck(torch.ops.fastcm.sqrtm_bwd.default, (x, torch.randn_like(x), 3))
 
 
 def test_torch_compile_fullgraph(device):
@@ -162,6 +162,8 @@ def test_bad_inputs():
         sqrtm(good, num_iters=0)
     with pytest.raises(ValueError, match="impl"):
         sqrtm(good, impl="cuda")
+    with pytest.raises(ValueError, match="psd_projection must be a bool"):
+        sqrtm(good, psd_projection=1)
 
 
 def test_registry_entry(device):
@@ -169,3 +171,79 @@ def test_registry_entry(device):
     kwargs = spec.make_inputs("tiny", device=device, dtype=torch.float32, requires_grad=False)
     # make_inputs uses condition number 1e3, which 18 steps resolve to fp32 accuracy (README table).
     assert_close(spec.op(**kwargs, impl="triton", num_iters=18), spec.ref(**kwargs), torch.float32, reduce_len=16)
+
+
+def _with_eigenvalues(lam, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=torch.float64))
+    a = (q * lam) @ q.mT
+    return (a + a.mT) / 2, (q * lam.clamp(min=0).sqrt()) @ q.mT
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_negative_eigenvalue_raises_and_names_it(impl, dtype, device):
+    minus_eye = -torch.eye(4, dtype=dtype, device=device)
+    with pytest.raises(ValueError, match=r"most negative eigenvalue is -1 .*psd_projection=True"):
+        sqrtm(minus_eye, impl=impl)
+    a, root = _with_eigenvalues([1.0, 0.5, 0.25, -0.01])
+    batch = torch.stack([_spd(4)[0], a]).to(device=device, dtype=dtype)  # the second matrix of a batch
+    with pytest.raises(ValueError, match=r"most negative eigenvalue is -0\.01"):
+        sqrtm(batch, impl=impl)
+    # The opt-in projection sets negative eigenvalues to 0 (the Triton route falls back to the eigendecomposition
+    # when Newton-Schulz overflows on them).
+    out = sqrtm(batch, impl=impl, psd_projection=True)
+    assert_close(out[1], root, dtype, reduce_len=4)
+    assert not sqrtm(minus_eye, impl=impl, psd_projection=True).any()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_round_off_negative_eigenvalues_are_accepted(impl, device):
+    # A singular covariance in fp64 has eigenvalues of ~-1e-16 ||a||: within PSD_RTOL they count as 0. With 60
+    # steps Newton-Schulz overflows on -1e-13 (x 2.25 per step); the result comes from the projection instead.
+    a, root = _with_eigenvalues([1.0, 0.3, 0.0, -1e-13])
+    out = sqrtm(a.to(device), impl=impl, num_iters=60)
+    torch.testing.assert_close(out.cpu(), root, atol=1e-6, rtol=0)
+
+
+def test_plan_batch_in_grid_dim_0_and_precision_follows_torch():
+    from fastcm.kernels.sqrtm import sqrtm_plan
+
+    plan = sqrtm_plan(70_000, 16, torch.float32)  # more matrices than grid dimension 1 allows (65,535)
+    assert plan.grid == (70_000, 1) and plan.meta["PRECISION"] == "ieee"
+    assert sqrtm_plan(4, 256, torch.float32, "high").meta["PRECISION"] == "tf32"
+    assert sqrtm_plan(4, 256, torch.float32, "medium").meta["PRECISION"] == "tf32"
+    assert sqrtm_plan(4, 256, torch.float64, "high").meta["PRECISION"] == "ieee"
+
+
+def test_tf32_setting_reaches_the_kernel(device, monkeypatch):
+    # With torch's fp32 matmul precision at "high", the launcher asks for TF32 dots (recorded at launch).
+    import fastcm.kernels.sqrtm as K
+
+    seen = []
+    plan = K.sqrtm_plan
+    monkeypatch.setattr(K, "sqrtm_plan", lambda *args: seen.append(plan(*args)) or seen[-1])
+    a, root = _spd(8, (1,), cond=10)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        out = sqrtm(a.to(device=device, dtype=torch.float32), impl="triton", num_iters=12)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert seen[-1].meta["PRECISION"] == "tf32"
+    torch.testing.assert_close(out.double().cpu(), root, atol=1e-2, rtol=0)  # TF32: ~1e-3 relative
+
+
+def test_signature_impl_last():
+    import inspect
+
+    assert list(inspect.signature(sqrtm).parameters) == ["a", "num_iters", "psd_projection", "impl"]
+
+
+def test_projection_on_the_triton_route_with_few_steps(device):
+    # -1e-3 ||a|| is far past the tolerance but too small for 5 Newton-Schulz steps to overflow: the projection
+    # must still be exact (the route takes the eigendecomposition for an indefinite matrix).
+    a, root = _with_eigenvalues([1.0, 0.5, 0.2, -1e-3])
+    out = sqrtm(a.to(device), impl="triton", num_iters=5, psd_projection=True)
+    torch.testing.assert_close(out.cpu(), root, atol=1e-12, rtol=0)

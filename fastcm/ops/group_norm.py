@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._jvp import JvpRule, has_tangent
 from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
 
 ACTS = (None, "silu")
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -26,23 +26,27 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     """Fused ``act((group_norm(x) * weight + bias) * (1 + scale) + shift)``.
 
     Args:
-        x: (N, C, *spatial) floating tensor, zero or more spatial dims. Contiguous and channels_last layouts are
-            read natively; any other layout is copied once to contiguous. Statistics are computed in fp32 (fp64
-            for fp64 inputs); the output has x's dtype and layout.
+        x: (N, C, *spatial) floating tensor, zero or more spatial dims. Read in place whenever its spatial dims
+            merge into one strided dim (contiguous, channels_last, a transposed (B, C, L) view, channel or batch
+            slices); otherwise copied once. Statistics are computed in fp32 (fp64 for fp64 inputs); the output has
+            x's dtype, and x's strides when x is dense (else contiguous).
         num_groups: G, dividing C.
         weight, bias: optional (C,) affine parameters (as in ``nn.GroupNorm``).
         eps: positive constant added to the group variance.
         scale, shift: optional (N, C) per-sample modulation; the output is multiplied by ``1 + scale``.
         act: None or "silu".
         impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
+    Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) works on every impl, with tangents on x and on the
+    parameters: the Triton route computes y' with a one-pass kernel (kernels/group_norm.py); under torch.compile
+    it raises instead (pytorch#192985), the reference route compiles.
     """
     _validate(x, num_groups, weight, bias, eps, scale, shift, act)
     if resolve_impl(impl, x) == "torch":
         return group_norm_ref(x, num_groups, weight, bias, eps, scale, shift, act)
-    if not _dense(x):
-        x = x.contiguous()
-    y, _, _ = torch.ops.fastcm.group_norm_fwd(x, int(num_groups), weight, bias, float(eps), scale, shift,
-                                              act == "silu", 0)
+    args = (x, int(num_groups), weight, bias, float(eps), scale, shift, act == "silu", 0)
+    if has_tangent(x, weight, bias, scale, shift):  # torch.func.jvp / forward_ad: the op's tangent rule
+        return _JVP.apply(*args)[0]
+    y, _, _ = torch.ops.fastcm.group_norm_fwd(*args)
     return y
 
 
@@ -53,6 +57,10 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     acc = torch.promote_types(x.dtype, torch.float32)
     per_nc = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)  # (N, C) -> (N, C, 1, ..., 1): broadcast over space
     per_c = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    if has_tangent(x, weight, bias, scale, shift):
+        y = _group_normalize(x.to(acc), num_groups, eps)
+        y = y if weight is None else y * weight.to(acc).view(per_c)
+        return _modulate(y if bias is None else y + bias.to(acc).view(per_c), scale, shift, act, per_nc, x.dtype)
     # torch.group_norm is F.group_norm minus its "more than 1 value per channel" check, which rejects legitimate
     # one-element groups at batch 1 (e.g. x of shape (1, C, 1, 1) with G = C). A bias without a weight is added
     # outside: aten's group-norm backward fails on it ("tensor does not have a device", torch 2.13 CPU).
@@ -60,23 +68,30 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     y = torch.group_norm(x.to(acc), num_groups, _cast(weight, acc), native_bias, eps)
     if weight is None and bias is not None:
         y = y + bias.to(acc).view(per_c)
+    return _modulate(y, scale, shift, act, per_nc, x.dtype)
+
+
+def _modulate(y: Tensor, scale, shift, act, per_nc, dtype) -> Tensor:
+    """act(y * (1 + scale) + shift), cast to ``dtype``."""
     if scale is not None:
-        y = y * (1 + scale.to(acc).view(per_nc))
+        y = y * (1 + scale.to(y.dtype).view(per_nc))
     if shift is not None:
-        y = y + shift.to(acc).view(per_nc)
+        y = y + shift.to(y.dtype).view(per_nc)
     if act == "silu":
         y = F.silu(y)
-    return y.to(x.dtype)
+    return y.to(dtype)
+
+
+def _group_normalize(x: Tensor, num_groups: int, eps: float) -> Tensor:
+    """(x - mean_g) / sqrt(var_g + eps) written with mean and var: torch's group_norm has no working forward AD on
+    channels_last inputs, and fails in compiled torch.func.jvp (continuous-time.md Sec. 4); this form has both."""
+    xg = x.reshape(x.shape[0], num_groups, -1)
+    d = xg - xg.mean(-1, keepdim=True)
+    return (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
-
-
-def _dense(x: Tensor) -> bool:
-    """True when the kernels can read x in place: contiguous, or channels_last (4-D) / channels_last_3d (5-D)."""
-    fmt = _CHANNELS_LAST.get(x.dim())
-    return x.is_contiguous() or (fmt is not None and x.is_contiguous(memory_format=fmt))
 
 
 def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
@@ -164,11 +179,11 @@ def _group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: 
 
 @_group_norm_fwd.register_fake
 def _(x, num_groups, weight, bias, eps, scale, shift, silu, chunk):
-    from fastcm.kernels.group_norm import out_format
+    from fastcm.kernels.group_norm import empty_out
 
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     stats = x.new_empty((x.shape[0], num_groups), dtype=acc)
-    return torch.empty_like(x, memory_format=out_format(x)), stats, torch.empty_like(stats)
+    return empty_out(x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("fastcm::group_norm_bwd", mutates_args=())
@@ -182,10 +197,10 @@ def _group_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: O
 
 @_group_norm_bwd.register_fake
 def _(dy, x, mean, rstd, weight, bias, scale, shift, silu, chunk):
-    from fastcm.kernels.group_norm import out_format
+    from fastcm.kernels.group_norm import empty_out
 
     sums = x.new_empty(x.shape[:2], dtype=mean.dtype)
-    return torch.empty_like(x, memory_format=out_format(x)), sums, torch.empty_like(sums)
+    return empty_out(x), sums, torch.empty_like(sums)
 
 
 def _setup_context(ctx, inputs, output):
@@ -197,9 +212,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, d_mean, d_rstd):
     x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in x's layout.
-    fmt = _CHANNELS_LAST.get(x.dim()) if not x.is_contiguous() else None
-    dy = dy.contiguous(memory_format=fmt or torch.contiguous_format)
+    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in y's layout (vector loads). Any
+    # other layout is read in place.
+    if 0 in dy.stride():
+        from fastcm.kernels.group_norm import empty_out
+
+        dy = empty_out(x).copy_(dy)
     dx, sum_du, sum_du_xhat = torch.ops.fastcm.group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift,
                                                              ctx.silu, ctx.chunk)
     # Parameter gradients from the per-(n, c) sums  P1 = sum_s du,  P2 = sum_s du * xhat  (u the pre-activation;
@@ -220,6 +238,80 @@ def _backward(ctx, dy, d_mean, d_rstd):
 
 
 _group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fastcm::group_norm_jvp", mutates_args=())
+def _group_norm_jvp(x: Tensor, x_dot: Optional[Tensor], num_groups: int, weight: Optional[Tensor],
+                    bias: Optional[Tensor], eps: float, scale: Optional[Tensor], shift: Optional[Tensor],
+                    weight_dot: Optional[Tensor], bias_dot: Optional[Tensor], scale_dot: Optional[Tensor],
+                    shift_dot: Optional[Tensor], silu: bool, write_y: bool) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.group_norm import group_norm_jvp
+
+    return group_norm_jvp(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
+                          shift_dot, silu, write_y)
+
+
+@_group_norm_jvp.register_fake
+def _(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot, silu,
+      write_y):
+    from fastcm.kernels.group_norm import empty_out
+
+    return (empty_out(x) if write_y else x.new_empty(0)), empty_out(x)
+
+
+def _tangent(inputs, output, tangents):
+    """Tangent of y: the one-pass Triton kernel when a group fits its tile, else the same formula in torch."""
+    from fastcm.kernels.group_norm import jvp_fits
+
+    x, num_groups, weight, bias, eps, scale, shift, silu, _ = inputs
+    x_dot, _, weight_dot, bias_dot, _, scale_dot, shift_dot, _, _ = tangents
+    args = (x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot, silu)
+    if jvp_fits(x, num_groups):
+        return torch.ops.fastcm.group_norm_jvp(*args, False)[1], None, None
+    return group_norm_tangent_ref(*args), None, None
+
+
+def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
+                           shift_dot, silu) -> Tensor:
+    """y' of y = act((GN(x) w + b) (1 + s) + t) in torch, continuous-time.md Sec. 3.1 (any argument's tangent may
+    be None: zero). Per group: mu' = mean(x'), kappa = mean(xhat x'), xhat' = rstd (x' - mu' - xhat kappa)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    N, C = x.shape[:2]
+    per_c, per_nc = (1, C) + (1,) * (x.dim() - 2), (N, C) + (1,) * (x.dim() - 2)
+    xg = x.to(acc).reshape(N, num_groups, -1)
+    d = xg - xg.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
+    xhat = d * rstd
+    xhat_dot = torch.zeros_like(xhat)
+    if x_dot is not None:
+        xg_dot = x_dot.to(acc).reshape(N, num_groups, -1)
+        kappa = (xhat * xg_dot).mean(-1, keepdim=True)
+        xhat_dot = rstd * (xg_dot - xg_dot.mean(-1, keepdim=True) - xhat * kappa)
+    xhat, xhat_dot = xhat.reshape(x.shape), xhat_dot.reshape(x.shape)
+
+    def c(t, shape):  # a parameter (or its tangent) broadcast over x, or 0 / 1 when absent
+        return None if t is None else t.to(acc).view(shape)
+
+    w, b, w_dot, b_dot = c(weight, per_c), c(bias, per_c), c(weight_dot, per_c), c(bias_dot, per_c)
+    h = xhat if w is None else xhat * w
+    h = h if b is None else h + b
+    h_dot = xhat_dot if w is None else xhat_dot * w
+    h_dot = h_dot if w_dot is None else h_dot + xhat * w_dot
+    h_dot = h_dot if b_dot is None else h_dot + b_dot
+    a, a_dot = h, h_dot
+    if scale is not None:
+        a, a_dot = h * (1 + c(scale, per_nc)), h_dot * (1 + c(scale, per_nc))
+    if scale_dot is not None:
+        a_dot = a_dot + h * c(scale_dot, per_nc)
+    a = a if shift is None else a + c(shift, per_nc)
+    a_dot = a_dot if shift_dot is None else a_dot + c(shift_dot, per_nc)
+    if silu:
+        sig = torch.sigmoid(a)
+        a_dot = a_dot * sig * (1 + a * (1 - sig))
+    return a_dot.to(x.dtype)
+
+
+_JVP = JvpRule("group_norm", torch.ops.fastcm.group_norm_fwd, _setup_context, _backward, _tangent)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._jvp import JvpRule, has_tangent
 from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -22,18 +23,22 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float, weight: Optional[T
     Args:
         pred, target: (B, ...) floating tensors of one shape (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
         c: the positive constant c (iCT: 0.00054 * sqrt(d)).
-        weight: optional per-sample factor of shape (B,) (iCT's lambda(sigma_i)).
+        weight: optional per-sample factor of shape (B,) (iCT's lambda(sigma_i)); finite and >= 0.
         reduction: "mean", "sum" or "none" ("none" gives (B,) per sample, or pred's shape per element).
         per: "sample" (norm over all non-batch dims, iCT) or "element".
         impl: "auto" (Triton on CUDA, reference elsewhere), "triton" or "torch".
-    Returns the loss in fp32 (fp64 for fp64 inputs).
+    Returns the loss in fp32 (fp64 for fp64 inputs). Forward-mode AD (torch.func.jvp, forward_ad) works on every
+    impl; the Triton route raises under torch.compile (pytorch#192985).
     """
     _validate(pred, target, c, weight, reduction, per)
     if resolve_impl(impl, pred) == "torch":
         return pseudo_huber_loss_ref(pred, target, c, weight, reduction, per)
-    need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
-    loss, _ = torch.ops.fastcm.pseudo_huber_fwd(pred, target, float(c), per == "sample", need_grad)
-    return _weight_and_reduce(loss, weight, reduction)
+    if has_tangent(pred, target):  # torch.func.jvp / forward_ad: the tangent needs the gradient buffer
+        loss, _ = _JVP.apply(pred, target, float(c), per == "sample", True)
+    else:
+        need_grad = torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+        loss, _ = torch.ops.fastcm.pseudo_huber_fwd(pred, target, float(c), per == "sample", need_grad)
+    return _weight_and_reduce(loss, weight, reduction)  # weight's tangent flows through these torch ops
 
 
 def pseudo_huber_loss_ref(pred: Tensor, target: Tensor, c: float, weight: Optional[Tensor] = None,
@@ -66,6 +71,14 @@ def _validate(pred, target, c, weight, reduction, per) -> None:
     check_same_device(pred=pred, target=target, weight=weight)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("per", per, PERS)
+    if reduction == "mean" and pred.shape[0] == 0:
+        raise ValueError("pred must hold at least one sample for reduction='mean' (the mean of an empty batch is "
+                         "undefined), got shape " + str(tuple(pred.shape)))
+    if weight is not None and not torch.compiler.is_compiling():  # a value check needs a host sync: eager only
+        bad = ~(weight >= 0) | ~torch.isfinite(weight)  # catches NaN, which compares False
+        if bool(bad.any()):
+            raise ValueError(f"weight must be finite and >= 0, got {weight[bad][0].item()!r} at index "
+                             f"{int(bad.nonzero()[0, 0])}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +121,21 @@ def _backward(ctx, d_loss, d_grad):
 
 
 _pseudo_huber_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _tangent(inputs, output, tangents):
+    """d' = <grad, pred' - target'> per sample (continuous-time.md Sec. 3.3; grad = (x - y) / sqrt(||x - y||^2 + c^2)
+    is the buffer the kernel wrote), or grad * (pred' - target') per element."""
+    pred, _, _, per_sample, _ = inputs
+    loss, grad = output
+    pred_dot, target_dot = tangents[:2]
+    diff_dot = torch.zeros_like(pred) if pred_dot is None else pred_dot
+    diff_dot = diff_dot if target_dot is None else diff_dot - target_dot
+    prod = grad.to(loss.dtype) * diff_dot.to(loss.dtype)
+    return (prod.flatten(1).sum(1) if per_sample else prod), None
+
+
+_JVP = JvpRule("pseudo_huber_loss", torch.ops.fastcm.pseudo_huber_fwd, _setup_context, _backward, _tangent)
 
 
 def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:

@@ -18,34 +18,84 @@ because d sqrt(lambda) / d lambda is unbounded at 0.
 import torch
 from torch import Tensor
 
+from ._jvp import JvpRule, has_tangent
 from ._utils import check_tensor, resolve_impl
 
 NUM_ITERS = 30  # resolves condition numbers up to ~1e8 in fp64 (see the accuracy table)
 
 
-def sqrtm(a: Tensor, impl: str = "auto", num_iters: int = NUM_ITERS) -> Tensor:
+def sqrtm(a: Tensor, num_iters: int = NUM_ITERS, psd_projection: bool = False, impl: str = "auto") -> Tensor:
     """Principal square root of symmetric PSD matrices ``a`` of shape (..., n, n).
 
     Args:
-        a: symmetric positive semi-definite matrices (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
+        a: symmetric positive semi-definite matrices (fp16/bf16/fp32 compute in fp32, fp64 in fp64). An eigenvalue
+            below ``-PSD_RTOL * ||a||_F`` (1e-5 in fp32, 1e-12 in fp64: round-off of a singular covariance) raises
+            a ValueError naming the most negative eigenvalue; eigenvalues within that tolerance are taken as 0.
+        num_iters: Newton-Schulz steps (Triton path only); 30 resolves eigenvalues down to ~1e-8 * ||a||_F.
+        psd_projection: project onto the PSD cone instead of raising (negative eigenvalues set to 0).
         impl: "auto" (Triton Newton-Schulz on CUDA, the eigendecomposition reference elsewhere), "triton"
             or "torch" (the reference).
-        num_iters: Newton-Schulz steps (Triton path only); 30 resolves eigenvalues down to ~1e-8 * ||a||_F.
     Returns sqrt(a) in a's dtype and shape. Gradients flow to ``a`` (Lyapunov backward; needs a positive definite).
+    The eigenvalue check needs a host sync and runs in eager mode only (not under torch.compile).
+    Forward-mode AD (torch.func.jvp, forward_ad): A' maps to X' with X X' + X' X = A' (Daleckii-Krein on the eigen
+    route, the Lyapunov Newton-Schulz solver on the Triton route, which raises under torch.compile: pytorch#192985).
     """
-    _validate(a, num_iters)
+    _validate(a, num_iters, psd_projection)
     if resolve_impl(impl, a) == "torch":
-        return sqrtm_ref(a)
+        return _sqrtm_eig(a, psd_projection)
+    if not torch.compiler.is_compiling() and not _within_psd_tolerance(a):
+        if not psd_projection:
+            _raise_if_not_psd(torch.linalg.eigvalsh(a.to(torch.promote_types(a.dtype, torch.float32))), a)
+        return _sqrtm_eig(a, True)  # the projection: Newton-Schulz has no meaning for an indefinite matrix
     x = _flat(a)
-    out = torch.ops.fastcm.sqrtm_ns(x, int(num_iters))
+    if has_tangent(x):  # torch.func.jvp / forward_ad: X' solves X X' + X' X = A' (the Lyapunov solver)
+        out = _JVP.apply(x, int(num_iters))
+    else:
+        out = torch.ops.fastcm.sqrtm_fwd(x, int(num_iters))
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+        # Eigenvalues slightly below 0 (within the tolerance, or any with psd_projection) grow by 9/4 per step in
+        # Newton-Schulz and overflow; the eigendecomposition projects them to 0 instead.
+        return _sqrtm_eig(a, True)
     return out.reshape(a.shape).to(a.dtype)
 
 
 def sqrtm_ref(a: Tensor) -> Tensor:
     """Reference: V diag(sqrt(max(lambda, 0))) V^T from ``torch.linalg.eigh`` (reads the lower triangle), with the
-    Daleckii-Krein backward. Computes in fp32 (fp64 for fp64 input) and returns a's dtype."""
+    Daleckii-Krein backward. Computes in fp32 (fp64 for fp64 input) and returns a's dtype. Projects onto the PSD
+    cone without checks (``sqrtm`` checks)."""
+    return _sqrtm_eig(a, True)
+
+
+def _sqrtm_eig(a: Tensor, psd_projection: bool) -> Tensor:
     acc = torch.promote_types(a.dtype, torch.float32)
-    return _SqrtmEig.apply(a.to(acc)).to(a.dtype)
+    fn = _SqrtmEigJvp if has_tangent(a) else _SqrtmEig  # Dynamo refuses a Function with a jvp: only when needed
+    return fn.apply(a.to(acc), psd_projection)[0].to(a.dtype)
+
+
+PSD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def _raise_if_not_psd(lam: Tensor, a: Tensor) -> None:
+    """ValueError when an eigenvalue lies below -PSD_RTOL * ||a||_F (eager mode only: it needs a host sync)."""
+    if torch.compiler.is_compiling() or lam.numel() == 0:
+        return
+    acc = torch.promote_types(a.dtype, torch.float32)
+    tol = PSD_RTOL[acc] * torch.linalg.matrix_norm(a.to(acc), "fro")
+    worst = lam.amin(-1)
+    if bool((worst < -tol).any()):
+        lam_min = worst.min().item()
+        raise ValueError(f"a must be positive semi-definite: its most negative eigenvalue is {lam_min:.4g} (below "
+                         f"-{PSD_RTOL[acc]:g} * ||a||_F); pass psd_projection=True to set negative eigenvalues to 0")
+
+
+def _within_psd_tolerance(a: Tensor) -> bool:
+    """The Triton route's check: a Cholesky factorisation of a + tol I (tol = PSD_RTOL * ||a||_F) succeeds exactly
+    when no eigenvalue lies below -tol (one factorisation, ~1/3 of one Newton-Schulz matmul)."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    a = a.to(acc)
+    tol = PSD_RTOL[acc] * torch.linalg.matrix_norm(a, "fro", keepdim=True)
+    eye = torch.eye(a.shape[-1], dtype=acc, device=a.device)
+    return not bool((torch.linalg.cholesky_ex(a + tol * eye).info > 0).any())
 
 
 def sqrtm_newton_schulz(a: Tensor, num_iters: int = NUM_ITERS) -> Tensor:
@@ -81,24 +131,44 @@ def lyapunov_newton_schulz(x: Tensor, grad: Tensor, num_iters: int = NUM_ITERS) 
     return 0.5 * c
 
 
+def _daleckii_krein(v: Tensor, s: Tensor, e: Tensor) -> Tensor:
+    """V [ (V^T E V) / (s_i + s_j) ] V^T: the derivative of sqrt at A = V diag(s^2) V^T in direction E, and (the
+    map being self-adjoint) the gradient for an output gradient E. Pairs of null eigenvalues (s_i + s_j = 0) have
+    no finite derivative: they get 0."""
+    denom = s.unsqueeze(-1) + s.unsqueeze(-2)
+    inner = v.mT @ e @ v
+    ok = denom > 0
+    inner = torch.where(ok, inner / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(inner))
+    return v @ inner @ v.mT
+
+
 class _SqrtmEig(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a):
+    def forward(a, psd_projection):
         lam, v = torch.linalg.eigh(a)
+        if not psd_projection:
+            _raise_if_not_psd(lam, a)
         s = lam.clamp(min=0).sqrt()
-        ctx.save_for_backward(v, s)
-        return (v * s.unsqueeze(-2)) @ v.mT
+        return (v * s.unsqueeze(-2)) @ v.mT, v, s
 
     @staticmethod
-    def backward(ctx, grad):
-        # d sqrt(A) = V [ (V^T dA V) / (s_i + s_j) ] V^T, so the adjoint is V [ (V^T G V) / (s_i + s_j) ] V^T.
-        # Pairs of null eigenvalues (s_i + s_j = 0) have no finite derivative: they get 0.
+    def setup_context(ctx, inputs, output):
+        _, v, s = output
+        ctx.mark_non_differentiable(v, s)
+        ctx.save_for_backward(v, s)
+        ctx.save_for_forward(v, s)
+
+    @staticmethod
+    def backward(ctx, grad, _v, _s):
         v, s = ctx.saved_tensors
-        denom = s.unsqueeze(-1) + s.unsqueeze(-2)
-        inner = v.mT @ grad.contiguous() @ v
-        ok = denom > 0
-        inner = torch.where(ok, inner / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(inner))
-        return v @ inner @ v.mT
+        return _daleckii_krein(v, s, grad.contiguous()), None
+
+
+class _SqrtmEigJvp(_SqrtmEig):
+    @staticmethod
+    def jvp(ctx, a_dot, _):
+        v, s = ctx.saved_tensors
+        return _daleckii_krein(v, s, a_dot), None, None
 
 
 def _flat(a: Tensor) -> Tensor:
@@ -107,12 +177,14 @@ def _flat(a: Tensor) -> Tensor:
     return a.reshape(-1, n, n).to(acc).contiguous()
 
 
-def _validate(a, num_iters) -> None:
+def _validate(a, num_iters, psd_projection) -> None:
     check_tensor("a", a, min_ndim=2)
     if a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
         raise ValueError(f"a must be a batch of non-empty square matrices (..., n, n), got shape {tuple(a.shape)}")
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
+    if not isinstance(psd_projection, bool):
+        raise ValueError(f"psd_projection must be a bool, got {psd_projection!r}")
     if torch.compiler.is_compiling() or a.numel() == 0:
         return  # value checks need a host sync; they run in eager mode only
     if not bool(torch.isfinite(a).all()):
@@ -128,24 +200,24 @@ def _validate(a, num_iters) -> None:
 # Triton path as torch.library custom ops: the whole iteration is one opaque op for torch.compile, and so is the
 # Lyapunov backward (matmul-only torch code; on CUDA it runs on cuBLAS).
 
-@torch.library.custom_op("fastcm::sqrtm_ns", mutates_args=())
-def _sqrtm_ns(a: Tensor, num_iters: int) -> Tensor:
-    from fastcm.kernels.sqrtm import newton_schulz_sqrtm
+@torch.library.custom_op("fastcm::sqrtm_fwd", mutates_args=())
+def _sqrtm_fwd(a: Tensor, num_iters: int) -> Tensor:
+    from fastcm.kernels.sqrtm import sqrtm_fwd
 
-    return newton_schulz_sqrtm(a, num_iters)
+    return sqrtm_fwd(a, num_iters)
 
 
-@_sqrtm_ns.register_fake
+@_sqrtm_fwd.register_fake
 def _(a, num_iters):
     return torch.empty_like(a)
 
 
-@torch.library.custom_op("fastcm::sqrtm_ns_backward", mutates_args=())
-def _sqrtm_ns_backward(x: Tensor, grad: Tensor, num_iters: int) -> Tensor:
+@torch.library.custom_op("fastcm::sqrtm_bwd", mutates_args=())
+def _sqrtm_bwd(x: Tensor, grad: Tensor, num_iters: int) -> Tensor:
     return lyapunov_newton_schulz(x, grad, num_iters)
 
 
-@_sqrtm_ns_backward.register_fake
+@_sqrtm_bwd.register_fake
 def _(x, grad, num_iters):
     return torch.empty_like(grad)
 
@@ -157,10 +229,18 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastcm.sqrtm_ns_backward(x, grad.contiguous().to(x.dtype), ctx.num_iters), None
+    return torch.ops.fastcm.sqrtm_bwd(x, grad.contiguous().to(x.dtype), ctx.num_iters), None
 
 
-_sqrtm_ns.register_autograd(_backward, setup_context=_setup_context)
+_sqrtm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _tangent(inputs, output, tangents):
+    # d sqrt(A)[A'] = X' with X X' + X' X = A' (X = sqrt(A)): the Sylvester equation the backward solves.
+    return torch.ops.fastcm.sqrtm_bwd(output, tangents[0].contiguous(), inputs[1])
+
+
+_JVP = JvpRule("sqrtm", torch.ops.fastcm.sqrtm_fwd, _setup_context, _backward, _tangent)
 
 
 def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: bool = True) -> dict:

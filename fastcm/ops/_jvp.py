@@ -1,0 +1,101 @@
+"""Forward-mode AD (JVP) for ops whose fast route is a ``torch.library.custom_op``.
+
+A custom_op has no forward-AD hook in torch 2.13: ``torch.func.jvp`` through one silently returns a zero tangent,
+and ``torch.autograd.forward_ad`` leaves the tangent None (continuous-time.md Sec. 4). And Dynamo refuses a
+``torch.autograd.Function`` that defines ``jvp`` ("Unsupported custom jvp"), so the custom op must stay what
+``torch.compile`` sees. The mechanism here keeps both:
+
+  * no tangent on any input (training, sampling, ``torch.compile`` of a forward/backward): the op calls its
+    custom op as before; nothing changes;
+  * a tangent on some input (``torch.func.jvp``, ``forward_ad.make_dual``), in eager mode: the op calls
+    ``JvpRule.apply`` instead, a ``torch.autograd.Function`` in split form (``forward(*args)``, ``setup_context``,
+    ``backward``, ``jvp``) whose forward is the same custom op, whose backward is the custom op's registered
+    backward (so the primal output of ``torch.func.jvp`` can still be back-propagated), and whose ``jvp`` is the
+    op's tangent rule;
+  * a tangent under ``torch.compile``: compiled ``torch.func.jvp`` drops custom ``jvp`` rules (pytorch#192985),
+    which would be a silently wrong tangent, so it raises (``fullgraph=True`` reports this error; without
+    fullgraph Dynamo falls back to eager for the frame, which computes the right tangent).
+
+``has_tangent`` is the test: ``forward_ad.unpack_dual(t).tangent`` sees the tangents of ``torch.func.jvp`` and of
+``forward_ad`` alike, eagerly and while Dynamo traces. A JvpRule is generic (attention can use it): it holds the
+custom op call, its setup_context/backward pair and a tangent function of (inputs, outputs, tangents).
+"""
+from typing import Callable, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+ISSUE = "https://github.com/pytorch/pytorch/issues/192985"
+_SAVED = object()  # marks the positions of tensors kept with ctx.save_for_forward
+
+
+def has_tangent(*values) -> bool:
+    """True when any tensor among ``values`` carries a forward-mode tangent (torch.func.jvp or forward_ad)."""
+    return any(isinstance(v, Tensor) and fwAD.unpack_dual(v).tangent is not None for v in values)
+
+
+class JvpRule:
+    """Forward-mode AD for one custom op.
+
+    Args:
+        name: the op's public name (error messages).
+        primal: ``primal(*args) -> output(s)``, the custom op call (runs with autograd off, as in any Function).
+        setup_context, backward: the pair registered with the custom op's ``register_autograd``; they see the same
+            ``ctx`` API (``save_for_backward``, ``saved_tensors``, ``needs_input_grad``).
+        tangent: ``tangent(inputs, output, tangents) -> output tangent(s)``; ``tangents`` has one entry per input
+            (None for inputs without a tangent, and for non-tensor inputs). Returns one tangent per output (None
+            is read as zeros by autograd only for outputs the caller marks non-differentiable: return tensors).
+        differentiable: indices of the outputs that carry a tangent / gradient (others are marked
+            non-differentiable, e.g. saved statistics).
+    """
+
+    def __init__(self, name: str, primal: Callable, setup_context: Callable, backward: Callable,
+                 tangent: Callable, differentiable: Sequence[int] = (0,)):
+        self.name = name
+        rule = self
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(*args):
+                return primal(*args)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                setup_context(ctx, inputs, output)
+                outs = output if isinstance(output, tuple) else (output,)
+                # The tangent rule gets the inputs and outputs through save_for_forward (under torch.func.jvp the
+                # raw objects are functorch wrappers, which a Triton launch cannot read).
+                values = (*inputs, *outs)
+                ctx.jvp_layout = (len(inputs), isinstance(output, tuple),
+                                  [_SAVED if isinstance(v, Tensor) else v for v in values])
+                ctx.save_for_forward(*(v for v in values if isinstance(v, Tensor)))
+                fixed = [o for i, o in enumerate(outs) if i not in rule.differentiable and isinstance(o, Tensor)]
+                if fixed:
+                    ctx.mark_non_differentiable(*fixed)
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return backward(ctx, *grads)
+
+            @staticmethod
+            def jvp(ctx, *tangents):
+                n_inputs, tuple_out, values = ctx.jvp_layout
+                saved = iter(ctx.saved_tensors)
+                values = [next(saved) if v is _SAVED else v for v in values]
+                output = tuple(values[n_inputs:]) if tuple_out else values[n_inputs]
+                with torch.no_grad():  # tangents need no graph of their own (continuous-time.md Sec. 3.4)
+                    return tangent(tuple(values[:n_inputs]), output, tangents)
+
+        Function.__name__ = Function.__qualname__ = f"{name}_jvp"
+        self.differentiable = tuple(differentiable)
+        self.function = Function
+
+    def apply(self, *args):
+        """Run the op through the Function (call only when ``has_tangent(*args)``)."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{self.name}: a forward-mode tangent (torch.func.jvp / forward_ad) cannot pass the Triton route under "
+                f"torch.compile: compiled torch.func.jvp drops custom jvp rules ({ISSUE}) and would return a wrong "
+                f"tangent. Run the JVP eagerly, or use impl='torch' inside the compiled function.")
+        return self.function.apply(*args)
