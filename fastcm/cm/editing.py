@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from fastcm.ops._utils import check_tensor
+from fastcm._checks import check_tensor
 
 from .sampling import (PerSampleNoise, Seeds, check_sigmas, eval_mode, model_device, model_info, resolve_labels,
                        resolve_seeds)

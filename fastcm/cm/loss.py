@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastcm.ops import pseudo_huber_loss
-from fastcm.ops._utils import IMPLS, check_choice, check_tensor
+from fastcm._checks import IMPLS, check_choice, check_tensor
 
 from .precond import find_cm
 from .schedule import ict_num_scales, ict_weights, karras_sigmas, lognormal_pair_probs, pseudo_huber_c

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops._utils import check_tensor
+from fastcm._checks import check_tensor
 
 
 def cm_coefficients(sigma: Tensor, sigma_data: float, sigma_min: float):
