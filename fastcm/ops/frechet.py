@@ -176,7 +176,9 @@ def whitening(sigma: Tensor, name: str = "sigma", impl: str = "auto"):
     the null space after with s = 1 (so W^(-T) = V diag(1 / s)). Raises ValueError naming ``name`` when sigma has
     clearly negative eigenvalues."""
     chol = cholesky_lower(sigma, impl)
-    if chol is not None:
+    # A Cholesky factor with a pivot L_jj^2 at rounding level (it bounds the smallest eigenvalue from above) is a
+    # singular sigma that rounding made look definite: W^(-T) would amplify round-off by 1 / L_jj.
+    if chol is not None and bool(chol.diagonal().square().min() > null_threshold(sigma.diagonal())):
         return chol, sigma.shape[0], True
     return (*_eigen_whitening(sigma, name), False)
 
