@@ -59,7 +59,7 @@ def _train_ict_stage(args, data, out, common):
 
 
 def _train_fd_stage(args, data, out, common):
-    from fastcm.eval.features import feature_extractor
+    from fastcm.fid import feature_extractor
     from fastcm.train import FDConfig, finetune_fd, load_model, reference_stats
 
     if args.init is None:
@@ -133,19 +133,12 @@ def cmd_sample(args) -> int:
 # -- edit -----------------------------------------------------------------------------------------------------------
 
 def _edit_inputs(spec: str, n: int, channels: int):
-    """The first n images (and labels, if any) of an image folder, a .npz or digits[:split]."""
+    """The first n images (and labels, if any) of a dataset string (fastcm.data's grammar; test split default)."""
     import torch
 
-    from fastcm.data import load_digits, load_image_folder, load_npz
+    from fastcm.data import load_dataset
 
-    if spec == "digits" or spec.startswith("digits:"):
-        ds = load_digits(spec.partition(":")[2] or "test")
-    elif os.path.isdir(spec):
-        ds = load_image_folder(spec, channels=channels)
-    elif spec.lower().endswith(".npz"):
-        ds = load_npz(spec)
-    else:
-        raise UsageError(f"--input {spec!r} is not digits[:train|test], a .npz file or an image folder")
+    ds = load_dataset(spec, "test", channels=channels)
     return ds.get_batch(torch.arange(min(n, len(ds))))
 
 
