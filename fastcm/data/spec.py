@@ -45,7 +45,7 @@ def parse_dataset(spec) -> DatasetSpec:
         return DatasetSpec("folder", rest, None)
     if Path(spec).suffix.lower() == ".npz":
         return DatasetSpec("npz", spec, None)
-    hint = f" (for the image folder {spec} write folder:{spec})" if Path(spec).is_dir() else ""
+    hint = f" (for the image folder {spec} write folder:{spec})" if spec and Path(spec).is_dir() else ""
     raise ValueError(f"unknown dataset {spec!r}: expected one of {FORMS}{hint}")
 
 
