@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from fastcm._checks import check_int
+
 from .arrays import ArrayDataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -26,9 +28,8 @@ def load_image_folder(root: Union[str, os.PathLike], resolution: Optional[int] =
     """
     if channels is not None and channels not in _MODES:
         raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
-                                   or resolution < 1):
-        raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
+    if resolution is not None:
+        check_int("resolution", resolution)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} is not a directory (expected one subfolder per class "

@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import check_int
 from fastcm.ops import sqrtm_ref
 from fastcm.ops.frechet import check_gaussian, eigvalsh_lower, factored_eigh, null_threshold, symmetrize_lower, whitening
 
@@ -338,8 +339,7 @@ def fd_loss_full_ref(features: Tensor, mu_ref: Tensor, sigma_ref: Tensor, sqrt_r
 def _check_options(mode, queue_size, ema_beta, normalize, queue_dtype) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 2:
-        raise ValueError(f"queue_size must be an int >= 2, got {queue_size!r}")
+    check_int("queue_size", queue_size, 2)
     if not (isinstance(ema_beta, (int, float)) and 0.0 <= float(ema_beta) < 1.0):
         raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
     if not isinstance(normalize, bool):

@@ -191,8 +191,7 @@ class FeatureStats:
         if n is None:
             stats._n, stats._frozen = None, (mu, (sigma + sigma.T) * 0.5)
             return stats
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"n must be an int >= 2 (samples behind the covariance), got {n!r}")
+        n = check_int("n (samples behind the covariance)", n, 2)
         stats._shift, stats._s1, stats._s2, stats._n = mu, torch.zeros_like(mu), sigma * (n - 1), n
         return stats
 
