@@ -114,3 +114,19 @@ def test_one_error_message_lists_every_form(world):
     for args, (rc, _, err) in zip(jobs, _parallel(jobs, tmp)):
         assert rc == 2 and err.count("\n") == 1 and FORMS in err and "Traceback" not in err, (args, err)
         assert args[-1] == "digits:val" or "write folder:imgs" in err
+
+
+def test_collapsed_sets_and_single_seed_cas_through_the_command(world):
+    # Issue 15 items 4 and 8 as a user meets them: constant images (zero covariances) give the exact FD instead of a
+    # LAPACK traceback, and `cas` with one seed makes no claim about real + synthetic.
+    tmp, _ = world
+    np.savez(tmp / "const_a.npz", x=np.full((10, 1, 4, 4), -0.5, np.float32))
+    np.savez(tmp / "const_b.npz", x=np.full((12, 1, 4, 4), 0.25, np.float32))
+    jobs = [["fid", tmp / "const_a.npz", tmp / "const_b.npz", "--features", "pixels", "--json"],
+            ["cas", "--synthetic", tmp / "syn8.npz", "--real", "digits", "--judge", "logreg", "--seeds", 0]]
+    (rc, out, err), (rc2, out2, err2) = _parallel(jobs, tmp)
+    assert rc == 0 and "Traceback" not in err, err
+    assert json.loads(out)["fd"] == pytest.approx(16 * 0.75 ** 2, rel=1e-14)
+    assert rc2 == 0, err2
+    assert "real + synthetic beats real alone: no claim can be made from one seed" in out2
+    assert ": yes" not in out2 and ": no (" not in out2
