@@ -75,7 +75,7 @@ def _train_fd_stage(args, data, out, common):
     features = args.features or ("digits" if data.image_shape == (1, 8, 8) else "inception")
     net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
     ref = reference_stats(net, data)  # fp64 statistics of every training image in that feature space
-    # Dead ReLU units make the digits features' covariance singular; queue/ema modes whiten with its Cholesky factor.
+    # Digits features: batch mode measured better than the queue in the demo's FD stage (see fastcm/demo.py).
     mode = args.fd_mode or ("batch" if features == "digits" else "queue")
     print(f"FD fine-tune in {features} feature space ({mode} mode) against {len(data)} training images", flush=True)
     cfg = FDConfig(**common, fd_mode=mode, fd_normalize=args.fd_normalize)
