@@ -80,8 +80,10 @@ def dataset_stats(spec, features: str = "digits", *, weights=None, cache=None, b
     """FeatureStats of a statistics file (which must hold ``features`` statistics when it names its space), or of
     the images of a dataset string (fastcm.data grammar; ``split`` when it names none) in the feature space
     ``features`` ("digits", "pixels" or "inception"; ``weights`` is Inception's weight file)."""
-    from .features import feature_extractor
+    from .features import FEATURES, feature_extractor
 
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     if is_stats_file(spec):
         stats = FeatureStats.load(spec)
         if stats.features is not None and stats.features != features:

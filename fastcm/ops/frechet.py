@@ -173,8 +173,8 @@ def whitening(sigma: Tensor, name: str = "sigma", impl: str = "auto"):
     """(W, r, is_triangular): an invertible (d, d) W whose first r columns F = W[:, :r] factor sigma = F F^T (lower
     triangle of the symmetric PSD sigma read). The Cholesky factor (r = d) when sigma is positive definite; else
     W = V diag(s) over sigma's eigenvectors, the r eigenvalues above rounding level first with s = sqrt(lambda),
-    the null space after with s = 1 (so W^(-T) = V diag(1 / s)). Raises ValueError naming ``name`` when sigma has
-    clearly negative eigenvalues."""
+    the null space after with s = 1 (so W^(-T) = V diag(1 / s)). ``sigma`` is a covariance already checked by
+    check_gaussian (fp64, symmetric); raises ValueError naming ``name`` when it has clearly negative eigenvalues."""
     chol = cholesky_lower(sigma, impl)
     # A Cholesky factor with a pivot L_jj^2 at rounding level (it bounds the smallest eigenvalue from above) is a
     # singular sigma that rounding made look definite: W^(-T) would amplify round-off by 1 / L_jj.
