@@ -5,7 +5,7 @@ import torch
 
 from fastcm.data import load_digits
 from fastcm.eval.cas import cas_protocol, classification_accuracy
-from fastcm.eval.digits_net import train_classifier
+from fastcm.fid.digits_net import train_classifier
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,15 @@ def test_protocol_arms_and_verdict(splits):
     gain = res["real+synthetic"]["mean"] - res["real"]["mean"]
     assert res["real_plus_synthetic_minus_real"] == pytest.approx(gain)
     assert res["real_plus_synthetic_beats_real"] == (gain > 0)  # std 0: any gain counts
+
+
+def test_one_seed_makes_no_claim(splits):
+    # One seed has no spread: "real + synthetic beats real" can be neither claimed nor denied (issue 15 item 8).
+    xtr, ytr, xte, yte = splits
+    res = cas_protocol(xtr, ytr, xtr, ytr, xte, yte, judge="logreg", seeds=[0])
+    assert res["real_plus_synthetic_beats_real"] is None and "no claim can be made" in res["verdict"]
+    two = cas_protocol(xtr, ytr, xtr, ytr, xte, yte, judge="logreg", seeds=[0, 1])
+    assert isinstance(two["real_plus_synthetic_beats_real"], bool) and two["verdict"].startswith(("yes", "no"))
 
 
 def test_protocol_needs_a_gain_beyond_the_seed_noise(splits):

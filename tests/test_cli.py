@@ -49,11 +49,11 @@ def test_argparse_rejects_bad_choices(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["fid", "missing.npz", "digits:test", "--features", "pixels"], "does not exist"),
-    (["fid", "digits:test", "nowhere", "--features", "pixels"], "is not an image folder, a .npz file"),
+    (["fid", "digits:test", "nowhere", "--features", "pixels"], "unknown dataset 'nowhere': expected one of digits"),
     (["fid", "digits", "digits:test", "--features", "inception"], "needs --weights PATH"),
     (["stats", "digits:test", "--out", "{tmp}/s.txt"], "must end in .npz"),
     (["cas", "--synthetic", "{tmp}/none.npz"], "does not exist"),
-    (["cas", "--synthetic", "{tmp}/real.npz", "--real", "folder:x"], "needs a dataset with a test split"),
+    (["cas", "--synthetic", "{tmp}/real.npz", "--real", "folder:{tmp}/x"], "is not a directory"),
     (["sample", "--checkpoint", "{tmp}/none.safetensors"], "does not exist"),
     (["train", "--data", "cifar10:{tmp}/nothing", "--out", "{tmp}/run"], "cifar"),
     (["train", "--data", "digits", "--preset", "cifar10-small", "--steps", "1", "--out", "{tmp}/r"],
@@ -107,7 +107,7 @@ def test_fid_reads_image_folders(tmp_path, capsys):
         Image.fromarray(img, mode="L").save(tmp_path / "imgs" / str(label) / f"{i}.png")
     a = (pixels.reshape(len(pixels), -1).astype(np.float64) / 127.5 - 1.0)
     ref = _scipy_fd(a, te.images.flatten(1).double().numpy())
-    rc, out, err = run(capsys, "fid", tmp_path / "imgs", "digits:test", "--features", "pixels", "--json")
+    rc, out, err = run(capsys, "fid", f"folder:{tmp_path / 'imgs'}", "digits:test", "--features", "pixels", "--json")
     assert rc == 0, err
     assert json.loads(out)["fd"] == pytest.approx(ref, rel=1e-4, abs=1e-9) and json.loads(out)["n_a"] == 450
 
@@ -198,16 +198,18 @@ def test_bench_runs_pytest_benchmark_and_the_report(tmp_path, capfd):
 
 
 def test_fid_inception_features_wiring(tmp_path, capsys, monkeypatch):
-    """--features inception hands --weights to fastcm.fid.inception_v3 and feeds it [0, 1] RGB images (grey ones
-    repeated over 3 channels). A cheap stand-in network replaces the 2048-d Inception-v3 here: a real forward pass
-    at 299x299 costs seconds per image on a busy 2-core CPU, and fastcm.fid's own tests cover the network."""
-    import fastcm.fid
+    """--features inception hands --weights to fastcm.fid.inception_v3 and feeds it the images in [-1, 1] (grey ones
+    as they are: the network repeats them over 3 channels). A cheap stand-in network replaces the 2048-d Inception-v3
+    here: a real forward pass at 299x299 costs seconds per image on a busy 2-core CPU, and fastcm.fid's own tests
+    cover the network."""
+    import fastcm.fid.inception
 
     seen = {}
 
     class StandIn(torch.nn.Module):
         def forward(self, x):
-            assert x.shape[1] == 3 and x.min() >= 0 and x.max() <= 1
+            assert x.shape[1] in (1, 3) and x.min() >= -1 and x.max() <= 1 and x.min() < 0
+            x = x.expand(-1, 3, -1, -1)
             seen.setdefault("calls", 0)
             seen["calls"] += 1
             return torch.cat([x.mean((2, 3)), x.amax((2, 3)), x[:, :, :2, :2].flatten(1)], 1)
@@ -216,7 +218,7 @@ def test_fid_inception_features_wiring(tmp_path, capsys, monkeypatch):
         seen["weights"] = weights
         return StandIn()
 
-    monkeypatch.setattr(fastcm.fid, "inception_v3", fake_inception_v3)
+    monkeypatch.setattr(fastcm.fid.inception, "inception_v3", fake_inception_v3)
     g = torch.Generator().manual_seed(1)
     grey, rgb = torch.rand(20, 1, 8, 8, generator=g) * 2 - 1, torch.rand(30, 3, 8, 8, generator=g) * 2 - 1
     np.savez(tmp_path / "a.npz", x=grey.numpy())
@@ -226,8 +228,7 @@ def test_fid_inception_features_wiring(tmp_path, capsys, monkeypatch):
     assert rc == 0, err
     assert seen["weights"] == str(tmp_path / "w.pth") and seen["calls"] == 2
     f = StandIn()
-    fa = f((grey.expand(-1, 3, -1, -1) + 1) / 2).double().numpy()
-    fb = f((rgb + 1) / 2).double().numpy()
+    fa, fb = f(grey).double().numpy(), f(rgb).double().numpy()
     assert json.loads(out)["fd"] == pytest.approx(_scipy_fd(fa, fb), rel=1e-6)
 
 

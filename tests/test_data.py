@@ -214,10 +214,57 @@ def test_image_folder_errors(tmp_path):
 
 def test_load_dataset_specs(tmp_path):
     assert len(load_dataset("digits", split="test")) == 450
+    assert len(load_dataset("digits:test")) == 450 and len(load_dataset("digits:all", split="test")) == 1797
+    assert len(load_dataset("digits:train", split="test")) == 1347  # the string's own split wins
     np.savez(tmp_path / "d.npz", x=np.zeros((2, 1, 4, 4), np.uint8))
     assert len(load_dataset(str(tmp_path / "d.npz"))) == 2
     with pytest.raises(ValueError, match="unknown dataset"):
         load_dataset("imagenet")
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_dataset("digits", split="val")
+
+
+def test_one_grammar_parses_every_form():
+    from fastcm.data import FORMS, DatasetSpec, parse_dataset
+
+    assert parse_dataset("digits") == DatasetSpec("digits", None, None)
+    assert parse_dataset("digits:test") == DatasetSpec("digits", None, "test")
+    assert parse_dataset("cifar10:/data/c") == DatasetSpec("cifar10", "/data/c", None)
+    assert parse_dataset("cifar10:/data/c:test") == DatasetSpec("cifar10", "/data/c", "test")
+    assert parse_dataset("cifar10:/data/c:x") == DatasetSpec("cifar10", "/data/c:x", None)  # ':x' is no split
+    assert parse_dataset("folder:imgs") == DatasetSpec("folder", "imgs", None)
+    assert parse_dataset("a/b.NPZ") == DatasetSpec("npz", "a/b.NPZ", None)
+    for bad in ("digits:val", "cifar10:", "folder:", "x.npy", "imgs", ""):
+        with pytest.raises(ValueError) as e:
+            parse_dataset(bad)
+        assert str(e.value) == f"unknown dataset {bad!r}: expected one of {FORMS}"
+    with pytest.raises(TypeError, match="a dataset must be a string"):
+        parse_dataset(3)
+
+
+def test_train_test_datasets_hold_out_a_stratified_share(tmp_path):
+    from fastcm.data import train_test_datasets
+
+    train, test, how = train_test_datasets("digits")
+    assert (len(train), len(test)) == (1347, 450) and "test split" in how
+    train, test, how = train_test_datasets("digits:test")
+    assert len(train) + len(test) == 450 and "25% hold-out" in how
+    for c in range(10):  # every class is split about 3:1
+        n_c = int((load_digits("test").labels == c).sum())
+        assert int((test.labels == c).sum()) == round(0.25 * n_c)
+    assert torch.equal(train_test_datasets("digits:test")[1].images, test.images)  # seeded: the same split again
+    np.savez(tmp_path / "u.npz", x=np.zeros((8, 1, 4, 4), np.uint8))
+    with pytest.raises(ValueError, match="no class labels"):
+        train_test_datasets(str(tmp_path / "u.npz"))
+
+
+def test_image_folder_channels_follow_the_files_when_not_given(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8), mode="L").save(tmp_path / "a" / "0.png")
+    assert load_dataset(f"folder:{tmp_path}").image_shape == (1, 4, 4)
+    assert load_image_folder(tmp_path).image_shape == (3, 4, 4)  # the loader's own default stays RGB
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def _fd(a, b):
 def test_metrics_match_independent_recomputation(demo, stage):
     from sklearn.linear_model import LogisticRegression
 
-    from fastcm.eval.features import digits_feature_network
+    from fastcm.fid import digits_feature_network
 
     out, report, cache = demo
     m = report["metrics"][stage]

@@ -1,5 +1,5 @@
-"""Evaluation plumbing: the cached digits feature network, Gaussian statistics and statistics files, FD against
-scipy, the --out safety rule and the report writers."""
+"""Evaluation plumbing: the cached digits feature network (fastcm.fid.digits_net, also the CAS judge), the --out
+safety rule and the report writers. Statistics, files and distances are fastcm.fid's (tests/test_fid_stats.py)."""
 import json
 import warnings
 
@@ -9,9 +9,7 @@ import torch
 from PIL import Image
 
 from fastcm.data import load_digits
-from fastcm.eval import digits_net
-from fastcm.eval.features import (compute_features, feature_extractor, frechet, gaussian_stats, load_stats,
-                                  save_stats, stats_of)
+from fastcm.fid import compute_stats, digits_net
 from fastcm.eval.report import (check_new_file, markdown_table, plot_training_curves, prepare_out_dir,
                                 save_samples_npz, write_json)
 
@@ -66,69 +64,18 @@ def test_feature_network_input_checks(digits):
         digits_net.feature_network(digits[0], digits[1], epochz=3)
     with pytest.raises(ValueError, match="y_train must have shape"):
         digits_net.feature_network(digits[0], digits[1][:10])
-    with pytest.raises(ValueError, match="features must be one of"):
-        feature_extractor("clip")
-    with pytest.raises(ValueError, match="needs --weights"):
-        feature_extractor("inception")
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+        digits_net.train_classifier(digits[0][:20], digits[1][:20], epochs=0)
 
 
-def test_gaussian_stats_match_numpy_even_with_a_large_offset():
-    rng = np.random.default_rng(0)
-    f = rng.standard_normal((500, 12)) @ rng.standard_normal((12, 12)) + 1e4  # exposes E[xx^T] - mu mu^T cancellation
-    mu, sigma = gaussian_stats(torch.from_numpy(f))
-    np.testing.assert_allclose(mu, f.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(f, rowvar=False), rtol=1e-9, atol=1e-9)
-    with pytest.raises(ValueError, match="at least 2 samples"):
-        gaussian_stats(torch.zeros(1, 4))
-    with pytest.raises(ValueError, match="NaN"):
-        gaussian_stats(torch.full((3, 2), float("nan")))
-
-
-def _scipy_fd(mu1, s1, mu2, s2):
-    from scipy import linalg
-
-    with warnings.catch_warnings():  # corner pixels of digits never vary: singular, but sqrtm is still accurate here
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s1 @ s2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
-
-
-def test_frechet_matches_scipy_and_the_2x2_closed_form(digits):
-    xtr, _, xte, _ = digits
-    a, b = gaussian_stats(xtr.flatten(1)), gaussian_stats(xte.flatten(1))
-    ref = _scipy_fd(*a, *b)
-    assert frechet(a, b) == pytest.approx(ref, rel=1e-6)
-    s1, s2 = np.array([[2.0, 1.0], [1.0, 3.0]]), np.array([[1.0, -0.5], [-0.5, 2.0]])
-    assert frechet((np.zeros(2), s1), (np.zeros(2), s2)) == pytest.approx(0.8122104140147179, abs=1e-10)
-
-
-def test_stats_files_round_trip_and_are_checked(tmp_path, digits):
-    mu, sigma = gaussian_stats(digits[2].flatten(1))
-    path = save_stats(tmp_path / "s.npz", mu, sigma, features="pixels", n=450)
-    mu2, sigma2, feats = load_stats(path)
-    assert np.array_equal(mu, mu2) and np.array_equal(sigma, sigma2) and feats == "pixels"
-    with np.load(path) as f:  # pytorch-fid style: plain mu/sigma arrays
-        assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64)
-    # stats_of reads a statistics file as is and computes the same numbers from the images
-    assert np.array_equal(stats_of(str(path), "pixels")[0], mu)
-    mu3, sigma3, n = stats_of("digits:test", "pixels")
-    assert n == 450 and np.allclose(mu3, mu) and np.allclose(sigma3, sigma)
-    with pytest.raises(ValueError, match="holds 'pixels' statistics"):
-        stats_of(str(path), "digits")
-    np.savez(tmp_path / "x.npz", x=np.zeros((3, 1, 8, 8), np.float32))
-    with pytest.raises(ValueError, match="expected arrays 'mu' and 'sigma'"):
-        load_stats(tmp_path / "x.npz")
-    (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a readable .npz"):
-        load_stats(tmp_path / "bad.npz")
-
-
-def test_compute_features_batches_equal_one_pass():
+def test_digits_features_batches_equal_one_pass():
     x = torch.rand(37, 1, 8, 8) * 2 - 1
     net = digits_net.SmallCNN()
-    full = compute_features(x, net.features, batch_size=1000)
-    assert torch.allclose(compute_features(x, net.features, batch_size=5), full, atol=1e-6)
-    assert full.dtype == torch.float64 and full.shape == (37, 64)
+    full = compute_stats(x, net.features, batch_size=1000)
+    split = compute_stats(x, net.features, batch_size=5)
+    assert full.n == split.n == 37 and full.dim == 64
+    torch.testing.assert_close(split.mu, full.mu, rtol=1e-5, atol=1e-6)  # fp32 features, fp64 sums
+    torch.testing.assert_close(split.sigma, full.sigma, rtol=1e-5, atol=1e-6)
 
 
 def test_out_dir_is_never_silently_reused(tmp_path):

@@ -165,6 +165,59 @@ def test_ema_mode_matches_reference():
     assert fd.n == 5
 
 
+def _singular_reference(d, kind):
+    """A reference of rank < d: fewer reference samples than feature dims (rank n - 1), or dead feature units
+    (exact zero rows and columns, as the digits CNN's ReLU layer has)."""
+    if kind == "few_samples":
+        return _reference(d, n=d // 2, seed=40)
+    mu, s = _reference(d, seed=41)
+    dead = torch.zeros(d, dtype=torch.bool)
+    dead[[1, 5, d - 2]] = True
+    s = s.masked_fill(dead[:, None] | dead[None, :], 0.0)
+    return mu.masked_fill(dead, 0.0), s
+
+
+@pytest.mark.parametrize("kind", ["few_samples", "dead_units"])
+@pytest.mark.parametrize("mode", ["batch", "queue", "ema"])
+def test_singular_reference_exact_in_every_mode(mode, kind):
+    # Value and gradient against autograd through the full d x d route (R = Sigma_r^(1/2), eigvalsh of R Sigma_g R)
+    # over the same features, for a reference of rank < d; the queue wraps around (evictions) within the run.
+    d, b, size, beta = 24, 10, 25, 0.7
+    mu_r, s_r = _singular_reference(d, kind)
+    assert torch.linalg.matrix_rank(s_r) < d
+    fd = FDLoss(mu_r, s_r, mode=mode, queue_size=size, ema_beta=beta, queue_dtype=F64)
+    assert mode == "batch" or fd.rank == torch.linalg.matrix_rank(s_r).item()
+    rows = []
+    for step in range(4):
+        x = _batch(b, d, seed=50 + step)
+        loss, grad = _value_and_grad(fd, x)
+        if mode == "ema":
+            ref, ref_grad = _value_and_grad(lambda t: _ema_reference(t, rows, mu_r, s_r, beta), x)
+        else:
+            old = torch.cat(rows)[-(size - b):] if rows and mode == "queue" else None
+            ref, ref_grad = _value_and_grad(lambda t: fd_loss_full_ref(t, mu_r, s_r, detached=old), x)
+            everything = x.detach() if old is None else torch.cat([old, x.detach()])
+            metric = frechet_distance(everything.mean(0), torch.cov(everything.T), mu_r, s_r)
+            assert loss.item() == pytest.approx(metric.item(), rel=1e-10), step
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-9), step
+        assert _rel(grad, ref_grad) < 1e-6, step
+        rows.append(x.detach())
+
+
+@pytest.mark.parametrize("mode", ["batch", "queue", "ema"])
+def test_collapsed_reference(mode):
+    # A zero reference covariance (constant reference images): FD = ||mu_g - mu_r||^2 + tr Sigma_g.
+    d = 6
+    mu_r = torch.linspace(-1, 1, d, dtype=F64)
+    fd = FDLoss(mu_r, torch.zeros(d, d, dtype=F64), mode=mode, queue_size=8, ema_beta=0.0, queue_dtype=F64)
+    x = _batch(8, d, seed=60)
+    loss, grad = _value_and_grad(fd, x)
+    expected, expected_grad = _value_and_grad(lambda t: (t.mean(0) - mu_r).square().sum() + torch.cov(t.T).trace()
+                                              * (1.0 if mode != "ema" else (t.shape[0] - 1) / t.shape[0]), x)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+
+
 def test_normalize():
     d = 16
     mu_r, s_r = _reference(d, seed=15)
@@ -193,8 +246,8 @@ def test_bad_arguments():
         FDLoss(mu_r, s_r, mode="ema", ema_beta=1.0)
     with pytest.raises(ValueError, match="sigma_ref must be symmetric"):
         FDLoss(mu_r, s_r + torch.triu(torch.ones(6, 6, dtype=F64), 1))
-    with pytest.raises(ValueError, match="positive definite reference"):
-        FDLoss(mu_r, torch.diag(torch.tensor([1.0, 0, 1, 1, 1, 1], dtype=F64)), mode="queue")
+    with pytest.raises(ValueError, match="sigma_ref is not positive semi-definite"):
+        FDLoss(mu_r, torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=F64).kron(torch.eye(3, dtype=F64)), mode="queue")
     fd = FDLoss(mu_r, s_r)
     with pytest.raises(ValueError, match=r"shape \(B, 6\)"):
         fd(torch.zeros(4, 5))
@@ -227,5 +280,5 @@ def test_reset_and_device_state():
     fd.reset()
     assert fd.n == 0 and fd.queue is None
     assert fd(x).item() == pytest.approx(first.item(), rel=1e-12)
-    assert {name for name, _ in fd.named_buffers()} >= {"queue", "sum_yy", "sum_sq", "chol"}  # .to() moves them
+    assert {name for name, _ in fd.named_buffers()} >= {"queue", "sum_yy", "sum_sq", "whiten"}  # .to() moves them
     assert fd.state_dict() == {}  # nothing heavy lands in a parent module's checkpoint

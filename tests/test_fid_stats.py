@@ -124,7 +124,7 @@ def test_input_errors():
         stats.update(bad)
     with pytest.raises(TypeError, match="floating"):
         stats.update(torch.zeros(3, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match="dim must be a positive int"):
+    with pytest.raises(ValueError, match="dim must be an integer >= 1"):
         FeatureStats(0)
     with pytest.raises(ValueError, match="other has dim 3"):
         stats.merge(FeatureStats(3))
@@ -137,18 +137,109 @@ def test_fid_convenience(tmp_path):
     path = FeatureStats(6).update(b).save(tmp_path / "b.npz")
     assert fid(FeatureStats(6).update(a), path) == pytest.approx(expected, rel=1e-10)
     assert fid(_np_stats(a), path) == pytest.approx(expected, rel=1e-10)
-    # Images through a feature network: uint8 images are scaled to [0, 1] first.
+
+
+def test_image_ranges_all_reach_the_extractor_in_minus_one_to_one():
+    # Every extractor takes [-1, 1] images; uint8 (0..255) and image_range=(0, 1) floats are mapped there first.
     g = torch.Generator().manual_seed(10)
     images = torch.randint(0, 256, (20, 3, 4, 4), generator=g, dtype=torch.uint8)
+    signed = images.float() / 127.5 - 1
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 5))
     with torch.no_grad():
-        feats = net(images.float() / 255).double()
-    stats = compute_stats(images, net, batch_size=7)
-    _assert_stats(stats, feats)
-    assert fid(images, feats[:10], features=net) == pytest.approx(
-        frechet_distance(*_np_stats(feats), *_np_stats(feats[:10])).item(), rel=1e-9)
+        feats = net(signed).double()
+    _assert_stats(compute_stats(images, net, batch_size=7), feats)
+    _assert_stats(compute_stats(signed, net, batch_size=7), feats)
+    _assert_stats(compute_stats((signed + 1) / 2, net, batch_size=7, image_range=(0, 1)), feats, rtol=1e-5)
+    expected = frechet_distance(*_np_stats(feats), *_np_stats(feats[:10])).item()
+    for x, kw in ((images, {}), (signed, {}), ((signed + 1) / 2, {"image_range": (0, 1)})):
+        assert fid(x, feats[:10], features=net, **kw) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"float images must be in \[-1, 1\].*image_range=\(0, 1\)"):
+        fid(signed * 2, feats, features=net)
     with pytest.raises(ValueError, match=r"float images must be in \[0, 1\]"):
-        fid(images.double() / 127.5 - 1, b, features=net)
+        fid(signed, feats, features=net, image_range=(0, 1))
+    with pytest.raises(ValueError, match="image_range must be one of"):
+        fid(signed, feats, features=net, image_range=(0, 255))
+
+
+def test_fid_takes_the_samplers_output_directly():
+    from fastcm.cm import ConsistencyModel, sample
+    from fastcm.fid import PixelFeatures, feature_extractor
+    from fastcm.models import build_unet
+
+    torch.manual_seed(0)
+    model = ConsistencyModel(build_unet("tiny"))
+    x = sample(model, 24, sigmas=(80.0, 0.821), seeds=0, batch_size=12)
+    assert x.min() < 0  # the sampler's range is [-1, 1], not [0, 1]
+    ref = FeatureStats.from_features(_features(30, d=64, seed=11))
+    expected = frechet_distance(*_np_stats(x.flatten(1).double()), ref.mu, ref.sigma).item()
+    assert fid(x, ref, features=PixelFeatures()) == pytest.approx(expected, rel=1e-9)
+    assert fid(sample(model, 24, sigmas=(80.0, 0.821), seeds=0), "digits:test",
+               features=feature_extractor("pixels")) > 0
+
+
+def test_datasets_and_dataset_strings_as_sources(tmp_path):
+    from fastcm.data import load_digits
+    from fastcm.fid import PixelFeatures, dataset_stats
+
+    test = load_digits("test")
+    x = test.get_batch(torch.arange(len(test)))[0]
+    pixels = PixelFeatures()
+    assert abs(fid("digits:test", test, features=pixels)) < 1e-9  # identical statistics; round-off only
+    expected = frechet_distance(*_np_stats(x.flatten(1).double()), *_np_stats(
+        load_digits("train").get_batch(torch.arange(1347))[0].flatten(1).double())).item()
+    assert fid(x, "digits:train", features=pixels) == pytest.approx(expected, rel=1e-9)
+    assert fid(x, "digits", features=pixels) == pytest.approx(expected, rel=1e-9)  # the default split is train
+    stats = dataset_stats("digits:test", "pixels")
+    assert stats.n == 450 and stats.features == "pixels"
+    path = stats.save(tmp_path / "test.safetensors")
+    assert dataset_stats(path, "pixels").features == "pixels"
+    with pytest.raises(ValueError, match="holds 'pixels' statistics but 'digits' features"):
+        dataset_stats(path, "digits")
+    with pytest.raises(ValueError, match="unknown dataset 'digits:val'"):
+        fid("digits:val", x, features=pixels)
+
+
+def test_collapsed_image_sets_give_the_squared_mean_distance():
+    # Constant images: both covariances are 0, FD = ||mu1 - mu2||^2 (issue 15 item 4).
+    from fastcm.fid import PixelFeatures
+
+    a, b = torch.full((10, 1, 4, 4), -0.5), torch.full((12, 1, 4, 4), 0.25)
+    assert fid(a, b, features=PixelFeatures()) == pytest.approx(16 * 0.75 ** 2, rel=1e-14)
+    assert fid(a, a[:3], features=PixelFeatures()) == 0.0
+
+
+def test_statistics_files_keep_the_feature_space_and_refuse_asymmetry(tmp_path):
+    stats = FeatureStats.from_features(_features(20, seed=12), name="digits")
+    for suffix in (".npz", ".safetensors"):
+        loaded = FeatureStats.load(stats.save(tmp_path / f"s{suffix}"))
+        assert loaded.features == "digits" and loaded.n == 20
+    mu, sigma = _np_stats(_features(200, d=30, seed=13))
+    bad = sigma.copy()
+    bad[2, 11] += 2e-3 * np.linalg.norm(sigma)  # 2e-3 relative asymmetry: rejected, not symmetrised
+    with pytest.raises(ValueError, match="sigma must be symmetric"):
+        FeatureStats.from_moments(mu, bad)
+    np.savez(tmp_path / "asym.npz", mu=mu, sigma=bad)
+    with pytest.raises(ValueError, match="asym.npz: sigma must be symmetric"):
+        FeatureStats.load(tmp_path / "asym.npz")
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files
+
+
+def test_feature_extractors(monkeypatch):
+    from fastcm.fid import FEATURES, WEIGHTS_ENV, DigitsFeatures, feature_extractor
+    from fastcm.fid.digits_net import SmallCNN
+
+    assert FEATURES == ("digits", "pixels", "inception")
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    assert torch.equal(feature_extractor("pixels")(x), x.flatten(1))
+    with pytest.raises(ValueError, match="features must be one of"):
+        feature_extractor("clip")
+    with pytest.raises(ValueError, match="weights are only for inception"):
+        feature_extractor("pixels", weights="w.pth")
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="needs --weights PATH"):
+        feature_extractor("inception")
+    with pytest.raises(ValueError, match="1x8x8 images"):
+        DigitsFeatures(SmallCNN())(torch.zeros(2, 3, 8, 8))
 
 
 # -- torch.distributed: two gloo processes ------------------------------------------------------------------------

@@ -196,13 +196,84 @@ def test_bad_inputs():
         frechet_distance(mu, indefinite, mu, torch.diag(torch.tensor([1.0, 0.0, 1.0])))
 
 
-def test_torch_route_without_scipy(monkeypatch):
-    # Without scipy (or off the CPU) the congruence is the block-triangular torch product: same value.
-    mu1, s1 = _stats(500, 300, seed=17)
-    mu2, s2 = _stats(500, 300, seed=18, scale=0.9, shift=0.1)
-    lapack_value = frechet_distance(mu1, s1, mu2, s2)
-    monkeypatch.setattr("fastcm.ops.frechet._lapack", None)
-    torch.testing.assert_close(frechet_distance(mu1, s1, mu2, s2), lapack_value, rtol=1e-11, atol=0)
+class _NoLapack:
+    """Stands in for scipy.linalg.lapack: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the torch route called LAPACK's {name} through scipy")
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_torch_route_with_lapack_disabled_matches_scipy_formula(impl, monkeypatch):
+    # The route CUDA tensors take, at d > 256 (two column blocks of the torch congruence), with scipy's LAPACK
+    # switched off entirely: Cholesky, congruence and eigenvalues all in torch. Checked against pytorch-fid's formula.
+    d = 300
+    mu1, s1 = _stats(500, d, seed=17)
+    mu2, s2 = _stats(500, d, seed=18, scale=0.9, shift=0.1)
+    expected = _scipy_fd(mu1, s1, mu2, s2)
+    if impl == "torch":
+        monkeypatch.setattr("fastcm.ops._lapack.lapack", _NoLapack())
+    else:  # "auto" without scipy falls back to torch
+        monkeypatch.setattr("fastcm.ops._lapack.lapack", None)
+    value = frechet_distance(mu1, s1, mu2, s2, impl=impl)
+    assert value.item() == pytest.approx(expected, rel=1e-10)
+    ref = FrechetReference(mu2, s2, impl=impl)
+    assert ref.distance(mu1, s1).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_scipy_route_is_refused_where_it_cannot_run(monkeypatch):
+    mu, s = torch.zeros(3), torch.eye(3)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        frechet_distance(mu, s, mu, s, impl="triton")
+    monkeypatch.setattr("fastcm.ops._lapack.lapack", None)
+    with pytest.raises(ValueError, match="impl='scipy'.*scipy is not installed"):
+        frechet_distance(mu, s, mu, s, impl="scipy")
+
+
+@pytest.mark.parametrize("impl", ["scipy", "torch"])
+def test_collapsed_distributions_are_exact(impl):
+    # Constant images (mode collapse) give zero covariances: FD = ||mu1 - mu2||^2, on either side (issue 15 item 4).
+    d = 5
+    mu, zero, eye = torch.arange(d, dtype=F64), torch.zeros(d, d, dtype=F64), torch.eye(d, dtype=F64)
+    assert frechet_distance(mu, zero, mu + 1, zero, impl=impl).item() == d
+    assert frechet_distance(mu.numpy(), zero.numpy(), mu.numpy() + 2, zero.numpy(), impl=impl).item() == 4 * d
+    assert frechet_distance(mu, zero, mu, zero, impl=impl).item() == 0
+    # One side collapsed: (S1 S2)^(1/2) = 0, FD = ||dmu||^2 + tr S.
+    assert frechet_distance(mu, zero, mu + 1, 4 * eye, impl=impl).item() == pytest.approx(5 * d, rel=1e-14)
+    assert frechet_distance(mu, 4 * eye, mu + 1, zero, impl=impl).item() == pytest.approx(5 * d, rel=1e-14)
+    # Rank-deficient on both sides with disjoint ranges: no overlap, FD = tr S1 + tr S2.
+    a, b = torch.diag(torch.tensor([2.0, 0, 0, 0, 0], dtype=F64)), torch.diag(torch.tensor([0, 3.0, 0, 0, 0], dtype=F64))
+    assert frechet_distance(mu, a, mu, b, impl=impl).item() == pytest.approx(5.0, rel=1e-14)
+    assert trace_sqrt_product(zero, zero, impl=impl).item() == 0
+
+
+def test_asymmetric_covariance_is_rejected_not_symmetrised():
+    # 2e-3 relative asymmetry in one off-diagonal entry: LAPACK would read one triangle and never notice.
+    mu, s = _stats(300, 40, seed=22)
+    bad = s.clone()
+    bad[3, 17] += 2e-3 * torch.linalg.matrix_norm(s)
+    assert torch.linalg.matrix_norm(bad - bad.T) / torch.linalg.matrix_norm(bad) > 2e-3
+    for impl in ("scipy", "torch"):
+        with pytest.raises(ValueError, match="sigma2 must be symmetric"):
+            frechet_distance(mu, s, mu, bad, impl=impl)
+        with pytest.raises(ValueError, match="sigma1 must be symmetric"):
+            frechet_distance(mu, bad.T, mu, s, impl=impl)
+    # Rounding-level asymmetry (a covariance built in fp32) is accepted.
+    tiny = s.clone()
+    tiny[3, 17] *= 1 + 1e-7
+    assert torch.isfinite(frechet_distance(mu, s, mu, tiny))
+
+
+def test_registry_entry_op_matches_reference():
+    from fastcm.ops import REGISTRY
+
+    spec = REGISTRY["frechet_distance"]
+    assert spec.impls == ("auto", "scipy", "torch") and not spec.differentiable
+    for case in spec.make_inputs.cases[:3]:
+        kw = spec.make_inputs(case)
+        expected = spec.ref(**kw).item()
+        for impl in spec.impls:
+            assert spec.op(**kw, impl=impl).item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_cached_reference():

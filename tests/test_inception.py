@@ -22,13 +22,13 @@ def net():
 
 
 def test_pool3_features_shape(net):
-    x = torch.rand(1, 3, 40, 56)
+    x = torch.rand(1, 3, 40, 56) * 2 - 1
     with torch.no_grad():
         out = net(x)
     assert out.shape == (1, 2048) and torch.isfinite(out).all()
     assert (out >= 0).all()  # pool3 averages ReLU outputs
-    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
-        net(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) or \(N, 1, H, W\)"):
+        net(torch.rand(1, 2, 8, 8))
 
 
 def test_parameter_layout_matches_the_published_state_dict(net):
@@ -64,9 +64,11 @@ def test_fid_pooling_blocks(net):
 
 
 def test_preprocessing_is_pytorch_fid_bilinear_and_2x_minus_1():
-    # Half-pixel bilinear (align_corners=False, no antialias) written out in numpy for one row, 32 -> 299.
-    img = (np.indices((32, 32)).sum(0) % 2).astype(np.float32)  # checkerboard
-    out = FIDInceptionV3.preprocess(torch.from_numpy(img)[None, None].expand(1, 3, 32, 32))
+    # pytorch-fid: [0, 1] image -> half-pixel bilinear (align_corners=False, no antialias) -> 2x - 1, written out in
+    # numpy for one row, 32 -> 299. fastcm takes the [-1, 1] image (2 img - 1) and must give the same values.
+    img = (np.indices((32, 32)).sum(0) % 2).astype(np.float32)  # checkerboard in [0, 1]
+    signed = torch.from_numpy(2 * img - 1)[None, None]
+    out = FIDInceptionV3.preprocess(signed.expand(1, 3, 32, 32))
     assert out.shape == (1, 3, 299, 299)
     src = np.clip((np.arange(299) + 0.5) * 32 / 299 - 0.5, 0, None)
     lo = np.floor(src).astype(int)
@@ -76,14 +78,16 @@ def test_preprocessing_is_pytorch_fid_bilinear_and_2x_minus_1():
     rows = (1 - rw) * img[r0] + rw * img[min(r0 + 1, 31)]
     expected = (1 - w) * rows[lo] + w * rows[hi]
     np.testing.assert_allclose(out[0, 0, 7].numpy(), 2 * expected - 1, atol=1e-6)
-    x = torch.tensor([0.0, 1.0, 0.5]).view(1, 3, 1, 1).expand(1, 3, 299, 299)
-    assert FIDInceptionV3.preprocess(x)[0, :, 0, 0].tolist() == [-1.0, 1.0, 0.0]  # 2x - 1, not (255x - 128) / 128
+    # grey images are repeated over the three channels (as pytorch-fid does)
+    torch.testing.assert_close(FIDInceptionV3.preprocess(signed), out, rtol=0, atol=0)
+    x = torch.tensor([-1.0, 1.0, 0.0]).view(1, 3, 1, 1).expand(1, 3, 299, 299)
+    assert FIDInceptionV3.preprocess(x)[0, :, 0, 0].tolist() == [-1.0, 1.0, 0.0]  # the range is left as it is
 
 
 def test_weights_round_trip_through_files(net, tmp_path, monkeypatch):
     path = tmp_path / WEIGHTS_FILE
     torch.save(net.state_dict(), path)
-    x = torch.rand(1, 3, 32, 32)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         expected = net(x)
     loaded = inception_v3(weights=path)

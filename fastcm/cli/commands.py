@@ -22,53 +22,41 @@ def cmd_demo(args) -> int:
 
 # -- metrics --------------------------------------------------------------------------------------------------------
 
-def _batch(args) -> int:
-    if args.batch_size is None:
-        return 50 if args.features == "inception" else 500
-    return _positive("--batch-size", args.batch_size)
+def _batch(args):
+    return None if args.batch_size is None else _positive("--batch-size", args.batch_size)
 
 
 def cmd_stats(args) -> int:
-    from fastcm.eval.features import is_stats_file, save_stats, stats_of
     from fastcm.eval.report import check_new_file
+    from fastcm.fid import dataset_stats, is_stats_file
 
     out = check_new_file(args.out, args.overwrite, suffix=".npz")
     if is_stats_file(args.input):
-        raise UsageError(f"{args.input} already is a statistics file; give images (a folder, .npz with x, digits)")
-    mu, sigma, n = stats_of(args.input, args.features, weights=args.weights,
-                            batch_size=_batch(args), device=args.device)
-    save_stats(out, mu, sigma, features=args.features, n=n)
-    print(f"wrote {out}: {args.features} statistics of {n} images (mu {mu.shape}, sigma {sigma.shape})")
+        raise UsageError(f"{args.input} already is a statistics file; give images (a dataset: digits[:split], "
+                         "cifar10:DIR[:split], folder:DIR or an .npz with x)")
+    stats = dataset_stats(args.input, args.features, weights=args.weights, batch_size=_batch(args),
+                          device=args.device)
+    stats.save(out, overwrite=True)  # check_new_file applied the --overwrite rule
+    print(f"wrote {out}: {args.features} statistics of {stats.n} images (mu ({stats.dim},), sigma ({stats.dim}, "
+          f"{stats.dim}))")
     return 0
 
 
 def cmd_fid(args) -> int:
-    from fastcm.eval.features import frechet, stats_of
+    from fastcm.fid import dataset_stats, frechet_distance
 
-    batch = _batch(args)
-    a = stats_of(args.a, args.features, weights=args.weights, batch_size=batch, device=args.device)
-    b = stats_of(args.b, args.features, weights=args.weights, batch_size=batch, device=args.device)
-    if a[0].shape != b[0].shape:
-        raise UsageError(f"A and B have features of different sizes ({a[0].shape[0]} vs {b[0].shape[0]}): "
-                         "compare statistics computed with the same --features")
-    value = frechet(a[:2], b[:2])
+    kw = dict(weights=args.weights, batch_size=_batch(args), device=args.device)
+    a, b = dataset_stats(args.a, args.features, **kw), dataset_stats(args.b, args.features, **kw)
+    if a.dim != b.dim:
+        raise UsageError(f"A and B have features of different sizes ({a.dim} vs {b.dim}): compare statistics "
+                         "computed with the same --features")
+    value = float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
     name = "FID" if args.features == "inception" else f"FD ({args.features} features)"
     if args.json:
-        print(json.dumps({"features": args.features, "fd": value, "n_a": a[2], "n_b": b[2]}))
+        print(json.dumps({"features": args.features, "fd": value, "n_a": a.n, "n_b": b.n}))
     else:
         print(f"{name}: {value:.6g}")
     return 0
-
-
-def _real_splits(spec: str):
-    from fastcm.data import load_cifar10, load_digits
-
-    if spec == "digits":
-        return load_digits("train"), load_digits("test")
-    kind, _, rest = spec.partition(":")
-    if kind == "cifar10" and rest:
-        return load_cifar10(rest, "train"), load_cifar10(rest, "test")
-    raise UsageError(f"--real {spec!r}: CAS needs a dataset with a test split: digits or cifar10:DIR")
 
 
 def _arrays(ds):
@@ -78,7 +66,7 @@ def _arrays(ds):
 
 
 def cmd_cas(args) -> int:
-    from fastcm.data import load_npz
+    from fastcm.data import load_npz, train_test_datasets
     from fastcm.eval.cas import cas_protocol
     from fastcm.eval.report import check_new_file, write_json
 
@@ -86,12 +74,14 @@ def cmd_cas(args) -> int:
     syn = load_npz(args.synthetic)
     if syn.labels is None:
         raise UsageError(f"{args.synthetic} has no labels: CAS needs an array y of class labels beside x")
-    train, test = _real_splits(args.real)
+    train, test, held_out = train_test_datasets(args.real)
     if syn.image_shape != train.image_shape:
         raise UsageError(f"synthetic images are {syn.image_shape} but {args.real} images are {train.image_shape}")
     (xr, yr), (xs, ys), (xt, yt) = _arrays(train), _arrays(syn), _arrays(test)
-    res = cas_protocol(xr, yr, xs, ys, xt, yt, judge=args.judge, seeds=args.seeds, num_classes=train.num_classes,
+    res = cas_protocol(xr, yr, xs, ys, xt, yt, judge=args.judge, seeds=args.seeds,
+                       num_classes=train.num_classes,
                        cnn_epochs=_positive("--epochs", args.epochs))
+    res["real_test_set"] = held_out
     print(format_cas(res, args.real))
     if out is not None:
         write_json(out, res)
@@ -101,15 +91,14 @@ def cmd_cas(args) -> int:
 
 def format_cas(res: dict, real: str) -> str:
     seeds = " ".join(str(s) for s in res["seeds"])
-    lines = [f"CAS protocol on {real} (real test split: {res['test_size']} images), judge {res['judge']}, "
-             f"seeds {seeds}", f"{'train set':<16}{'images':>8}{'top-1 mean':>12}{'std':>9}"]
+    lines = [f"CAS protocol on {real} (real test set: {res.get('real_test_set', 'its test split')}, "
+             f"{res['test_size']} images), judge {res['judge']}, seeds {seeds}",
+             f"{'train set':<16}{'images':>8}{'top-1 mean':>12}{'std':>9}"]
     for arm in ("real", "synthetic", "real+synthetic"):
         r = res[arm]
         lines.append(f"{arm:<16}{r['train_size']:>8}{r['mean']:>12.4f}{r['std']:>9.4f}")
     gain = 100 * res["real_plus_synthetic_minus_real"]
-    verdict = "yes" if res["real_plus_synthetic_beats_real"] else "no"
-    lines.append(f"real + synthetic beats real alone: {verdict} ({gain:+.2f} points; a win must exceed the "
-                 "standard error over seeds)")
+    lines.append(f"real + synthetic beats real alone: {res['verdict']} ({gain:+.2f} points)")
     return "\n".join(lines)
 
 

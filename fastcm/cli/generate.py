@@ -85,7 +85,7 @@ def _train_ict_stage(args, data, common):
 
 def _train_fd_stage(args, data, common):
     """Validate the FD stage's options, load --init and the reference statistics; return ``train(out_dir)``."""
-    from fastcm.eval.features import feature_extractor
+    from fastcm.fid import feature_extractor
     from fastcm.train import FDConfig, finetune_fd, load_model, reference_stats
 
     if args.init is None:
@@ -99,7 +99,7 @@ def _train_fd_stage(args, data, common):
         raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}")
     features = args.features or ("digits" if data.image_shape == (1, 8, 8) else "inception")
-    # Dead ReLU units make the digits features' covariance singular; queue/ema modes whiten with its Cholesky factor.
+    # Digits features: batch mode measured better than the queue in the demo's FD stage (see fastcm/demo.py).
     mode = args.fd_mode or ("batch" if features == "digits" else "queue")
     cfg = FDConfig(**common, fd_mode=mode, fd_normalize=args.fd_normalize)
     net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
@@ -173,19 +173,12 @@ def _finite(x, args):
 # -- edit -----------------------------------------------------------------------------------------------------------
 
 def _edit_inputs(spec: str, n: int, channels: int):
-    """The first n images (and labels, if any) of an image folder, a .npz or digits[:split]."""
+    """The first n images (and labels, if any) of a dataset string (fastcm.data's grammar; test split default)."""
     import torch
 
-    from fastcm.data import load_digits, load_image_folder, load_npz
+    from fastcm.data import load_dataset
 
-    if spec == "digits" or spec.startswith("digits:"):
-        ds = load_digits(spec.partition(":")[2] or "test")
-    elif os.path.isdir(spec):
-        ds = load_image_folder(spec, channels=channels)
-    elif spec.lower().endswith(".npz"):
-        ds = load_npz(spec)
-    else:
-        raise UsageError(f"--input {spec!r} is not digits[:train|test], a .npz file or an image folder")
+    ds = load_dataset(spec, "test", channels=channels)
     return ds.get_batch(torch.arange(min(n, len(ds))))
 
 

@@ -7,13 +7,12 @@ axis is luminance), super-resolution (A rotates each f x f block so its first ax
 final projection is not clamped, so the constraint holds even where it pushes a pixel slightly outside [-1, 1].
 """
 import math
-import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from fastcm.ops._utils import check_tensor
+from fastcm._checks import check_tensor, is_int
 
 from .sampling import (PerSampleNoise, Seeds, check_sigmas, eval_mode, model_device, model_info, resolve_labels,
                        resolve_seeds)
@@ -41,7 +40,7 @@ def luminance(images: Tensor) -> Tensor:
 def block_average(images: Tensor, factor: int) -> Tensor:
     """The super-resolution operator: mean over factor x factor blocks, (B, C, H, W) -> (B, C, H/f, W/f)."""
     check_tensor("images", images, ndim=4)
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 1 or \
+    if not is_int(factor, 1) or \
             images.shape[2] % factor or images.shape[3] % factor:
         raise ValueError(f"factor must be a positive int dividing H and W of {tuple(images.shape)}, got {factor!r}")
     return torch.nn.functional.avg_pool2d(images, factor)
@@ -120,7 +119,7 @@ def super_resolution(model, low_res: Tensor, factor: int, sigmas: Sequence[float
     """Upsample ``low_res`` (B, C, H/f, W/f) by ``factor`` f; the result's f x f block averages equal low_res."""
     _, shape, _ = model_info(model)
     C, H, W = shape
-    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor < 2 or H % factor \
+    if not is_int(factor, 2) or H % factor \
             or W % factor:
         raise ValueError(f"factor must be an int >= 2 dividing the model's {H}x{W}, got {factor!r}")
     f, h, w = int(factor), H // factor, W // factor

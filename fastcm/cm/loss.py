@@ -5,15 +5,13 @@ with the same z and the same dropout mask in both passes, no EMA teacher (theta^
 lognormal over the ascending Karras grid of N(k) points, lambda = 1/(sigma_{i+1} - sigma_i) and d the per-sample
 Pseudo-Huber metric with c = 0.00054 sqrt(d).
 """
-import math
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from fastcm._checks import IMPLS, check_choice, check_real, check_tensor
 from fastcm.ops import pseudo_huber_loss
-from fastcm.ops._utils import IMPLS, check_choice, check_tensor
 
 from .precond import find_cm
 from .schedule import ict_num_scales, ict_weights, karras_sigmas, lognormal_pair_probs, pseudo_huber_c
@@ -36,8 +34,8 @@ class ICTLoss:
                  rho: float = 7.0, c: Optional[float] = None, *, impl: str = "auto"):
         ict_num_scales(0, total_steps, s0, s1)  # validates K, s0, s1
         lognormal_pair_probs(torch.tensor([1.0, 2.0]), P_mean, P_std)  # validates P_mean, P_std
-        if c is not None and (isinstance(c, bool) or not isinstance(c, numbers.Real) or not 0 < c < math.inf):
-            raise ValueError(f"c must be None or a positive finite number, got {c!r}")
+        if c is not None:
+            check_real("c (None for iCT's 0.00054 sqrt(d))", c, positive=True)
         check_choice("impl", impl, IMPLS)
         self.total_steps, self.s0, self.s1 = int(total_steps), int(s0), int(s1)
         self.P_mean, self.P_std, self.rho = float(P_mean), float(P_std), float(rho)

@@ -10,7 +10,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops._utils import check_tensor
+from fastcm._checks import check_real, check_tensor
 
 
 def cm_coefficients(sigma: Tensor, sigma_data: float, sigma_min: float):
@@ -57,8 +57,7 @@ class ConsistencyModel(nn.Module):
         if not isinstance(unet, nn.Module):
             raise TypeError(f"unet must be an nn.Module, got {type(unet).__name__}")
         for name, v in (("sigma_data", sigma_data), ("sigma_min", sigma_min), ("sigma_max", sigma_max)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < v < math.inf):
-                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+            check_real(name, v, positive=True)
         if not sigma_min < sigma_max:
             raise ValueError(f"sigma_min must be < sigma_max, got {sigma_min} and {sigma_max}")
         self.unet = unet

@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import check_int, is_int
+
 from .precond import unwrap
 
 Seeds = Union[None, int, Sequence[int], Tensor]
@@ -49,8 +51,7 @@ def resolve_seeds(n: int, seeds: Seeds = None, generator: Optional[torch.Generat
             raise TypeError(f"seeds tensor must be 1-D integer, got {seeds.dtype} of shape {tuple(seeds.shape)}")
         seeds = seeds.tolist()
     seeds = list(seeds)
-    if len(seeds) != n or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 0
-                                  for s in seeds):
+    if len(seeds) != n or not all(is_int(s, 0) for s in seeds):
         raise ValueError(f"seeds must hold {n} non-negative ints (one per sample), got {len(seeds)} entries")
     return [int(s) for s in seeds]
 
@@ -141,11 +142,9 @@ def sample(model, n: int, class_labels=None, sigmas: Sequence[float] = (80.0,),
         batch_size: evaluate at most this many samples per model call (None: all n at once).
         clip_denoised: clamp each step's denoised estimate to [-1, 1], as CM's sampler does.
     """
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
-                                   or batch_size < 1):
-        raise ValueError(f"batch_size must be None or a positive int, got {batch_size!r}")
+    n = check_int("n", n)
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size)
     sigma_min, shape, num_classes = model_info(model)
     sigmas = check_sigmas(sigmas, sigma_min)
     seeds = resolve_seeds(n, seeds, generator)

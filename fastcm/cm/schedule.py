@@ -3,22 +3,11 @@ curriculum N(k), the lognormal distribution p(i) over adjacent pairs, and the we
 sigma_i). Everything is computed in float64: near sigma_min the steps of a 1281-point grid are ~4e-5 wide.
 """
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
-
-def _check_int(name: str, v, lo: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-    return int(v)
-
-
-def _check_pos(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (0 < v < math.inf):
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
+from fastcm._checks import check_ascending, check_int, check_real
 
 
 def karras_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -28,9 +17,9 @@ def karras_sigmas(N: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho
 
     Returns a float64 tensor of shape (N,).
     """
-    N = _check_int("N", N, 2)
-    sigma_min, sigma_max, rho = _check_pos("sigma_min", sigma_min), _check_pos("sigma_max", sigma_max), \
-        _check_pos("rho", rho)
+    N = check_int("N", N, 2)
+    sigma_min, sigma_max, rho = check_real("sigma_min", sigma_min, positive=True), \
+        check_real("sigma_max", sigma_max, positive=True), check_real("rho", rho, positive=True)
     if not sigma_min < sigma_max:
         raise ValueError(f"sigma_min must be < sigma_max, got {sigma_min} and {sigma_max}")
     ramp = torch.linspace(0, 1, N, dtype=torch.float64, device=device)
@@ -44,9 +33,9 @@ def ict_num_scales(k: int, total_steps: int, s0: int = 10, s1: int = 1280) -> in
     """iCT's exponential curriculum: N(k) = min(s0 * 2^floor(k / K'), s1) + 1 with
     K' = floor(K / (log2 floor(s1 / s0) + 1)). For K = 400k: 11, 21, 41, ..., 1281, each for 50k steps.
     """
-    k = _check_int("k", k, 0)
-    K = _check_int("total_steps", total_steps, 1)
-    s0, s1 = _check_int("s0", s0, 1), _check_int("s1", s1, 1)
+    k = check_int("k", k, 0)
+    K = check_int("total_steps", total_steps, 1)
+    s0, s1 = check_int("s0", s0, 1), check_int("s1", s1, 1)
     if s1 < s0:
         raise ValueError(f"s1 must be >= s0, got s0={s0}, s1={s1}")
     K_prime = max(1, math.floor(K / (math.log2(s1 // s0) + 1)))
@@ -60,14 +49,10 @@ def lognormal_pair_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.
     mass on [sigma_i, sigma_{i+1}], p(i) ∝ erf((ln sigma_{i+1} - P_mean) / (sqrt2 P_std)) - erf((ln sigma_i -
     P_mean) / (sqrt2 P_std)), normalized to sum to 1. Returns float64 (N-1,).
     """
-    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor of >= 2 noise levels, got {getattr(sigmas, 'shape', sigmas)}")
-    _check_pos("P_std", P_std)
-    if isinstance(P_mean, bool) or not isinstance(P_mean, numbers.Real) or not math.isfinite(P_mean):
-        raise ValueError(f"P_mean must be a finite number, got {P_mean!r}")
+    check_ascending("sigmas", sigmas, positive=True)
+    check_real("P_std", P_std, positive=True)
+    check_real("P_mean", P_mean)
     s = sigmas.to(torch.float64)
-    if not bool((s > 0).all()) or not bool((s[1:] > s[:-1]).all()):
-        raise ValueError("sigmas must be positive and strictly ascending")
     cdf = torch.erf((s.log() - P_mean) / (math.sqrt(2.0) * P_std))
     mass = cdf[1:] - cdf[:-1]
     return mass / mass.sum()
@@ -75,10 +60,7 @@ def lognormal_pair_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.
 
 def ict_weights(sigmas: Tensor) -> Tensor:
     """lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i) for each adjacent pair of an ascending grid: (N-1,)."""
-    if not isinstance(sigmas, Tensor) or sigmas.dim() != 1 or sigmas.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D tensor of >= 2 noise levels, got {getattr(sigmas, 'shape', sigmas)}")
-    if not bool((sigmas[1:] > sigmas[:-1]).all()):
-        raise ValueError("sigmas must be strictly ascending")
+    check_ascending("sigmas", sigmas)
     return 1.0 / (sigmas[1:] - sigmas[:-1])
 
 
@@ -86,5 +68,5 @@ def pseudo_huber_c(shape) -> float:
     """iCT's Pseudo-Huber constant c = 0.00054 sqrt(d), d = C*H*W (0.0299 for 3x32x32, 0.0599 for 3x64x64)."""
     d = 1
     for s in shape:
-        d *= _check_int("shape entry", s, 1)
+        d *= check_int("shape entry", s, 1)
     return 0.00054 * math.sqrt(d)

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastcm._checks import check_int
+
 
 class ArrayDataset(torch.utils.data.Dataset):
     """Images in memory, returned as float32 in [-1, 1], with int64 labels (or -1 when unlabelled).
@@ -130,8 +132,7 @@ def _check_labels(name: str, labels, num_classes: Optional[int], n: int):
     lo, hi = int(labels.min()), int(labels.max())
     if num_classes is None:
         num_classes = hi + 1
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{name}: num_classes must be a positive int, got {num_classes!r}")
+    num_classes = check_int(f"{name}: num_classes", num_classes)
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"{name}: labels must lie in [0, {num_classes}), got values in [{lo}, {hi}]")
     return labels.contiguous(), num_classes

@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from fastcm._checks import check_int
+
 from .arrays import ArrayDataset
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -14,20 +16,20 @@ _MODES = {1: "L", 3: "RGB"}
 
 
 def load_image_folder(root: Union[str, os.PathLike], resolution: Optional[int] = None,
-                      channels: int = 3) -> ArrayDataset:
+                      channels: Optional[int] = 3) -> ArrayDataset:
     """Load ``root``/<class>/*.{png,jpg,jpeg} (or ``root``/*.png … unlabelled) as (channels, H, W) uint8 images.
 
     Args:
         resolution: when given, each image is centre-cropped to a square and resized to resolution x resolution;
             when None every image must already have the same size.
-        channels: 3 (RGB) or 1 (grey); pillow converts each file's mode.
+        channels: 3 (RGB) or 1 (grey); pillow converts each file's mode. None: 1 when the first file is
+            greyscale, else 3.
     The dataset's ``class_names`` lists the subfolders in label order.
     """
-    if channels not in _MODES:
-        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
-                                   or resolution < 1):
-        raise ValueError(f"resolution must be a positive int or None, got {resolution!r}")
+    if channels is not None and channels not in _MODES:
+        raise ValueError(f"channels must be 1, 3 or None, got {channels!r}")
+    if resolution is not None:
+        check_int("resolution", resolution)
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} is not a directory (expected one subfolder per class "
@@ -42,6 +44,8 @@ def load_image_folder(root: Union[str, os.PathLike], resolution: Optional[int] =
         files = [(f, -1) for f in _images_in(root)]
     if not files:
         raise ValueError(f"{root} holds no .png/.jpg/.jpeg images (expected root/<class>/<image> files)")
+    if channels is None:
+        channels = _channels_of(files[0][0])
     arrays = [_read_image(f, resolution, channels) for f, _ in files]
     _check_sizes(arrays, files)
     images = np.stack(arrays)
@@ -71,6 +75,13 @@ def _open(path: Path, Image):
     except (OSError, SyntaxError, ValueError) as e:  # pillow raises these for truncated or foreign files
         raise ValueError(f"cannot read image {path}: {e}") from e
     return img
+
+
+def _channels_of(path: Path) -> int:
+    from PIL import Image
+
+    with _open(path, Image) as img:
+        return 1 if img.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
 
 
 def _read_image(path: Path, resolution: Optional[int], channels: int) -> np.ndarray:

@@ -7,6 +7,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from fastcm._checks import check_int
+
 
 def make_grid(x: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, scale: int = 1) -> np.ndarray:
     """Tile images ``x`` (B, C, H, W), values in [-1, 1] (clamped), into an (rows, cols, C) uint8 array.
@@ -24,8 +26,7 @@ def make_grid(x: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, sca
     b, c, h, w = x.shape
     nrow = nrow or math.ceil(math.sqrt(b))
     for name, v, lo in (("nrow", nrow, 1), ("padding", padding, 0), ("scale", scale, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        check_int(name, v, lo)
     img = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if scale > 1:
         img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)

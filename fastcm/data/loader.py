@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fastcm._checks import check_int
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed mixing integers (seed, step, rank, a stream id …); distinct inputs give unrelated seeds."""
@@ -34,8 +36,7 @@ class BatchLoader:
                  hflip: bool = False, num_workers: int = 0):
         for name, v, lo in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("rank", rank, 0),
                             ("num_workers", num_workers, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+            check_int(name, v, lo)
         if rank >= world_size:
             raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
         per_rank = len(dataset) // world_size

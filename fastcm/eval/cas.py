@@ -10,7 +10,7 @@ trains the same classifier on real only, synthetic only and real + synthetic, ov
 real + synthetic beats real alone. ``cas_protocol`` runs it at digits scale and says whether that holds.
 
 Judges: ``"logreg"`` — multinomial logistic regression on pixels (scikit-learn, L-BFGS; deterministic, so its spread
-over seeds is 0); ``"cnn"`` — the SmallCNN of ``fastcm.eval.digits_net`` trained from scratch with Adam (the seed sets
+over seeds is 0); ``"cnn"`` — the SmallCNN of ``fastcm.fid.digits_net`` trained from scratch with Adam (the seed sets
 its initialisation and batch order; Adam, batch 128, lr 2e-3, ``cnn_epochs`` epochs).
 """
 import math
@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from fastcm.eval._checks import as_images, as_labels
-from fastcm.eval.digits_net import predict, train_classifier
+from fastcm._checks import as_images, as_labels
+from fastcm.fid.digits_net import predict, train_classifier
 
 JUDGES = ("logreg", "cnn")
 # The CNN judge's Adam recipe: batch 128 at lr 2e-3 trains twice as fast per epoch as the feature network's 64 at
@@ -91,7 +91,8 @@ def cas_protocol(x_real, y_real, x_syn, y_syn, x_test, y_test, *, judge: str = "
     Returns a dict with, for each arm, ``{"mean", "std" (sample std over seeds), "values"}``; the train sizes;
     ``"real_plus_synthetic_minus_real"`` (difference of means) and ``"real_plus_synthetic_beats_real"``, which
     is True only when the mean gain exceeds the combined standard error of the two arms (a gain inside the seed
-    noise is not reported as a win).
+    noise is not reported as a win), or None with fewer than 2 seeds (no spread to judge by: no claim is made);
+    ``"verdict"`` says it in words.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -109,8 +110,17 @@ def cas_protocol(x_real, y_real, x_syn, y_syn, x_test, y_test, *, judge: str = "
         accs = [classification_accuracy(x, y, x_test, y_test, judge=judge, seed=s, num_classes=num_classes,
                                         cnn_steps=steps)["accuracy"] for s in seeds]
         out[name] = dict(_summary(accs), train_size=int(x.shape[0]))
-    gain = out["real+synthetic"]["mean"] - out["real"]["mean"]
-    stderr = math.sqrt((out["real+synthetic"]["std"] ** 2 + out["real"]["std"] ** 2) / len(seeds))
-    out["real_plus_synthetic_minus_real"] = gain
-    out["real_plus_synthetic_beats_real"] = bool(gain > stderr)
+    out.update(_verdict(out["real"], out["real+synthetic"], len(seeds)))
     return out
+
+
+def _verdict(real: dict, both: dict, num_seeds: int) -> dict:
+    """Whether real + synthetic beats real alone: a mean gain above the combined standard error over seeds."""
+    gain = both["mean"] - real["mean"]
+    stderr = math.sqrt((both["std"] ** 2 + real["std"] ** 2) / num_seeds)
+    if num_seeds < 2:
+        beats, why = None, "no claim can be made from one seed (no spread to compare the gain with; use 2 or more)"
+    else:
+        beats = bool(gain > stderr)
+        why = f"{'yes' if beats else 'no'} (a win must exceed the standard error over seeds, {100 * stderr:.2f})"
+    return {"real_plus_synthetic_minus_real": gain, "real_plus_synthetic_beats_real": beats, "verdict": why}

@@ -81,15 +81,14 @@ def render_markdown(report: dict) -> str:
     lines.append(f"- all goals met: **{'yes' if q['all_passed'] else 'no'}**")
     p = report.get("cas_protocol")
     if p:
-        verdict = "holds" if p["real_plus_synthetic_beats_real"] else "does not hold"
+        verdict = {True: "holds", False: "does not hold", None: "cannot be judged"}[p["real_plus_synthetic_beats_real"]]
         lines += ["", "## Real / synthetic / real + synthetic (Azizi et al. 2023 protocol)", "",
                   f"Judge: {p['judge']} trained from scratch, seeds {p['seeds']}"
                   + (f", {p['cnn_steps_per_arm']} Adam steps for every arm (equal compute)" if "cnn_steps_per_arm"
                      in p else "") + f"; synthetic = the {p['samples'].replace('_', ' ')} samples.", "",
                   _protocol_table(p), "",
                   f"The paper's headline (real + synthetic beats real alone) **{verdict}** here: "
-                  f"{100 * p['real_plus_synthetic_minus_real']:+.2f} points (a win must exceed the standard error "
-                  "over seeds)."]
+                  f"{100 * p['real_plus_synthetic_minus_real']:+.2f} points; {p['verdict']}."]
     env = report["environment"]
     lines += ["", "## Settings", "", markdown_table(["setting", "value"], [[k, v] for k, v in cfg.items()]),
               "", "## Timings (wall clock, seconds)", "",
@@ -128,7 +127,7 @@ def format_summary(report: dict) -> str:
     if p:
         lines.append(f"CAS protocol ({p['judge']}, {len(p['seeds'])} seeds): real {p['real']['mean']:.4f}, "
                      f"synthetic {p['synthetic']['mean']:.4f}, real+synthetic {p['real+synthetic']['mean']:.4f} "
-                     f"→ real+synthetic beats real: {'yes' if p['real_plus_synthetic_beats_real'] else 'no'}")
+                     f"→ real+synthetic beats real: {p['verdict']}")
     main = {k: v for k, v in t.items() if k.startswith("stage") or k == "total"}
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in main.items()))
     lines.append(f"report: {report['out']}/report.md")

@@ -6,8 +6,10 @@ from torchvision's, to match TF (pytorch-fid inception.py):
   * Mixed_5b/c/d (A), Mixed_6b-e (C) and Mixed_7b (E_1): the pool branch averages without the padded zeros
     (``count_include_pad=False``), as TF's average pooling does;
   * Mixed_7c (E_2): the pool branch is a 3x3 *max* pool (a quirk of that graph, kept for comparable FIDs).
-Input pipeline (pytorch-fid): images (N, 3, H, W) in [0, 1] -> bilinear resize to 299 x 299 (align_corners=False,
-no antialiasing) -> 2x - 1. Nothing is downloaded: weights come from a local file.
+Input pipeline: images (N, 3, H, W) in [-1, 1] (the sampler's range; grey (N, 1, H, W) is repeated to RGB, as
+pytorch-fid does) -> bilinear resize to 299 x 299 (align_corners=False, no antialiasing). pytorch-fid resizes [0, 1]
+images and then maps them by 2x - 1; bilinear interpolation is affine with weights summing to 1, so resizing the
+[-1, 1] image is the same map (equal up to rounding). Nothing is downloaded: weights come from a local file.
 """
 import os
 from pathlib import Path
@@ -154,7 +156,7 @@ class InceptionE(nn.Module):
 
 
 class FIDInceptionV3(nn.Module):
-    """FID Inception-v3 returning pool3 features (N, 2048) for images (N, 3, H, W) in [0, 1].
+    """FID Inception-v3 returning pool3 features (N, 2048) for images (N, 3 or 1, H, W) in [-1, 1].
 
     Built with random weights; use :func:`inception_v3` to load the published ones. ``logits(images)`` gives the
     1008-way classifier output (used by the Inception Score)."""
@@ -181,13 +183,15 @@ class FIDInceptionV3(nn.Module):
 
     @staticmethod
     def preprocess(images: Tensor) -> Tensor:
-        """[0, 1] images -> 299 x 299 bilinear (align_corners=False, no antialias) -> [-1, 1] (pytorch-fid)."""
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
-        return 2.0 * x - 1.0
+        """[-1, 1] images (grey repeated to RGB) -> 299 x 299 bilinear (align_corners=False, no antialias)."""
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        return F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
 
     def forward(self, images: Tensor) -> Tensor:
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must have shape (N, 3, H, W), got {tuple(images.shape)}")
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have shape (N, 3, H, W) or (N, 1, H, W) in [-1, 1], got "
+                             f"{tuple(images.shape)}")
         x = self.preprocess(images.to(self.fc.weight.dtype))
         return self.trunk(x).mean((2, 3))  # pool3: global average of Mixed_7c, (N, 2048)
 

@@ -9,9 +9,13 @@ batch   the batch alone. With C = (X - mean)/sqrt(B - 1), tr (Sigma_r Sigma_g)^(
         instead of O(d^3). Centring makes K 1 = 0: that null eigenvalue (and any at rounding level) is masked,
         since sqrt has no derivative at 0. Exact gradient dT/dC = K^(+1/2) C Sigma_r. Biased: rank <= B - 1.
 queue   Sigma_g of the last ``queue_size`` features (FD-loss, Yang et al. 2026): the current batch with gradient,
-        the rest detached; the batch is enqueued after the loss. Features are whitened once, y = (x - mu_r) L
-        with Sigma_r = L L^T (Cholesky, computed once), so M = L^T Sigma_g L = cov(y) has the eigenvalues of
-        Sigma_r Sigma_g and is kept as fp64 running sums (rank-B updates per step, no d^3 matmul). The trace
+        the rest detached; the batch is enqueued after the loss. Features are whitened once, y = (x - mu_r) W with
+        an invertible W whose first r columns F factor Sigma_r = F F^T (the Cholesky factor, r = d; for a singular
+        reference, e.g. fewer reference images than feature dims or dead feature units, W = V diag(s) over Sigma_r's
+        eigenvectors, range first with s = sqrt(lambda), null space after with s = 1). M = F^T Sigma_g F, the
+        leading r x r block of cov(y), has the non-zero eigenvalues of Sigma_r Sigma_g, so the trace and its
+        gradient are exact for any rank; cov(y) is kept as fp64 running sums (rank-B updates per step, no d^3
+        matmul), and the full y gives back mu_g - mu_r = W^(-T) mean(y). The trace
         needs one symmetric eigendecomposition of M per step; the gradient to the batch rows is
         2 (Y - ybar) G / (n - 1) with G = M^(-1/2) / 2, applied as (Y - ybar) U diag(1/sqrt(lambda)) U^T; on CPU
         U = Q Z stays factored (Householder reflectors of the tridiagonal reduction, eigenvectors of T).
@@ -29,9 +33,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops._lapack import eigvalsh_lower, factored_eigh
-from fastcm.ops.frechet import check_gaussian, null_threshold, psd_factor, symmetrize_lower
-from fastcm.ops.sqrtm import sqrtm_ref
+from fastcm._checks import check_int
+from fastcm.ops import sqrtm_ref
+from fastcm.ops.frechet import check_gaussian, eigvalsh_lower, factored_eigh, null_threshold, symmetrize_lower, whitening
 
 from .distributed import all_gather_with_grad, distributed_world
 
@@ -69,13 +73,12 @@ class FDLoss(nn.Module):
         self.register_buffer("mu_ref", mu, persistent=False)
         self.register_buffer("sigma_ref", sigma, persistent=False)
         self.register_buffer("trace_ref", sigma.trace(), persistent=False)
+        self.rank, self.triangular = self.dim, True
         if mode != "batch":
-            chol, triangular = psd_factor(sigma, "sigma_ref")
-            if not triangular:
-                raise ValueError(f"mode={mode!r} whitens features with the Cholesky factor of sigma_ref, which needs "
-                                 "a positive definite reference (more reference samples than feature dims); "
-                                 "use mode='batch' or add a small multiple of the identity to sigma_ref")
-            self.register_buffer("chol", chol, persistent=False)
+            w, self.rank, self.triangular = whitening(sigma, "sigma_ref")
+            self.register_buffer("whiten", w, persistent=False)
+            # W = V diag(s) (orthogonal V) has W^(-T) = V diag(1 / s) = W / s^2 column by column, s_j = ||W[:, j]||
+            self.register_buffer("unwhiten_t", None if self.triangular else w / w.square().sum(0), persistent=False)
         self.reset()
 
     @classmethod
@@ -145,7 +148,7 @@ class FDLoss(nn.Module):
             s_yy_new, s_y_new = torch.addmm(s_yy, yd.T, yd), s_y + yd.sum(0)
             m = s_y_new * r
             mat = torch.addr(s_yy_new, m, m, beta=1.0 / (n - 1), alpha=-1.0)  # (S - n ybar ybar^T) / (n - 1)
-        t = _TraceSqrt.apply(y, mat, m, 1.0 / (n - 1), r)
+        t = self._trace(y, mat, m, 1.0 / (n - 1), r)
         delta = self._unwhiten((s_y + y.sum(0)) / n)  # mu_g - mu_r
         trace_g = (s_sq + sq.sum() - n * delta.square().sum()) / (n - 1)
         if update:
@@ -180,7 +183,7 @@ class FDLoss(nn.Module):
             m1_new = beta * self.ema_m1 + (1.0 - beta) * yd.mean(0)
             m = k * m1_new
             mat = torch.addr(m2_new, m, m, beta=k, alpha=-1.0)  # k E[y y^T] - m m^T
-        t = _TraceSqrt.apply(y, mat, m, share, share)
+        t = self._trace(y, mat, m, share, share)
         delta = self._unwhiten(k * beta * self.ema_m1 + share * y.sum(0))
         trace_g = k * beta * self.ema_sq + share * sq.sum() - delta.square().sum()
         if update:
@@ -199,6 +202,16 @@ class FDLoss(nn.Module):
         self.steps += 1
 
     # -- helpers -----------------------------------------------------------------------------------------------
+    def _trace(self, y: Tensor, mat: Tensor, m: Tensor, c: float, c2: float) -> Tensor:
+        """tr (Sigma_r Sigma_g)^(1/2) from the leading rank(Sigma_r) block of the whitened moments (see _TraceSqrt);
+        0 for a zero reference covariance."""
+        r = self.rank
+        if r == 0:
+            return y.new_zeros(())
+        if r < self.dim:
+            y, mat, m = y[:, :r], mat[:r, :r], m[:r]
+        return _TraceSqrt.apply(y, mat, m, c, c2)
+
     def _features(self, features: Tensor) -> Tensor:
         if not isinstance(features, Tensor) or not features.is_floating_point():
             raise TypeError(f"features must be a floating torch.Tensor, got {type(features).__name__}"
@@ -218,12 +231,13 @@ class FDLoss(nn.Module):
         return x.to(F64)
 
     def _whiten(self, x: Tensor):
-        """y = (x - mu_r) L, so cov(y) = L^T Sigma_g L (eigenvalues of Sigma_r Sigma_g), and ||x - mu_r||^2.
+        """y = (x - mu_r) W, so cov(y) = W^T Sigma_g W (its leading r x r block has the non-zero eigenvalues of
+        Sigma_r Sigma_g), and ||x - mu_r||^2.
 
         y is rounded to the queue dtype with a straight-through gradient, so the loss sees each row exactly as it
         is stored and the running sums add (and later subtract) exactly the same values."""
         xr = x - self.mu_ref
-        y = xr @ self.chol
+        y = xr @ self.whiten
         if self.mode == "queue" and self.queue_dtype != F64:
             y = y + (y.detach().to(self.queue_dtype).to(F64) - y.detach())
         return y, xr.square().sum(1)
@@ -240,8 +254,10 @@ class FDLoss(nn.Module):
             self.ema_sq = torch.zeros((), dtype=F64, device=dev)
 
     def _unwhiten(self, y_mean: Tensor) -> Tensor:
-        """The raw-space mean offset delta with delta L = y_mean (y = (x - mu_r) L)."""
-        return torch.linalg.solve_triangular(self.chol.mT, y_mean.unsqueeze(1), upper=True).squeeze(1)
+        """The raw-space mean offset delta with delta W = y_mean (y = (x - mu_r) W)."""
+        if not self.triangular:
+            return self.unwhiten_t @ y_mean
+        return torch.linalg.solve_triangular(self.whiten.mT, y_mean.unsqueeze(1), upper=True).squeeze(1)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, mode={self.mode!r}, queue_size={self.queue_size}, ema_beta={self.ema_beta}, "
@@ -323,8 +339,7 @@ def fd_loss_full_ref(features: Tensor, mu_ref: Tensor, sigma_ref: Tensor, sqrt_r
 def _check_options(mode, queue_size, ema_beta, normalize, queue_dtype) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 2:
-        raise ValueError(f"queue_size must be an int >= 2, got {queue_size!r}")
+    check_int("queue_size", queue_size, 2)
     if not (isinstance(ema_beta, (int, float)) and 0.0 <= float(ema_beta) < 1.0):
         raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
     if not isinstance(normalize, bool):

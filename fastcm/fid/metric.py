@@ -1,10 +1,12 @@
-"""FID in one call: images, features, FeatureStats or statistics files on either side.
+"""FID in one call: images, datasets, features, FeatureStats or statistics files on either side.
 
-    fid(images_a, "cifar10-train.npz", features=inception_v3(weights_path))
+    fid(sample(model, 1000, labels), "cifar10:data/cifar-10-batches-py:test", features=inception_v3(weights))
 
-Images are (N, 3, H, W) float in [0, 1] or uint8 in [0, 255] (tensors, or an iterable of such batches); features
-are computed batch by batch without gradient, accumulated in fp64 (FeatureStats) and compared with the exact
-fp64 Frechet distance.
+Images are (N, C, H, W) in the sampler's range [-1, 1] (``image_range=(0, 1)`` for [0, 1] floats; uint8 is always
+0..255), as tensors, iterables of batches or datasets; a string is a statistics file or a dataset in fastcm.data's
+grammar (``digits[:train|test|all]``, ``cifar10:DIR[:train|test]``, ``folder:DIR``, ``FILE.npz``). Features are
+computed batch by batch without gradient, accumulated in fp64 (FeatureStats) and compared with the exact fp64
+Fréchet distance (fastcm.ops.frechet_distance).
 """
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -13,18 +15,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops.frechet import frechet_distance
+from fastcm._checks import check_int
+from fastcm.ops import frechet_distance
 
-from .stats import FeatureStats
+from .stats import FeatureStats, is_stats_file
 
 Source = Union[Tensor, FeatureStats, str, Path, tuple, Iterable]
+IMAGE_RANGES = ((-1, 1), (0, 1))
 
 
-def fid(a: Source, b: Source, features: Optional[Callable] = None, batch_size: int = 50, device=None) -> float:
-    """Frechet distance between two sources, each one of: images (N, C, H, W) (float in [0, 1] or uint8) or an
-    iterable of image batches; features (N, d); a FeatureStats; a path to a ``.npz`` / ``.safetensors``
-    statistics file; or a (mu, sigma) pair. ``features`` maps image batches to (B, d) features; it defaults to
-    :func:`fastcm.fid.inception_v3` (weights from FASTCM_INCEPTION_WEIGHTS), built only if images are given."""
+def fid(a: Source, b: Source, features: Optional[Callable] = None, batch_size: int = 50, device=None,
+        image_range: tuple = (-1, 1)) -> float:
+    """Fréchet distance between two sources, each one of: images (N, C, H, W) (float in ``image_range``, [-1, 1]
+    by default as fastcm.cm.sample returns them, or uint8 0..255), an iterable of image batches or a dataset
+    (fastcm.data.ArrayDataset); a dataset string (fastcm.data grammar); features (N, d); a FeatureStats; a path to
+    a ``.npz`` / ``.safetensors`` statistics file; or a (mu, sigma) pair. ``features`` maps [-1, 1] image batches to
+    (B, d) features; it defaults to :func:`fastcm.fid.inception_v3` (weights from FASTCM_INCEPTION_WEIGHTS), built
+    only if images are given."""
     cache = {}
 
     def net():
@@ -37,43 +44,70 @@ def fid(a: Source, b: Source, features: Optional[Callable] = None, batch_size: i
                 cache["net"] = features
         return cache["net"]
 
-    sa = as_stats(a, net, batch_size, device, "a")
-    sb = as_stats(b, net, batch_size, device, "b")
+    sa = as_stats(a, net, batch_size, device, "a", image_range)
+    sb = as_stats(b, net, batch_size, device, "b", image_range)
     if sa.dim != sb.dim:
         raise ValueError(f"a and b have different feature widths ({sa.dim} vs {sb.dim})")
     return float(frechet_distance(sa.mu, sa.sigma, sb.mu.to(sa.mu.device), sb.sigma.to(sa.mu.device)))
 
 
-def compute_stats(images, features: Callable, batch_size: int = 50, device=None) -> FeatureStats:
-    """FeatureStats of ``features(batch)`` over images (a tensor, split into ``batch_size`` batches, or an
-    iterable of batches), without gradient."""
+def compute_stats(images, features: Callable, batch_size: int = 50, device=None, image_range: tuple = (-1, 1),
+                  name: Optional[str] = None) -> FeatureStats:
+    """FeatureStats of ``features(batch)`` over images (a tensor, split into ``batch_size`` batches; a dataset with
+    ``get_batch``; or an iterable of batches), without gradient. ``name`` labels the feature space in files."""
     if not callable(features):
         raise TypeError(f"features must be callable (images -> (B, d) features), got {type(features).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size)
+    _check_range(image_range)
     device = device if device is not None else _module_device(features)
-    batches = images.split(batch_size) if isinstance(images, Tensor) else images
     stats = None
     with torch.no_grad():
-        for batch in batches:
-            x = _as_images(batch)
+        for batch in _batches(images, batch_size):
+            x = _as_images(batch, image_range)
             f = features(x.to(device) if device is not None else x)
             if not isinstance(f, Tensor) or f.dim() != 2:
                 raise ValueError(f"features must return (B, d) tensors, got {getattr(f, 'shape', type(f))}")
             if stats is None:
-                stats = FeatureStats(f.shape[1])
+                stats = FeatureStats(f.shape[1], features=name)
             stats.update(f)
     if stats is None:
         raise ValueError("no images were given")
     return stats
 
 
-def as_stats(x: Source, features: Callable[[], Callable], batch_size: int, device, name: str) -> FeatureStats:
+def dataset_stats(spec, features: str = "digits", *, weights=None, cache=None, batch_size: Optional[int] = None,
+                  device="cpu", split: str = "train") -> FeatureStats:
+    """FeatureStats of a statistics file (which must hold ``features`` statistics when it names its space), or of
+    the images of a dataset string (fastcm.data grammar; ``split`` when it names none) in the feature space
+    ``features`` ("digits", "pixels" or "inception"; ``weights`` is Inception's weight file)."""
+    from .features import FEATURES, feature_extractor
+
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+    if is_stats_file(spec):
+        stats = FeatureStats.load(spec)
+        if stats.features is not None and stats.features != features:
+            raise ValueError(f"{spec} holds {stats.features!r} statistics but {features!r} features were asked for")
+        return stats
+    from fastcm.data import load_dataset
+
+    data = load_dataset(spec, split)
+    net = feature_extractor(features, weights=weights, cache=cache, device=device)
+    batch_size = batch_size or (50 if features == "inception" else 500)
+    return compute_stats(data, net, batch_size, device, name=features)
+
+
+def as_stats(x: Source, features: Callable[[], Callable], batch_size: int, device, name: str,
+             image_range: tuple = (-1, 1)) -> FeatureStats:
     """Turn one ``fid`` source into FeatureStats (``features`` is a thunk returning the feature network)."""
     if isinstance(x, FeatureStats):
         return x
     if isinstance(x, (str, Path)):
-        return FeatureStats.load(x)
+        if is_stats_file(x) or Path(x).suffix == ".safetensors":
+            return FeatureStats.load(x)
+        from fastcm.data import load_dataset
+
+        x = load_dataset(x)
     if isinstance(x, tuple) and len(x) == 2:
         return FeatureStats.from_moments(*x)
     if isinstance(x, np.ndarray):
@@ -82,24 +116,41 @@ def as_stats(x: Source, features: Callable[[], Callable], batch_size: int, devic
         return FeatureStats.from_features(x)
     if isinstance(x, Tensor) and x.dim() != 4:
         raise ValueError(f"{name} must be images (N, C, H, W) or features (N, d), got shape {tuple(x.shape)}")
-    if not isinstance(x, (Tensor, Iterable)):
-        raise TypeError(f"{name} must be images, features, FeatureStats, a statistics file or (mu, sigma); "
-                        f"got {type(x).__name__}")
-    return compute_stats(x, features(), batch_size, device)
+    if not isinstance(x, (Tensor, Iterable)) and not hasattr(x, "get_batch"):
+        raise TypeError(f"{name} must be images, a dataset, features, FeatureStats, a statistics file or "
+                        f"(mu, sigma); got {type(x).__name__}")
+    return compute_stats(x, features(), batch_size, device, image_range)
 
 
-def _as_images(x) -> Tensor:
+def _batches(images, batch_size: int):
+    if isinstance(images, Tensor):
+        return images.split(batch_size)
+    if hasattr(images, "get_batch"):  # fastcm.data.ArrayDataset: converted to float one batch at a time
+        n = len(images)
+        return (images.get_batch(torch.arange(i, min(i + batch_size, n)))[0] for i in range(0, n, batch_size))
+    return images
+
+
+def _check_range(image_range) -> None:
+    if tuple(image_range) not in IMAGE_RANGES:
+        raise ValueError(f"image_range must be one of {IMAGE_RANGES} (uint8 images are always 0..255), "
+                         f"got {image_range!r}")
+
+
+def _as_images(x, image_range) -> Tensor:
+    """A batch as floats in [-1, 1] (what every extractor takes), from uint8 0..255 or floats in image_range."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"image batches must be (N, C, H, W) tensors, got {getattr(x, 'shape', type(x))}")
     if x.dtype == torch.uint8:
-        return x.float() / 255.0
+        return x.float() / 127.5 - 1.0
     if not x.is_floating_point():
         raise TypeError(f"images must be uint8 or floating, got {x.dtype}")
     lo, hi = x.min().item(), x.max().item()
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"float images must be in [0, 1], got values in [{lo:.3g}, {hi:.3g}] "
-                         "(map [-1, 1] images with (x + 1) / 2)")
-    return x
+    if not (lo >= image_range[0] - 1e-3 and hi <= image_range[1] + 1e-3):  # also catches NaN
+        hint = "pass image_range=(0, 1) for [0, 1] images" if image_range == (-1, 1) else \
+            "[-1, 1] images need image_range=(-1, 1)"
+        raise ValueError(f"float images must be in {list(image_range)}, got values in [{lo:.3g}, {hi:.3g}] ({hint})")
+    return x if tuple(image_range) == (-1, 1) else x * 2.0 - 1.0
 
 
 def _module_device(f) -> Optional[torch.device]:

@@ -6,14 +6,19 @@ FeatureStats keeps n, S1 = sum (x - c) and S2 = sum (x - c)(x - c)^T about a shi
 
 Shifting first avoids the catastrophic cancellation of the E[x x^T] - mu mu^T form when features have a large mean
 (Chan, Golub & LeVeque 1983); the sums stay exact to merge (stats of a concatenation) and to all-reduce across
-processes. Files use pytorch-fid's ``.npz`` layout (arrays ``mu`` and ``sigma``, plus ``n``) or safetensors.
+processes. Files use pytorch-fid's ``.npz`` layout (arrays ``mu`` and ``sigma``, plus ``n`` and the name of the
+feature space, ``features``) or safetensors; FeatureStats is fastcm's only reader and writer of statistics files.
 """
+import os
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fastcm._checks import check_int
+from fastcm.ops.frechet import check_gaussian
 
 F64 = torch.float64
 SUFFIXES = (".npz", ".safetensors")
@@ -27,10 +32,11 @@ class FeatureStats:
     >>> stats.save("cifar10-train.npz"); fd = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
     """
 
-    def __init__(self, dim: int, device: Union[str, torch.device, None] = None):
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim!r}")
-        self.dim = dim
+    def __init__(self, dim: int, device: Union[str, torch.device, None] = None, features: Optional[str] = None):
+        self.dim = check_int("dim", dim)
+        if features is not None and not isinstance(features, str):
+            raise TypeError(f"features must be the feature space's name (a str) or None, got {type(features).__name__}")
+        self.features = features  # the feature space's name ("digits", "pixels", "inception"), kept in files
         self.device = torch.device(device) if device is not None else None
         self._n: Optional[int] = 0
         self._shift = self._s1 = self._s2 = None   # set by the first update (or by load)
@@ -124,21 +130,29 @@ class FeatureStats:
 
     # -- files -------------------------------------------------------------------------------------------------
     def save(self, path, overwrite: bool = False) -> Path:
-        """Write ``mu``, ``sigma`` (and ``n``) to ``path`` (.npz, pytorch-fid's layout, or .safetensors).
-        An existing file is never replaced unless ``overwrite=True``."""
+        """Write ``mu``, ``sigma``, ``n`` (and ``features``) to ``path`` (.npz, pytorch-fid's layout, or
+        .safetensors), atomically (a temporary file renamed into place). An existing file is never replaced
+        unless ``overwrite=True``."""
         path = _check_suffix(path)
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         mu, sigma = self.mu.cpu(), self.sigma.cpu()
         n = -1 if self._n is None else self._n
-        if path.suffix == ".npz":
-            with open(path, "wb") as f:  # a file object: np.savez would append .npz to some names
-                np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=np.int64(n))
-        else:
-            from safetensors.torch import save_file
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            if path.suffix == ".npz":
+                extra = {} if self.features is None else {"features": np.array(self.features)}
+                with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to some names
+                    np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=np.int64(n), **extra)
+            else:
+                from safetensors.torch import save_file
 
-            save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(), "n": torch.tensor([n])}, str(path),
-                      metadata={"format": "fastcm.FeatureStats", "dim": str(self.dim)})
+                meta = {"format": "fastcm.FeatureStats", "dim": str(self.dim), "features": self.features or ""}
+                save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(), "n": torch.tensor([n])}, str(tmp),
+                          metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod
@@ -148,7 +162,7 @@ class FeatureStats:
         path = _check_suffix(path)
         if not path.is_file():
             raise FileNotFoundError(f"statistics file {path} does not exist")
-        arrays = _read_arrays(path)
+        arrays, features = _read_arrays(path)
         missing = {"mu", "sigma"} - set(arrays)
         if missing:
             raise ValueError(f"{path} is not a statistics file: missing {sorted(missing)}, found {sorted(arrays)}")
@@ -160,29 +174,34 @@ class FeatureStats:
         if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
             raise ValueError(f"{path}: mu or sigma contains NaN or inf")
         n = int(np.asarray(arrays["n"]).reshape(-1)[0]) if "n" in arrays else -1
-        return cls.from_moments(mu, sigma, n=None if n < 0 else n, device=device)
+        try:
+            return cls.from_moments(mu, sigma, n=None if n < 0 else n, device=device, features=features)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
 
     @classmethod
-    def from_moments(cls, mu, sigma, n: Optional[int] = None, device=None) -> "FeatureStats":
+    def from_moments(cls, mu, sigma, n: Optional[int] = None, device=None,
+                     features: Optional[str] = None) -> "FeatureStats":
         """Statistics with a given mean and covariance; with the sample count ``n`` they can be merged and
-        updated (the sums are rebuilt as S1 = 0, S2 = (n - 1) sigma about c = mu)."""
-        mu = torch.as_tensor(mu, dtype=F64, device=device).reshape(-1)
-        sigma = torch.as_tensor(sigma, dtype=F64, device=device)
-        stats = cls(mu.numel(), device=device)
+        updated (the sums are rebuilt as S1 = 0, S2 = (n - 1) sigma about c = mu). sigma must be symmetric to
+        rounding (an asymmetric matrix is rejected, not symmetrised)."""
+        mu, sigma = check_gaussian(mu, sigma)
+        mu, sigma = mu.to(device) if device is not None else mu, sigma.to(device) if device is not None else sigma
+        stats = cls(mu.numel(), device=device, features=features)
         if n is None:
             stats._n, stats._frozen = None, (mu, (sigma + sigma.T) * 0.5)
             return stats
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"n must be an int >= 2 (samples behind the covariance), got {n!r}")
+        n = check_int("n (samples behind the covariance)", n, 2)
         stats._shift, stats._s1, stats._s2, stats._n = mu, torch.zeros_like(mu), sigma * (n - 1), n
         return stats
 
     @classmethod
-    def from_features(cls, features: Tensor) -> "FeatureStats":
-        return cls(_checked_features(features, None).shape[1]).update(features)
+    def from_features(cls, features: Tensor, name: Optional[str] = None) -> "FeatureStats":
+        """Statistics of one (N, d) batch of features (``name``: the feature space, kept in files)."""
+        return cls(_checked_features(features, None).shape[1], features=name).update(features)
 
     def __repr__(self) -> str:
-        return f"FeatureStats(dim={self.dim}, n={self._n})"
+        return f"FeatureStats(dim={self.dim}, n={self._n}, features={self.features!r})"
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def _init_sums(self, shift: Tensor) -> None:
@@ -242,13 +261,34 @@ def _check_suffix(path) -> Path:
     return path
 
 
-def _read_arrays(path: Path) -> dict:
+def _read_arrays(path: Path):
+    """(arrays, name of the feature space or None) of a statistics file."""
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as f:
-                return {k: f[k] for k in f.files}
+                arrays = {k: f[k] for k in f.files}
+            features = str(arrays.pop("features")) if "features" in arrays else None
+            return arrays, features
+        from safetensors import safe_open
         from safetensors.numpy import load_file
 
-        return load_file(str(path))
+        with safe_open(str(path), framework="numpy") as f:
+            features = (f.metadata() or {}).get("features") or None
+        return load_file(str(path)), features
     except Exception as e:  # zip, pickle and header errors all mean "not a statistics file"
         raise ValueError(f"{path} is not a readable {path.suffix} file ({type(e).__name__}: {e})") from e
+
+
+def is_stats_file(path) -> bool:
+    """True when ``path`` is an existing .npz / .safetensors file holding ``mu`` and ``sigma`` (an .npz of images
+    holds ``x`` instead)."""
+    path = Path(os.fspath(path))
+    if path.suffix not in SUFFIXES or not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        return True
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {"mu", "sigma"} <= set(f.files)
+    except Exception:  # not a zip archive: load() says what is wrong with it
+        return False

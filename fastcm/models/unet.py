@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastcm.nn import SeededDropout
 from fastcm.ops import GroupNorm, qkv_attention
-from fastcm.ops._utils import IMPLS, check_tensor
+from fastcm._checks import IMPLS, check_tensor, is_int
 
 EMBEDDINGS = ("fourier", "positional")
 
@@ -52,33 +52,29 @@ class UNetConfig:
         return tuple(self.model_channels * m for m in self.channel_mult)
 
 
-def _is_int(v, lo: int) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
-
-
 def _validate_config(c: UNetConfig) -> None:
     for name in ("img_resolution", "in_channels", "model_channels", "num_blocks", "num_groups"):
-        if not _is_int(getattr(c, name), 1):
+        if not is_int(getattr(c, name), 1):
             raise ValueError(f"{name} must be a positive int, got {getattr(c, name)!r}")
-    if not c.channel_mult or not all(_is_int(m, 1) for m in c.channel_mult):
+    if not c.channel_mult or not all(is_int(m, 1) for m in c.channel_mult):
         raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {c.channel_mult!r}")
     if c.img_resolution % 2 ** (len(c.channel_mult) - 1):
         raise ValueError(f"img_resolution={c.img_resolution} must be divisible by 2**(levels-1) = "
                          f"{2 ** (len(c.channel_mult) - 1)}")
-    if not all(_is_int(r, 1) for r in c.attn_resolutions):
+    if not all(is_int(r, 1) for r in c.attn_resolutions):
         raise ValueError(f"attn_resolutions must be positive ints, got {c.attn_resolutions!r}")
     for w in (c.model_channels, *c.widths()):
         if w % c.num_groups:
             raise ValueError(f"num_groups={c.num_groups} must divide every width, not {w}")
-        if c.channels_per_head is not None and (not _is_int(c.channels_per_head, 1) or w % c.channels_per_head):
+        if c.channels_per_head is not None and (not is_int(c.channels_per_head, 1) or w % c.channels_per_head):
             raise ValueError(f"channels_per_head={c.channels_per_head!r} must be a positive int dividing {w}")
     if c.model_channels % 2:
         raise ValueError(f"model_channels must be even (cos/sin embedding halves), got {c.model_channels}")
     if isinstance(c.dropout, bool) or not isinstance(c.dropout, numbers.Real) or not 0 <= c.dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
-    if c.dropout_max_resolution is not None and not _is_int(c.dropout_max_resolution, 1):
+    if c.dropout_max_resolution is not None and not is_int(c.dropout_max_resolution, 1):
         raise ValueError(f"dropout_max_resolution must be None or a positive int, got {c.dropout_max_resolution!r}")
-    if not _is_int(c.num_classes, 0):
+    if not is_int(c.num_classes, 0):
         raise ValueError(f"num_classes must be an int >= 0, got {c.num_classes!r}")
     if c.embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {c.embedding!r}")

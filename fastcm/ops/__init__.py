@@ -13,7 +13,8 @@ from .attention import make_inputs as _attention_inputs
 from .attention import make_qkv_inputs as _qkv_attention_inputs
 from .group_norm import GroupNorm, group_norm, group_norm_ref
 from .group_norm import make_inputs as _group_norm_inputs
-from .frechet import FrechetReference, frechet_distance, trace_sqrt_product
+from .frechet import FrechetReference, frechet_distance, frechet_distance_ref, trace_sqrt_product
+from .frechet import make_inputs as _frechet_inputs
 from .pseudo_huber import pseudo_huber_loss, pseudo_huber_loss_ref
 from .pseudo_huber import make_inputs as _pseudo_huber_inputs
 from .sqrtm import sqrtm, sqrtm_newton_schulz, sqrtm_ref
@@ -24,6 +25,8 @@ class OpSpec(NamedTuple):
     op: Callable
     ref: Callable
     make_inputs: Callable
+    impls: tuple = ("auto", "triton", "torch")  # the op's impl= choices (the Frechet distance has no Triton route)
+    differentiable: bool = True                 # the op has a backward (the Frechet distance is a metric)
 
 
 REGISTRY = {
@@ -32,9 +35,11 @@ REGISTRY = {
     "attention": OpSpec(attention, attention_ref, _attention_inputs),
     "qkv_attention": OpSpec(qkv_attention, qkv_attention_ref, _qkv_attention_inputs),
     "sqrtm": OpSpec(sqrtm, sqrtm_ref, _sqrtm_inputs),
+    "frechet_distance": OpSpec(frechet_distance, frechet_distance_ref, _frechet_inputs, ("auto", "scipy", "torch"),
+                               differentiable=False),
 }
 
 __all__ = ["REGISTRY", "OpSpec", "pseudo_huber_loss", "pseudo_huber_loss_ref", "attention", "attention_ref",
            "qkv_attention", "qkv_attention_ref", "GroupNorm", "group_norm", "group_norm_ref",
-           "sqrtm", "sqrtm_ref", "sqrtm_newton_schulz", "frechet_distance", "trace_sqrt_product",
+           "sqrtm", "sqrtm_ref", "sqrtm_newton_schulz", "frechet_distance", "frechet_distance_ref", "trace_sqrt_product",
            "FrechetReference"]

@@ -1,6 +1,8 @@
 """Symmetric LAPACK routines torch does not bind (or binds through a slower path on CPU), called through
 scipy.linalg.lapack for fp64 CPU tensors; every function has a torch fallback for other devices and dtypes, or
 when scipy is missing. Used by the Frechet distance and the FD loss; tested against torch in tests/test_lapack.py.
+``impl`` ("auto", "scipy", "torch") picks the route: "auto" takes LAPACK where it can (use_lapack), "torch" never
+touches scipy, "scipy" insists on it (and says why when it cannot).
 
 Why (measured side by side at d = 2048, fp64, 2 threads, AMD EPYC; torch 2.13's CPU LAPACK is MKL):
   - values only: dsyevr (blocked dsytrd + dsterf) 0.26-0.29 s vs torch.linalg.eigvalsh 0.31-0.49 s;
@@ -25,30 +27,53 @@ except ImportError:  # pragma: no cover - scipy is a runtime dependency; kept op
 F64 = torch.float64
 
 
-def use_lapack(*tensors: Tensor) -> bool:
-    """True when scipy's LAPACK can take these tensors in place of torch (CPU, fp64, no autograd graph)."""
-    return lapack is not None and all(t.device.type == "cpu" and t.dtype == F64 and not t.requires_grad
-                                      for t in tensors)
+IMPLS = ("auto", "scipy", "torch")
 
 
-def cholesky_lower(s: Tensor) -> Optional[Tensor]:
+def use_lapack(*tensors: Tensor, impl: str = "auto") -> bool:
+    """True when scipy's LAPACK takes these tensors in place of torch: with impl="auto" when it can (CPU, fp64, no
+    autograd graph, scipy installed), never with impl="torch"; impl="scipy" raises when it cannot."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    ok = all(t.device.type == "cpu" and t.dtype == F64 and not t.requires_grad for t in tensors)
+    if impl == "scipy" and (lapack is None or not ok):
+        why = "scipy is not installed" if lapack is None else "it takes float64 CPU tensors without autograd"
+        raise ValueError(f"impl='scipy' (LAPACK through scipy) cannot run here: {why}; use impl='torch'")
+    return lapack is not None and ok
+
+
+def cholesky_lower(s: Tensor, impl: str = "auto") -> Optional[Tensor]:
     """Lower Cholesky factor L (L L^T = s, lower triangle of s read) or None when s is not positive definite."""
-    if use_lapack(s):
+    if use_lapack(s, impl=impl):
         c, info = lapack.dpotrf(s.numpy(), lower=1, clean=1)
         return torch.from_numpy(c) if info == 0 and np.isfinite(c.diagonal()).all() else None
     chol, info = torch.linalg.cholesky_ex(s)
     return chol if int(info) == 0 and bool(torch.isfinite(chol.diagonal()).all()) else None
 
 
-def eigvalsh_lower(m: Tensor, overwrite: bool = False) -> Tensor:
+def eigvalsh_lower(m: Tensor, overwrite: bool = False, impl: str = "auto") -> Tensor:
     """Ascending eigenvalues of the symmetric matrix whose lower triangle is m's (LAPACK dsyevr, values only).
     ``overwrite=True`` lets LAPACK destroy m when m is column-major (saves a d x d copy)."""
-    if not use_lapack(m):
+    if m.shape[-1] == 0:  # LAPACK refuses an empty matrix; it has no eigenvalues
+        return m.new_zeros(0)
+    if not use_lapack(m, impl=impl):
         return torch.linalg.eigvalsh(m, UPLO="L")
     w, _, _, _, info = lapack.dsyevr(_fortran(m), compute_v=0, lower=1, overwrite_a=int(overwrite))
     if info != 0:  # pragma: no cover - LAPACK's internal convergence failure
         raise RuntimeError(f"LAPACK dsyevr failed with info={info}")
     return torch.from_numpy(w)
+
+
+def congruence_lower(chol: Tensor, s: Tensor) -> Tensor:
+    """L^T S L in the lower triangle (LAPACK dsygst, itype 3, ~d^3 flops), for fp64 CPU L (lower triangular) and
+    symmetric S (lower triangle read). Column-major operands: a is a private copy of S (overwritten by the result),
+    b = L as LAPACK sees it (torch's Cholesky factor already is column-major, so usually no copy)."""
+    a = np.array(s.numpy(), order="F")  # always a copy (asfortranarray would hand back a 1 x 1 input itself)
+    c, info = lapack.dsygst(a, np.asfortranarray(chol.numpy()), itype=3, lower=1, overwrite_a=1)
+    _check(info, "dsygst")
+    return torch.from_numpy(c)
 
 
 class TridiagonalEigh:

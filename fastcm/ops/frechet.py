@@ -19,14 +19,23 @@ be symmetric (SYM_TOL) first.
 Singular covariances (fewer samples than features) are exact too: when S1 has no Cholesky factor, S2 is factored
 instead (the trace is symmetric in S1, S2); when neither has one, S1 = F F^T with F = V_r diag(sqrt(lambda_r)) over
 S1's non-null eigenpairs (eigh) and M = F^T S2 F is rank(S1) x rank(S1). Eigenvalues of M at rounding level are
-counted as 0 (null_threshold).
+counted as 0 (null_threshold); a zero covariance (a collapsed distribution) has rank 0 and a zero trace term, so two
+constant feature sets are ||mu1 - mu2||^2 apart.
+
+The op contract: ``frechet_distance(..., impl=)`` with impl "auto" (LAPACK through scipy for fp64 CPU tensors,
+torch.linalg elsewhere: what CUDA tensors take), "scipy" or "torch" (never touches scipy); ``frechet_distance_ref``
+is the readable reference (a general eigensolver on S1 S2); ``make_inputs`` feeds the registry (fastcm.ops.REGISTRY).
+``__all__`` lists the linear-algebra pieces the FD loss (fastcm.fid.loss) builds on: they are public API.
 """
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._lapack import cholesky_lower, eigvalsh_lower
-from ._lapack import lapack as _lapack  # LAPACK's dsygst (torch has no binding for it); None without scipy
+from ._lapack import IMPLS, cholesky_lower, congruence_lower, eigvalsh_lower, factored_eigh, use_lapack
+
+__all__ = ["frechet_distance", "frechet_distance_ref", "trace_sqrt_product", "FrechetReference", "make_inputs",
+           "check_gaussian", "whitening", "psd_factor", "null_threshold", "symmetrize_lower", "congruence",
+           "eigvalsh_lower", "factored_eigh", "IMPLS"]
 
 # Symmetry of a covariance is checked to this relative tolerance (covariances built in fp32 are symmetric only to
 # rounding); negative eigenvalues below -PSD_TOL * max(lambda) mean an input is not a covariance.
@@ -35,33 +44,63 @@ PSD_TOL = 1e-6
 _BLOCK = 256  # column block of the torch triangular congruence (large enough for efficient GEMMs)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> Tensor:
+def frechet_distance(mu1, sigma1, mu2, sigma2, impl: str = "auto") -> Tensor:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), exact in fp64.
 
     Args:
         mu1, mu2: means, shape (d,); sigma1, sigma2: covariances, shape (d, d), symmetric positive semi-definite
-            (rank-deficient is fine). torch tensors or numpy arrays, any floating dtype (computed in fp64).
+            (rank-deficient or zero is fine: two zero covariances give ||mu1 - mu2||^2). torch tensors or numpy
+            arrays, any floating dtype (computed in fp64).
+        impl: "auto" (LAPACK through scipy for CPU tensors, torch.linalg elsewhere), "scipy" or "torch".
     Returns a float64 0-d tensor on the inputs' device. Round-off can make the exact value 0 come out as about
     -1e-12 * (tr S1 + tr S2); such values are returned as 0 (the distance is never negative).
     """
+    use_lapack(impl=impl)  # validates impl
     mu1, sigma1, mu2, sigma2 = _validate(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
-    fd = diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * trace_sqrt_product(sigma1, sigma2, _checked=True)
-    return fd.clamp(min=0.0)
+    t = trace_sqrt_product(sigma1, sigma2, impl=impl, _checked=True)
+    return (diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * t).clamp(min=0.0)
 
 
-def trace_sqrt_product(sigma1, sigma2, _checked: bool = False) -> Tensor:
+def frechet_distance_ref(mu1, sigma1, mu2, sigma2) -> Tensor:
+    """Readable reference (torchmetrics' form): ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 sum Re sqrt(eig(S1 S2)), with a
+    general (complex) eigensolver, in the inputs' dtype, differentiable. Rank-deficient products leave
+    sqrt(rounding noise) ~ 1e-8 per null eigenvalue: compare singular cases with closed forms, not with this."""
+    diff = mu1 - mu2
+    root = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return diff @ diff + sigma1.diagonal().sum() + sigma2.diagonal().sum() - 2.0 * root
+
+
+def make_inputs(case: str, device="cpu", dtype=torch.float64, requires_grad: bool = False) -> dict:
+    """(mu1, sigma1, mu2, sigma2) of two Gaussians with covariances of 2d samples (full rank); ``requires_grad``
+    marks the covariances for the reference's backward (the op itself is a metric, without gradient)."""
+    d = {"digits": 64, "inception192": 192, "inception768": 768, "inception": 2048}[case]
+    g = torch.Generator().manual_seed(d)
+    out = {}
+    for i in (1, 2):
+        x = torch.randn(2 * d, d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 2.0, d, dtype=torch.float64)
+        out[f"mu{i}"] = x.mean(0).to(device, dtype)
+        out[f"sigma{i}"] = torch.cov(x.T).to(device, dtype).requires_grad_(requires_grad)
+    return out
+
+
+make_inputs.cases = ("digits", "inception192", "inception768", "inception")
+
+
+def trace_sqrt_product(sigma1, sigma2, impl: str = "auto", _checked: bool = False) -> Tensor:
     """tr (sigma1 sigma2)^(1/2) for symmetric PSD (d, d) matrices, in fp64 (see the module docstring)."""
     if not _checked:
         sigma1, sigma2 = (check_gaussian(torch.zeros(s.shape[-1]), s, ("mu", name))[1]
                           for s, name in ((sigma1, "sigma1"), (sigma2, "sigma2")))
-    factor, triangular, other, name = _factor(sigma1, sigma2)
+    factor, triangular, other, name = _factor(sigma1, sigma2, impl)
+    if factor.shape[1] == 0:  # a zero covariance: (S1 S2)^(1/2) = 0
+        return other.new_zeros(())
     if triangular:
-        m, _ = congruence(factor, other)
+        m, _ = congruence(factor, other, impl)
     else:
         other = symmetrize_lower(other)
         m = factor.mT @ other @ factor
-    return _sum_sqrt_eigvals(m, name)
+    return _sum_sqrt_eigvals(m, name, impl)
 
 
 class FrechetReference:
@@ -70,9 +109,11 @@ class FrechetReference:
     then costs one congruence and one eigvalsh. Same value as frechet_distance(mu, sigma, mu_ref, sigma_ref).
     A singular reference (no Cholesky factor) falls back to frechet_distance."""
 
-    def __init__(self, mu_ref, sigma_ref):
+    def __init__(self, mu_ref, sigma_ref, impl: str = "auto"):
+        use_lapack(impl=impl)
         self.mu, self.sigma = check_gaussian(mu_ref, sigma_ref, ("mu_ref", "sigma_ref"))
-        self.chol = cholesky_lower(self.sigma)
+        self.impl = impl
+        self.chol = cholesky_lower(self.sigma, impl)
         self.trace = self.sigma.trace()
 
     def distance(self, mu, sigma) -> Tensor:
@@ -81,16 +122,16 @@ class FrechetReference:
             raise ValueError(f"mu must have shape {tuple(self.mu.shape)} on {self.mu.device}, got "
                              f"{tuple(mu.shape)} on {mu.device}")
         if self.chol is None:
-            return frechet_distance(mu, sigma, self.mu, self.sigma)
-        trace_sqrt = _sum_sqrt_eigvals(congruence(self.chol, sigma)[0], "sigma")
+            return frechet_distance(mu, sigma, self.mu, self.sigma, impl=self.impl)
+        trace_sqrt = _sum_sqrt_eigvals(congruence(self.chol, sigma, self.impl)[0], "sigma", self.impl)
         diff = mu - self.mu
         return (diff @ diff + sigma.trace() + self.trace - 2.0 * trace_sqrt).clamp(min=0.0)
 
 
-def _sum_sqrt_eigvals(m: Tensor, name: str) -> Tensor:
+def _sum_sqrt_eigvals(m: Tensor, name: str, impl: str = "auto") -> Tensor:
     """sum sqrt(lambda) over the eigenvalues of the private symmetric matrix m (lower triangle read, overwritten),
     those at rounding level counted as 0; a clearly negative one means ``name`` is not PSD."""
-    lam = eigvalsh_lower(m, overwrite=True)
+    lam = eigvalsh_lower(m, overwrite=True, impl=impl)
     _check_psd(lam, name)
     return lam.where(lam > null_threshold(lam), 0.0).sqrt().sum()
 
@@ -102,18 +143,11 @@ def null_threshold(lam: Tensor) -> Tensor:
     return lam.numel() * torch.finfo(lam.dtype).eps * lam.abs().max()
 
 
-def congruence(chol: Tensor, s: Tensor):
+def congruence(chol: Tensor, s: Tensor, impl: str = "auto"):
     """(M, uplo): M = L^T S L for lower-triangular L and symmetric S (lower triangle read), valid in the triangle
-    ``uplo`` of M. LAPACK dsygst on CPU when scipy is available, else congruence_torch."""
-    if _lapack is not None and s.device.type == "cpu" and s.dtype == torch.float64:
-        # Column-major operands: a is a private copy of S (overwritten by the result), b = L as LAPACK sees it
-        # (torch's Cholesky factor already is column-major, so usually no copy). dsygst(itype=3, uplo='L') forms
-        # L^T S L in the lower triangle, reading only the lower triangle of S.
-        a = np.asfortranarray(s.numpy())
-        c, info = _lapack.dsygst(a, np.asfortranarray(chol.numpy()), itype=3, lower=1, overwrite_a=1)
-        if info != 0:  # pragma: no cover - only for invalid arguments
-            raise RuntimeError(f"LAPACK dsygst failed with info={info}")
-        return torch.from_numpy(c), "L"
+    ``uplo`` of M. LAPACK dsygst on CPU when scipy is available (impl "auto" or "scipy"), else congruence_torch."""
+    if use_lapack(s, chol, impl=impl):
+        return congruence_lower(chol, s), "L"
     return congruence_torch(chol, s), "L"
 
 
@@ -135,32 +169,46 @@ def congruence_torch(chol: Tensor, s: Tensor) -> Tensor:
     return m
 
 
-def psd_factor(sigma: Tensor, name: str = "sigma"):
-    """(F, is_triangular) with F F^T = sigma for a symmetric PSD matrix (lower triangle read): the (d, d) Cholesky
-    factor, or the (d, rank) factor V_r diag(sqrt(lambda_r)) over the eigenvalues above rounding level when sigma
-    is singular (raises ValueError naming ``name`` when sigma has clearly negative eigenvalues)."""
-    chol = cholesky_lower(sigma)
-    if chol is not None:
-        return chol, True
-    return _eigen_factor(sigma, name), False
+def whitening(sigma: Tensor, name: str = "sigma", impl: str = "auto"):
+    """(W, r, is_triangular): an invertible (d, d) W whose first r columns F = W[:, :r] factor sigma = F F^T (lower
+    triangle of the symmetric PSD sigma read). The Cholesky factor (r = d) when sigma is positive definite; else
+    W = V diag(s) over sigma's eigenvectors, the r eigenvalues above rounding level first with s = sqrt(lambda),
+    the null space after with s = 1 (so W^(-T) = V diag(1 / s)). ``sigma`` is a covariance already checked by
+    check_gaussian (fp64, symmetric); raises ValueError naming ``name`` when it has clearly negative eigenvalues."""
+    chol = cholesky_lower(sigma, impl)
+    # A Cholesky factor with a pivot L_jj^2 at rounding level (it bounds the smallest eigenvalue from above) is a
+    # singular sigma that rounding made look definite: W^(-T) would amplify round-off by 1 / L_jj.
+    if chol is not None and bool(chol.diagonal().square().min() > null_threshold(sigma.diagonal())):
+        return chol, sigma.shape[0], True
+    return (*_eigen_whitening(sigma, name), False)
 
 
-def _eigen_factor(sigma: Tensor, name: str) -> Tensor:
-    """V_r diag(sqrt(lambda_r)) over sigma's eigenvalues above rounding level (eigh of the lower triangle)."""
+def psd_factor(sigma: Tensor, name: str = "sigma", impl: str = "auto"):
+    """(F, is_triangular) with F F^T = sigma for a symmetric PSD matrix: the (d, d) Cholesky factor, or the
+    (d, rank) factor V_r diag(sqrt(lambda_r)) over the eigenvalues above rounding level (see whitening)."""
+    w, r, triangular = whitening(sigma, name, impl)
+    return w[:, :r], triangular
+
+
+def _eigen_whitening(sigma: Tensor, name: str):
+    """(W, r) of whitening's eigenvector branch (eigh of the lower triangle)."""
     lam, v = torch.linalg.eigh(sigma)
     _check_psd(lam, name)
-    keep = lam > null_threshold(lam)  # drop the null space: F is (d, rank), so F^T S F has no null eigenvalues
-    return v[:, keep] * lam[keep].sqrt()
+    keep = lam > null_threshold(lam)  # drop the null space from F: F^T S F then has no null eigenvalues of S1's
+    order = torch.cat([keep.nonzero(), (~keep).nonzero()]).flatten()
+    scale = torch.where(keep, lam.clamp(min=0.0).sqrt(), 1.0)[order]
+    return v[:, order] * scale, int(keep.sum())
 
 
-def _factor(sigma1: Tensor, sigma2: Tensor):
+def _factor(sigma1: Tensor, sigma2: Tensor, impl: str = "auto"):
     """(F, F is triangular, S, name of S) with F F^T one covariance and S the other, so that the trace term is
     sum sqrt eig(F^T S F). Prefers a Cholesky factor of either covariance; eigh only when neither is definite."""
     for s_f, s_o, name in ((sigma1, sigma2, "sigma2"), (sigma2, sigma1, "sigma1")):
-        chol = cholesky_lower(s_f)
+        chol = cholesky_lower(s_f, impl)
         if chol is not None:
             return chol, True, s_o, name
-    return _eigen_factor(sigma1, "sigma1"), False, sigma2, "sigma2"  # both Choleskys failed above: no third try
+    w, r = _eigen_whitening(sigma1, "sigma1")  # both Choleskys failed above: no third try
+    return w[:, :r], False, sigma2, "sigma2"
 
 
 def symmetrize_lower(s: Tensor) -> Tensor:
@@ -169,6 +217,8 @@ def symmetrize_lower(s: Tensor) -> Tensor:
 
 
 def _check_psd(lam: Tensor, name: str) -> None:
+    if lam.numel() == 0:
+        return
     top = lam.abs().max()
     if bool(lam.min() < -PSD_TOL * top):
         raise ValueError(f"{name} is not positive semi-definite: eigenvalue {lam.min().item():.3g} against a "

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fastcm.eval._checks import as_images, as_labels, check_positive_int
+from fastcm._checks import as_images, as_labels, check_int
 
 ARCH_VERSION = 1  # bump when SmallCNN or the training recipe changes: old cache entries are then ignored
 DEFAULT_SETTINGS = dict(epochs=30, batch_size=64, lr=1e-3, weight_decay=0.0, seed=0)
@@ -87,10 +87,10 @@ def train_classifier(x, y, *, num_classes: int = 10, epochs: int = 30, batch_siz
     y = as_labels("y", y, x.shape[0], num_classes)
     if x.shape[2] != x.shape[3]:
         raise ValueError(f"x must hold square images, got shape {tuple(x.shape)}")
-    epochs = check_positive_int("epochs", epochs)
-    batch_size = check_positive_int("batch_size", batch_size)
+    epochs = check_int("epochs", epochs)
+    batch_size = check_int("batch_size", batch_size)
     per_epoch = -(-x.shape[0] // batch_size)
-    steps = epochs * per_epoch if steps is None else check_positive_int("steps", steps)
+    steps = epochs * per_epoch if steps is None else check_int("steps", steps)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     small = x.shape[2] <= 16 and x.device.type == "cpu"
