@@ -71,11 +71,15 @@ def check_int(name: str, value, minimum: Optional[int] = 1) -> int:
     return int(value)
 
 
+def is_real(value) -> bool:
+    """True for a finite real number (Python or numpy, never bool)."""
+    return isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, (bool, np.bool_)) \
+        and math.isfinite(value)
+
+
 def check_real(name: str, value, *, positive: bool = False) -> float:
     """``value`` as a float, or ValueError naming ``name`` unless it is a finite real (> 0 with ``positive``)."""
-    ok = isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, (bool, np.bool_)) \
-        and math.isfinite(value) and (value > 0 or not positive)
-    if not ok:
+    if not (is_real(value) and (value > 0 or not positive)):
         raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value!r}")
     return float(value)
 

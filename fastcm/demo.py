@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from fastcm._checks import check_int
+
 QUALITY = {"min_one_step_cas": 0.92, "min_fd_reduction": 0.20, "max_cas_drop": 0.01}
 
 
@@ -48,13 +50,9 @@ class DemoConfig:
 
     def __post_init__(self):
         for name in ("ict_steps", "batch_size", "fd_batch_size", "per_class", "grid_per_class", "cas_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("fd_steps", "cas_seeds", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+            check_int(name, getattr(self, name), 0)
         for name in ("lr", "fd_lr", "two_step_sigma"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -343,8 +343,8 @@ def test_module_loads_nn_group_norm_state_dict_and_switches_impl():
     "kwargs, err, match",
     [
         (dict(num_groups=3), ValueError, "must divide the number of channels"),
-        (dict(num_groups=0), ValueError, "num_groups must be a positive integer"),
-        (dict(num_groups=2.0), ValueError, "num_groups must be a positive integer"),
+        (dict(num_groups=0), ValueError, "num_groups must be an integer >= 1"),
+        (dict(num_groups=2.0), ValueError, "num_groups must be an integer >= 1"),
         (dict(weight=torch.ones(7)), ValueError, "weight must have shape"),
         (dict(bias=torch.ones(4, 2)), ValueError, "bias must have shape"),
         (dict(scale=torch.ones(2, 7)), ValueError, "scale must have shape"),
@@ -375,7 +375,7 @@ def test_bad_input(kwargs, err, match):
 def test_module_bad_input():
     with pytest.raises(ValueError, match="must divide num_channels"):
         GroupNorm(3, 8)
-    with pytest.raises(ValueError, match="num_channels must be a positive integer"):
+    with pytest.raises(ValueError, match="num_channels must be an integer >= 1"):
         GroupNorm(1, 0)
     with pytest.raises(ValueError, match="act must be one of"):
         GroupNorm(4, 8, act="gelu")

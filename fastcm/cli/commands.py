@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from fastcm.cli import UsageError
-from fastcm.cli.generate import _positive, cmd_edit, cmd_sample, cmd_train  # noqa: F401  (dispatched by name)
+from fastcm._checks import check_int
+from fastcm.cli.generate import cmd_edit, cmd_sample, cmd_train  # noqa: F401  (dispatched by name)
 
 
 def cmd_demo(args) -> int:
@@ -23,7 +24,7 @@ def cmd_demo(args) -> int:
 # -- metrics --------------------------------------------------------------------------------------------------------
 
 def _batch(args):
-    return None if args.batch_size is None else _positive("--batch-size", args.batch_size)
+    return None if args.batch_size is None else check_int("--batch-size", args.batch_size)
 
 
 def cmd_stats(args) -> int:
@@ -80,7 +81,7 @@ def cmd_cas(args) -> int:
     (xr, yr), (xs, ys), (xt, yt) = _arrays(train), _arrays(syn), _arrays(test)
     res = cas_protocol(xr, yr, xs, ys, xt, yt, judge=args.judge, seeds=args.seeds,
                        num_classes=train.num_classes,
-                       cnn_epochs=_positive("--epochs", args.epochs))
+                       cnn_epochs=check_int("--epochs", args.epochs))
     res["real_test_set"] = held_out
     print(format_cas(res, args.real))
     if out is not None:

@@ -8,13 +8,8 @@ import contextlib
 import os
 from pathlib import Path
 
+from fastcm._checks import check_int
 from fastcm.cli import UsageError
-
-
-def _positive(name: str, value: int) -> int:
-    if value is None or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value}")
-    return value
 
 
 @contextlib.contextmanager
@@ -140,11 +135,11 @@ def cmd_sample(args) -> int:
     model = _load_model(args)  # refuses non-finite weights
     classes = model.num_classes
     if classes:
-        per = _positive("--per-class", args.per_class)
+        per = check_int("--per-class", args.per_class)
         labels = torch.arange(classes).repeat_interleave(per)
     else:
         labels, per = None, None
-    n = len(labels) if labels is not None else _positive("--num", args.num or 64)
+    n = len(labels) if labels is not None else check_int("--num", args.num or 64)
     sigmas = _sigmas(args, model, 1)
     with _output_dir(args.out, args.overwrite, "samples") as out:
         x = _finite(sample(model, n, labels, sigmas=sigmas, seeds=args.seed, batch_size=256).cpu(), args)
@@ -248,7 +243,7 @@ def cmd_edit(args) -> int:
     from fastcm.eval.report import save_samples_npz
 
     model = _load_model(args)
-    n = _positive("--num", args.num)
+    n = check_int("--num", args.num)
     x, labels = _edit_inputs(args.input, n, model.input_shape[0])
     if tuple(x.shape[1:]) != tuple(model.input_shape):
         raise UsageError(f"--input images are {tuple(x.shape[1:])} but the model makes {tuple(model.input_shape)}")

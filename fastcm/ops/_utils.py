@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from fastcm._checks import FLOAT_DTYPES, IMPLS, check_choice, check_same_device, check_tensor  # noqa: F401
+from fastcm._checks import FLOAT_DTYPES, IMPLS, check_choice, check_int, check_same_device, check_tensor  # noqa: F401
 
 
 def triton_available() -> bool:

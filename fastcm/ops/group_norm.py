@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._jvp import JvpRule, has_tangent
-from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
+from ._utils import check_choice, check_int, check_same_device, check_tensor, resolve_impl
 
 ACTS = (None, "silu")
 
@@ -99,7 +99,7 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     N, C = x.shape[:2]
-    _check_positive_int("num_groups", num_groups)
+    check_int("num_groups", num_groups)
     if C % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must divide the number of channels C={C} of x")
     for name, t in (("weight", weight), ("bias", bias)):
@@ -111,11 +111,6 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
     _check_eps(eps)
     check_choice("act", act, ACTS)
     check_same_device(x=x, weight=weight, bias=bias, scale=scale, shift=shift)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_eps(eps) -> None:
@@ -133,8 +128,8 @@ class GroupNorm(nn.Module):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  act: Optional[str] = None, device=None, dtype=None):
         super().__init__()
-        _check_positive_int("num_channels", num_channels)
-        _check_positive_int("num_groups", num_groups)
+        check_int("num_channels", num_channels)
+        check_int("num_groups", num_groups)
         if num_channels % num_groups != 0:
             raise ValueError(f"num_groups={num_groups} must divide num_channels={num_channels}")
         _check_eps(eps)

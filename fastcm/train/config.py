@@ -5,10 +5,10 @@ s0 = 10, s1 = 1280, P_mean = -1.1, P_std = 2.0, rho = 7, eval EMA 0.99993. FDCon
 digits fine-tune (calibration.md): Adam lr 2e-5, batch 250, 300 steps.
 """
 import dataclasses
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Optional
+
+from fastcm._checks import is_int, is_real
 
 OPTIMIZERS = ("radam", "adam")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -110,35 +110,27 @@ class FDConfig(TrainConfig):
     huber_c: Optional[float] = None
 
 
-def _is_int(v, lo: int) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _validate(c: TrainConfig) -> None:
     ints = {"total_steps": 1, "batch_size": 1, "seed": 0, "num_workers": 0, "log_every": 1, "sample_every": 0,
             "num_samples": 1, "save_every": 0, "max_nonfinite": 1, "s0": 1, "s1": 1, "queue_size": 1}
     for name, lo in ints.items():
-        if hasattr(c, name) and not _is_int(getattr(c, name), lo):
+        if hasattr(c, name) and not is_int(getattr(c, name), lo):
             raise ValueError(f"{name} must be an int >= {lo}, got {getattr(c, name)!r}")
-    if c.keep_last is not None and not _is_int(c.keep_last, 1):
+    if c.keep_last is not None and not is_int(c.keep_last, 1):
         raise ValueError(f"keep_last must be a positive int or None, got {c.keep_last!r}")
     for name in ("lr", "ema_beta", "weight_decay", "P_std", "rho", "ict_weight", "fd_ema_beta", "P_mean"):
         v = getattr(c, name, 0.0)
-        if not _is_num(v) or (name != "P_mean" and v < 0):
+        if not is_real(v) or (name != "P_mean" and v < 0):
             raise ValueError(f"{name} must be a finite number{'' if name == 'P_mean' else ' >= 0'}, got {v!r}")
     if not c.lr > 0 or not 0 <= c.ema_beta < 1 or (hasattr(c, "fd_ema_beta") and not 0 <= c.fd_ema_beta < 1):
         raise ValueError(f"need lr > 0 and EMA betas in [0, 1), got lr={c.lr}, ema_beta={c.ema_beta}")
-    if len(c.betas) != 2 or not all(_is_num(b) and 0 <= b < 1 for b in c.betas):
+    if len(c.betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in c.betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {c.betas!r}")
-    if not _is_num(c.save_minutes) or c.save_minutes < 0:
+    if not is_real(c.save_minutes) or c.save_minutes < 0:
         raise ValueError(f"save_minutes must be a finite number >= 0 (0 = off), got {c.save_minutes!r}")
     for name in ("grad_clip", "huber_c", "max_weight_rms"):
         v = getattr(c, name, None)
-        if v is not None and not (_is_num(v) and v > 0):
+        if v is not None and not (is_real(v) and v > 0):
             raise ValueError(f"{name} must be None or a positive finite number, got {v!r}")
     for name, choices in (("optimizer", OPTIMIZERS), ("precision", PRECISIONS), ("fd_mode", FD_MODES)):
         if hasattr(c, name) and getattr(c, name) not in choices:

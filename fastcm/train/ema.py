@@ -5,11 +5,11 @@ evaluated. The update is one fused multi-tensor lerp over all parameters: ema <-
 """
 import copy
 import math
-import numbers
 
 import torch
 from torch import nn
 
+from fastcm._checks import is_real
 from fastcm.cm.precond import unwrap
 
 
@@ -23,7 +23,7 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, beta: float = 0.99993):
-        if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
+        if not is_real(beta) or not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be a number in [0, 1), got {beta!r}")
         src = unwrap(model)
         if not isinstance(src, nn.Module):
