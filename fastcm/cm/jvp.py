@@ -1,0 +1,51 @@
+"""The network JVP of the continuous-time methods (sCT, MeanFlow): ``torch.func.jvp`` under ``torch.no_grad()``.
+
+Both methods use the JVP only inside a stop-gradient (sCM Eq. 8 / Alg. 1; MeanFlow Alg. 1), so it is forward-mode
+only: no graph is kept, and the trainable primal is a separate pass with the same dropout seed.
+
+Routes. fastcm's Triton route of the ops cannot carry a tangent on torch 2.13 (``torch.func.jvp`` through a
+``custom_op`` silently returns a zero tangent; issue 16 §1), and PyTorch's fused SDPA backends have no forward AD
+(pytorch#128971, #117629). So by default (``impl="torch"``) every fastcm U-Net inside the model is switched to the
+reference ops (``UNet.set_impl("torch")``: explicit group norm and softmax attention, which forward AD supports)
+for the duration of the JVP and switched back afterwards; the trainable pass keeps the model's own route.
+``impl=None`` keeps the model's routes: use it only once the ops carry tangents (the fused JVP of issue 16 §1).
+The JVP runs eagerly on the unwrapped module (``torch.func.jvp`` of a DDP module fails, pytorch#102197; a custom
+``jvp`` rule is dropped inside a compiled JVP, pytorch#192985).
+"""
+import contextlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastcm.models.unet import UNet
+from fastcm.ops._utils import IMPLS, check_choice
+
+
+@contextlib.contextmanager
+def ops_impl(model: nn.Module, impl: Optional[str]):
+    """Run every fastcm UNet inside ``model`` with ops backend ``impl`` (None: leave them), restoring it after."""
+    if impl is not None:
+        check_choice("impl", impl, IMPLS)
+    nets = [m for m in model.modules() if isinstance(m, UNet)] if impl is not None else []
+    saved = [net.config.impl for net in nets]
+    try:
+        for net in nets:
+            if net.config.impl != impl:
+                net.set_impl(impl)
+        yield
+    finally:
+        for net, old in zip(nets, saved):
+            if net.config.impl != old:
+                net.set_impl(old)
+
+
+def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
+                impl: Optional[str] = "torch"):
+    """(fn(*primals), d fn(*primals)[tangents]) with no autograd graph; ``model`` is the module ``fn`` calls.
+
+    ``impl`` is the ops backend of the fastcm U-Nets in ``model`` during the JVP (see the module docstring).
+    """
+    with torch.no_grad(), ops_impl(model, impl):
+        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+    return out.detach(), tangent.detach()
