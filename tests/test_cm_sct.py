@@ -10,7 +10,7 @@ from torch import nn
 
 from fastcm.cm import ConsistencyModel
 from fastcm.cm.jvp import ops_impl
-from fastcm.cm.sct import (SCTLoss, TrigFlowModel, adaptive_weighted_loss, normalize_tangent, sct_sample,
+from fastcm.cm.sct import (SCTLoss, TrigFlowModel, sct_adaptive_loss, normalize_tangent, sct_sample,
                            sct_sample_t, sct_tangent, tangent_warmup, trigflow_interpolate, trigflow_sigma,
                            trigflow_time)
 from fastcm.cm.sampling import PerSampleNoise
@@ -121,14 +121,14 @@ def test_normalize_tangent():
         normalize_tangent(g, 0.1, "l1")
 
 
-def test_adaptive_weighted_loss_and_its_optimum():
+def test_sct_adaptive_loss_and_its_optimum():
     """Eq. 8 per sample: e^w / D ||Delta||^2 - w; at the optimum over w, e^{w*} / D ||Delta||^2 = 1 (App. D)."""
     a, b = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64)
     w = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
     sq = ((a - b) ** 2).sum(dim=(1, 2, 3))
-    torch.testing.assert_close(adaptive_weighted_loss(a, b, w), w.exp() / 32 * sq - w)
+    torch.testing.assert_close(sct_adaptive_loss(a, b, w), w.exp() / 32 * sq - w)
     w_star = (32 / sq).log().requires_grad_()
-    adaptive_weighted_loss(a, b, w_star).sum().backward()
+    sct_adaptive_loss(a, b, w_star).sum().backward()
     torch.testing.assert_close(w_star.grad, torch.zeros(3, dtype=torch.float64), atol=1e-12, rtol=0)
 
 

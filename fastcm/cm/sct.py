@@ -122,6 +122,8 @@ class TrigFlowModel(nn.Module):
     def _time(self, t, x: Tensor) -> Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         if isinstance(t, numbers.Real) and not isinstance(t, bool):
+            if not 0 <= t <= math.pi / 2:
+                raise ValueError(f"t must lie in [0, pi/2] (TrigFlow time), got {t!r}")
             t = torch.full((x.shape[0],), float(t), device=x.device, dtype=acc)
         check_tensor("t", t, shape=(x.shape[0],))
         return t.to(device=x.device, dtype=acc)
@@ -136,9 +138,7 @@ class TrigFlowModel(nn.Module):
         x_t: (B, C, H, W); t: a float or (B,) tensor in [0, pi/2]."""
         check_tensor("x_t", x_t, ndim=4)
         check_choice("output", output, OUTPUTS)
-        t = self._time(t, x_t)
-        if not bool(((t >= 0) & (t <= math.pi / 2)).all()):
-            raise ValueError("t must lie in [0, pi/2] (TrigFlow time)")
+        t = self._time(t, x_t)  # tensor values are not range-checked: a host sync, a graph break under compile
         acc = t.dtype
         F_x = self.F_theta(x_t.to(acc) / self.sigma_data, t, class_labels, dropout_seed).to(acc)
         if output == "F":
@@ -187,7 +187,7 @@ def normalize_tangent(g: Tensor, c: float = 0.1, norm: str = "l2") -> Tensor:
     return g / (n + c).to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
 
 
-def adaptive_weighted_loss(F_theta: Tensor, target: Tensor, w: Tensor) -> Tensor:
+def sct_adaptive_loss(F_theta: Tensor, target: Tensor, w: Tensor) -> Tensor:
     """Per-sample e^{w} / D ||F_theta - target||^2 - w (Eq. 8 with target = F^- + g), shape (B,)."""
     D = F_theta[0].numel()
     return w.exp() / D * (F_theta - target).flatten(1).square().sum(1) - w
@@ -246,7 +246,7 @@ class SCTLoss:
         dxt_dt = tv.cos() * z - tv.sin() * x0  # the unbiased sCT estimate of dx_t/dt (Alg. 1)
         F_minus, g = self.tangent(model, x_t, t, dxt_dt, step, class_labels, seed)
         F_x, w = model(x_t, t, class_labels, dropout_seed=seed, output="F_and_weight")
-        return adaptive_weighted_loss(F_x, F_minus + g, w)
+        return sct_adaptive_loss(F_x, F_minus + g, w)
 
 
 @torch.no_grad()
