@@ -237,3 +237,27 @@ def test_input_validation():
                       ({"tangent_norm": "max"}, "tangent_norm"), ({"P_std": -1.0}, "P_std")):
         with pytest.raises(ValueError, match=match):
             SCTLoss(**kw)
+
+
+def test_jvp_restores_the_config_object_and_takes_channels_last_inputs():
+    model = _model()
+    config = model.unet.config
+    x0, z, t = _batch()
+    x_t = trigflow_interpolate(x0, z, t)
+    dxt = t.view(-1, 1, 1, 1).cos() * z - t.view(-1, 1, 1, 1).sin() * x0
+    loss = SCTLoss(tangent_c=None, warmup_steps=0)
+    F_a, g_a = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)
+    assert model.unet.config is config  # a compiled forward's guards see the same object
+    cl = torch.channels_last
+    F_b, g_b = loss.tangent(model, x_t.contiguous(memory_format=cl), t, dxt.contiguous(memory_format=cl), 0,
+                            dropout_seed=2)
+    torch.testing.assert_close(g_b, g_a, rtol=1e-12, atol=1e-12)
+    # channels_last weights: on torch 2.13 torch.group_norm's forward AD fails there, and the error says why; once
+    # the reference group norm carries channels_last tangents (issue 16 §1) the tangent must simply be right.
+    model.to(memory_format=cl)
+    try:
+        _, g_c = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)
+    except RuntimeError as e:
+        assert "channels_last layout: forward AD of torch.group_norm" in str(e)
+    else:
+        torch.testing.assert_close(g_c, g_a, rtol=1e-10, atol=1e-10)

@@ -24,20 +24,25 @@ from fastcm.ops._utils import IMPLS, check_choice
 
 @contextlib.contextmanager
 def ops_impl(model: nn.Module, impl: Optional[str]):
-    """Run every fastcm UNet inside ``model`` with ops backend ``impl`` (None: leave them), restoring it after."""
+    """Run every fastcm UNet inside ``model`` with ops backend ``impl`` (None: leave them), restoring it after.
+
+    The restore puts back the very config object and per-module ``impl`` strings, so a torch.compile'd forward of
+    the model sees unchanged attributes afterwards (no recompilation).
+    """
     if impl is not None:
         check_choice("impl", impl, IMPLS)
     nets = [m for m in model.modules() if isinstance(m, UNet)] if impl is not None else []
-    saved = [net.config.impl for net in nets]
+    saved = [(net, net.config, [(m, m.impl) for m in net.modules() if hasattr(m, "impl")]) for net in nets]
     try:
         for net in nets:
             if net.config.impl != impl:
                 net.set_impl(impl)
         yield
     finally:
-        for net, old in zip(nets, saved):
-            if net.config.impl != old:
-                net.set_impl(old)
+        for net, config, impls in saved:
+            net.config = config
+            for m, old in impls:
+                m.impl = old
 
 
 def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
@@ -45,7 +50,19 @@ def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tange
     """(fn(*primals), d fn(*primals)[tangents]) with no autograd graph; ``model`` is the module ``fn`` calls.
 
     ``impl`` is the ops backend of the fastcm U-Nets in ``model`` during the JVP (see the module docstring).
+    Primals and tangents are made contiguous: forward AD of ``torch.group_norm`` (the reference route) raises
+    "view size is not compatible with input tensor's size and stride" on channels_last activations (torch 2.13
+    CPU); a model whose weights are channels_last still hits it, and that error is re-raised with this diagnosis.
     """
+    primals = tuple(p.contiguous() for p in primals)
+    tangents = tuple(t.contiguous() for t in tangents)
     with torch.no_grad(), ops_impl(model, impl):
-        out, tangent = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+        try:
+            out, tangent = torch.func.jvp(fn, primals, tangents)
+        except RuntimeError as e:
+            if "view size is not compatible" not in str(e):
+                raise
+            raise RuntimeError("the network JVP failed on a channels_last layout: forward AD of torch.group_norm "
+                               "(fastcm's reference group norm) does not support channels_last activations on "
+                               "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
     return out.detach(), tangent.detach()
