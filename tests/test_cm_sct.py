@@ -261,3 +261,16 @@ def test_jvp_restores_the_config_object_and_takes_channels_last_inputs():
         assert "channels_last layout: forward AD of torch.group_norm" in str(e)
     else:
         torch.testing.assert_close(g_c, g_a, rtol=1e-10, atol=1e-10)
+
+
+def test_jvp_ignores_the_callers_autocast():
+    model = _model(torch.float32)
+    x0, z, t = (a.float() for a in _batch())
+    x_t = trigflow_interpolate(x0, z, t)
+    dxt = t.view(-1, 1, 1, 1).cos() * z - t.view(-1, 1, 1, 1).sin() * x0
+    loss = SCTLoss(tangent_c=None, warmup_steps=0)
+    F_a, g_a = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F_b, g_b = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)
+    assert g_b.dtype == torch.float32
+    torch.testing.assert_close(g_b, g_a, rtol=0, atol=0)

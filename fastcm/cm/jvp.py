@@ -50,13 +50,15 @@ def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tange
     """(fn(*primals), d fn(*primals)[tangents]) with no autograd graph; ``model`` is the module ``fn`` calls.
 
     ``impl`` is the ops backend of the fastcm U-Nets in ``model`` during the JVP (see the module docstring).
-    Primals and tangents are made contiguous: forward AD of ``torch.group_norm`` (the reference route) raises
+    Autocast is off inside: the tangent is computed in the primals' dtype (py-meanflow runs its JVP in fp32; sCM's
+    FP16 recipe relies on the JVP rearrangement instead, which the sCT loss applies). Primals and tangents are made contiguous: forward AD of ``torch.group_norm`` (the reference route) raises
     "view size is not compatible with input tensor's size and stride" on channels_last activations (torch 2.13
     CPU); a model whose weights are channels_last still hits it, and that error is re-raised with this diagnosis.
     """
     primals = tuple(p.contiguous() for p in primals)
     tangents = tuple(t.contiguous() for t in tangents)
-    with torch.no_grad(), ops_impl(model, impl):
+    device_type = primals[0].device.type
+    with torch.no_grad(), torch.autocast(device_type, enabled=False), ops_impl(model, impl):
         try:
             out, tangent = torch.func.jvp(fn, primals, tangents)
         except RuntimeError as e:
