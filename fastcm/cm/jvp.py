@@ -51,7 +51,8 @@ def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tange
 
     ``impl`` is the ops backend of the fastcm U-Nets in ``model`` during the JVP (see the module docstring).
     Autocast is off inside: the tangent is computed in the primals' dtype (py-meanflow runs its JVP in fp32; sCM's
-    FP16 recipe relies on the JVP rearrangement instead, which the sCT loss applies). Primals and tangents are made contiguous: forward AD of ``torch.group_norm`` (the reference route) raises
+    FP16 recipe relies on the JVP rearrangement instead, which the sCT loss applies).
+    Primals and tangents are made contiguous: forward AD of ``torch.group_norm`` (the reference route) raises
     "view size is not compatible with input tensor's size and stride" on channels_last activations (torch 2.13
     CPU); a model whose weights are channels_last still hits it, and that error is re-raised with this diagnosis.
     """

@@ -180,7 +180,8 @@ class UNet(nn.Module):
     """``forward(x, noise_labels, class_labels=None, dropout_seed=None)`` -> F(x), same shape as x.
 
     x: (B, C, H, W) = (B, *input_shape); noise_labels: (B,) floating (c_noise = ln(sigma) / 4 from the
-    preconditioning; t for TrigFlow), or (B, 2) when ``config.time_inputs == 2`` (MeanFlow: (t, t - r)); class_labels: (B,) int64 in [0, num_classes) for a conditional net, else None;
+    preconditioning; t for TrigFlow), or (B, 2) when ``config.time_inputs == 2`` (MeanFlow: (t, t - r));
+    class_labels: (B,) int64 in [0, num_classes) for a conditional net, else None;
     dropout_seed: int64 tensor shared by the passes that must see one dropout mask (see fastcm.nn).
     """
 
