@@ -274,3 +274,21 @@ def test_jvp_ignores_the_callers_autocast():
         F_b, g_b = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)
     assert g_b.dtype == torch.float32
     torch.testing.assert_close(g_b, g_a, rtol=0, atol=0)
+
+
+def test_jvp_on_the_models_own_triton_route_is_right_or_refused():
+    """jvp_impl=None keeps the Triton route (interpreted here): it must give the reference tangent, or refuse with a
+    clear error (torch 2.13: torch.func.jvp through a custom_op silently returns zero; the probe catches it)."""
+    model = _model(torch.float32)
+    x0, z, t = (a.float() for a in _batch())
+    x_t = trigflow_interpolate(x0, z, t)
+    dxt = t.view(-1, 1, 1, 1).cos() * z - t.view(-1, 1, 1, 1).sin() * x0
+    _, g_ref = SCTLoss(tangent_c=None, warmup_steps=0).tangent(model, x_t, t, dxt, 0, dropout_seed=2)
+    model.unet.set_impl("triton")
+    loss = SCTLoss(tangent_c=None, warmup_steps=0, jvp_impl=None)
+    try:
+        _, g = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)
+    except RuntimeError as e:
+        assert "does not carry forward-mode tangents" in str(e) and "jvp_impl='torch'" in str(e)
+    else:
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
