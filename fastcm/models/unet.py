@@ -40,6 +40,9 @@ class UNetConfig:
     num_classes: int = 0                       # 0 = unconditional; else a label embedding is added to the noise one
     embedding: str = "fourier"                 # noise embedding: "fourier" (NCSN++) or "positional" (ADM)
     fourier_scale: float = 16.0                # std of the Fourier frequencies (CM: 16, iCT: 0.02)
+    time_inputs: int = 1                       # 1: noise_labels (B,); 2: (B, 2), e.g. MeanFlow's (t, t - r)
+    time_scale: Optional[float] = None         # labels multiplier before the embedding; None = 1000 for
+    #                                            "positional" (ADM timesteps), 1 for "fourier"; sCT (TrigFlow) uses 1
     num_groups: int = 32                       # GroupNorm groups (must divide every width)
     impl: str = "auto"                         # backend of every fastcm op: "auto", "triton" or "torch"
 
@@ -85,6 +88,15 @@ def _validate_config(c: UNetConfig) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
     if not isinstance(c.mid_attention, bool):
         raise ValueError(f"mid_attention must be a bool, got {c.mid_attention!r}")
+    _validate_time_input(c)
+
+
+def _validate_time_input(c: UNetConfig) -> None:
+    if isinstance(c.time_inputs, bool) or c.time_inputs not in (1, 2):
+        raise ValueError(f"time_inputs must be 1 or 2, got {c.time_inputs!r}")
+    if c.time_scale is not None and (isinstance(c.time_scale, bool) or not isinstance(c.time_scale, numbers.Real)
+                                     or not 0 < c.time_scale < math.inf):
+        raise ValueError(f"time_scale must be None or a positive finite number, got {c.time_scale!r}")
 
 
 PRESETS = {
@@ -164,7 +176,8 @@ class UNet(nn.Module):
     """``forward(x, noise_labels, class_labels=None, dropout_seed=None)`` -> F(x), same shape as x.
 
     x: (B, C, H, W) = (B, *input_shape); noise_labels: (B,) floating (c_noise = ln(sigma) / 4 from the
-    preconditioning); class_labels: (B,) int64 in [0, num_classes) for a conditional net, else None;
+    preconditioning; t for TrigFlow), or (B, 2) when ``config.time_inputs == 2`` (MeanFlow: (t, t - r));
+    class_labels: (B,) int64 in [0, num_classes) for a conditional net, else None;
     dropout_seed: int64 tensor shared by the passes that must see one dropout mask (see fastcm.nn).
     """
 
@@ -180,7 +193,8 @@ class UNet(nn.Module):
         else:  # ADM sinusoidal timestep embedding with max period 10000
             freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs)
-        self.map0, self.map1 = nn.Linear(C0, emb_ch), nn.Linear(emb_ch, emb_ch)
+        # time_inputs = 2: each label gets the same cos/sin features, concatenated (MeanFlow's (t, t - r) embedding)
+        self.map0, self.map1 = nn.Linear(C0 * cfg.time_inputs, emb_ch), nn.Linear(emb_ch, emb_ch)
         self.label = nn.Embedding(cfg.num_classes, emb_ch) if cfg.num_classes else None
         self.conv_in = nn.Conv2d(cfg.in_channels, C0, 3, padding=1)
         blocks = []
@@ -231,10 +245,19 @@ class UNet(nn.Module):
                 m.impl = impl
         return self
 
+    @property
+    def time_scale(self) -> float:
+        """Multiplier of the noise labels before the embedding (ADM's 0..1000 timestep scale for "positional")."""
+        if self.config.time_scale is not None:
+            return float(self.config.time_scale)
+        return 1000.0 if self.config.embedding == "positional" else 1.0
+
     def embed(self, noise_labels: Tensor, class_labels: Optional[Tensor]) -> Tensor:
-        t = noise_labels.float() * (1000.0 if self.config.embedding == "positional" else 1.0)  # ADM's 0..1000 scale
-        args = t[:, None] * self.freqs[None, :]
-        emb = self.map1(F.silu(self.map0(torch.cat([args.cos(), args.sin()], dim=1).to(self.map0.weight.dtype))))
+        # fp32 at least, fp64 kept (so fp64 finite differences in t resolve); (B,) or (B, 2) -> (B, k, 1)
+        t = noise_labels.to(torch.promote_types(noise_labels.dtype, torch.float32)) * self.time_scale
+        args = t.reshape(t.shape[0], -1, 1) * self.freqs
+        feats = torch.cat([args.cos(), args.sin()], dim=2).flatten(1)  # [cos t, sin t(, cos h, sin h)]
+        emb = self.map1(F.silu(self.map0(feats.to(self.map0.weight.dtype))))
         if self.label is not None:
             emb = emb + self.label(class_labels)
         return F.silu(emb)
@@ -242,7 +265,8 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Optional[Tensor] = None,
                 dropout_seed: Optional[Union[int, Tensor]] = None) -> Tensor:
         check_tensor("x", x, shape=(None, *self.input_shape))
-        check_tensor("noise_labels", noise_labels, shape=(x.shape[0],))
+        k = self.config.time_inputs
+        check_tensor("noise_labels", noise_labels, shape=(x.shape[0],) if k == 1 else (x.shape[0], k))
         if self.label is not None:
             if class_labels is None:
                 raise ValueError(f"class_labels are required: the model has num_classes={self.num_classes}")
