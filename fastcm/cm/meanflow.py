@@ -18,10 +18,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops._utils import check_tensor
+from fastcm._checks import check_tensor
 
 from .jvp import network_jvp
-from .precond import unwrap
+from .precond import UNetWrapper, unwrap
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
 
 
@@ -63,7 +63,7 @@ def meanflow_sample_times(n: int, P_mean: float = -2.0, P_std: float = 2.0, rati
     return r.to(device=device, dtype=dtype), t.to(device=device, dtype=dtype)
 
 
-class MeanFlowModel(nn.Module):
+class MeanFlowModel(UNetWrapper):
     """u_theta(z, r, t) = unet(z, (t, t - r)): the average-velocity network (conditioned on t and h = t - r).
 
     Args:
@@ -80,14 +80,6 @@ class MeanFlowModel(nn.Module):
             raise ValueError(f"unet must take two time inputs (build it with time_inputs=2), got "
                              f"time_inputs={cfg.time_inputs}")
         self.unet = unet
-
-    @property
-    def input_shape(self):
-        return unwrap(self.unet).input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return unwrap(self.unet).num_classes
 
     def _time(self, name: str, v, z: Tensor) -> Tensor:
         acc = torch.promote_types(z.dtype, torch.float32)

@@ -42,7 +42,19 @@ def find_cm(model: nn.Module) -> "ConsistencyModel":
     return inner
 
 
-class ConsistencyModel(nn.Module):
+class UNetWrapper(nn.Module):
+    """Base of the models that wrap a U-Net (iCT, TrigFlow, MeanFlow): the image shape and classes are the U-Net's."""
+
+    @property
+    def input_shape(self):
+        return unwrap(self.unet).input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return unwrap(self.unet).num_classes
+
+
+class ConsistencyModel(UNetWrapper):
     """f_theta(x, sigma) around a U-Net from :mod:`fastcm.models` (or any net with the same forward signature).
 
     Args:
@@ -64,14 +76,6 @@ class ConsistencyModel(nn.Module):
         self.sigma_data = float(sigma_data)
         self.sigma_min = float(sigma_min)
         self.sigma_max = float(sigma_max)
-
-    @property
-    def input_shape(self):
-        return unwrap(self.unet).input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return unwrap(self.unet).num_classes
 
     def forward(self, x: Tensor, sigma: Union[float, Tensor], class_labels: Optional[Tensor] = None,
                 dropout_seed: Optional[Union[int, Tensor]] = None) -> Tensor:

@@ -19,10 +19,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops._utils import check_choice, check_tensor
+from fastcm._checks import check_choice, check_tensor
 
 from .jvp import network_jvp
-from .precond import unwrap
+from .precond import UNetWrapper, unwrap
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
 
 TANGENT_NORMS = ("l2", "rms")
@@ -84,7 +84,7 @@ class AdaptiveWeight(nn.Module):
         return self.linear(feats.to(self.linear.weight.dtype)).squeeze(1)
 
 
-class TrigFlowModel(nn.Module):
+class TrigFlowModel(UNetWrapper):
     """f_theta(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta(x_t / sigma_d, t) around a fastcm U-Net (Eq. 5).
 
     Args:
@@ -110,14 +110,6 @@ class TrigFlowModel(nn.Module):
     @property
     def t_max(self) -> float:
         return math.atan(self.sigma_max / self.sigma_data)
-
-    @property
-    def input_shape(self):
-        return unwrap(self.unet).input_shape
-
-    @property
-    def num_classes(self) -> int:
-        return unwrap(self.unet).num_classes
 
     def _time(self, t, x: Tensor) -> Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
