@@ -57,6 +57,9 @@ def _unsupported(gn: nn.GroupNorm) -> str:
 
 def _children(model: nn.Module) -> Iterable[Tuple[str, nn.Module, str, nn.Module]]:
     """(qualified name, parent, attribute name, child) for every parent-child edge below ``model``."""
-    for parent_name, parent in list(model.named_modules(remove_duplicate=True)):
-        for child_name, child in list(parent.named_children()):
+    for parent_name, parent in list(model.named_modules()):
+        # _modules, not named_children(): that one hides a module's second name (a GroupNorm shared by two names)
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             yield (f"{parent_name}.{child_name}" if parent_name else child_name), parent, child_name, child
