@@ -193,7 +193,7 @@ def test_ops_selects_what_is_patched():
 def test_unsupported_version_raises_one_line_and_changes_nothing(monkeypatch):
     model = unet2d()
     monkeypatch.setattr(diffusers, "__version__", "0.30.2")
-    with pytest.raises(RuntimeError, match=r"^fastcm.patch: diffusers 0.30.2 is not supported \(needs >= 0.42.0\)"):
+    with pytest.raises(RuntimeError, match=r"^fastcm.patch: diffusers 0.30.2 is not supported \(needs >= 0.42.1\)"):
         fastcm.patch(model)
     monkeypatch.setattr(diffusers, "__version__", "0.43.0")
     monkeypatch.setitem(D.TESTED_SOURCES, "ResnetBlock2D.forward", {"0" * 64: "0.42.1"})

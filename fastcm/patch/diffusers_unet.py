@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fastcm.ops import attention, group_norm
 
-MIN_VERSION = (0, 42, 0)
+MIN_VERSION = (0, 42, 1)  # the oldest diffusers the tests ran with
 # sha256 of the whitespace-stripped, comment-line-free source of each re-implemented diffusers function -> the
 # diffusers versions it was read and tested in.
 TESTED_SOURCES = {
@@ -210,16 +210,11 @@ def patch_resnets(model: nn.Module, impl: str, state) -> set:
             state.report.left_alone.append((name, why))
             continue
         block.__class__, block._fastcm_impl = Fused, impl
-        state.undo.append(lambda b=block: _unfuse(b, ResnetBlock2D))
+        state.undo.append(("class", block, ResnetBlock2D))
         kind = "scale_shift" if block.time_embedding_norm == "scale_shift" else "default"
         state.report.replaced.append((name, f"ResnetBlock2D -> FusedResnetBlock2D (2 GroupNorm+SiLU, {kind})"))
         fused.update((id(block.norm1), id(block.norm2)))
     return fused
-
-
-def _unfuse(block, cls) -> None:
-    block.__class__ = cls
-    block.__dict__.pop("_fastcm_impl", None)
 
 
 def patch_attention(model: nn.Module, impl: str, state) -> None:
@@ -254,8 +249,8 @@ def _set_processors(model: nn.Module, new: dict, state) -> None:
         before = dict(every)
         every.update({f"{name}.processor": proc for name, proc in new.items()})
         model.set_attn_processor(every)
-        state.undo.append(lambda: model.set_attn_processor(dict(before)))
+        state.undo.append(("processors", model, before))
         return
     for name, proc in new.items():
         modules[name].set_processor(proc)
-    state.undo.append(lambda: [modules[n].set_processor(p) for n, p in old.items()])
+        state.undo.append(("processor", modules[name], old[name]))

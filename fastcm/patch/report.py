@@ -1,6 +1,6 @@
 """What :func:`fastcm.patch` did to a model: the report it returns and the undo record it keeps on the model."""
 from dataclasses import dataclass, field
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 STATE_ATTR = "_fastcm_patch"  # plain attribute on the patched root module (not a buffer: state_dict is unchanged)
 
@@ -37,11 +37,27 @@ class PatchReport:
 
 @dataclass
 class PatchState:
-    """The report plus the undo actions, run in reverse order by :func:`fastcm.unpatch`."""
+    """The report plus the undo records, run in reverse order by :func:`fastcm.unpatch`.
+
+    Records are data, not closures, so ``copy.deepcopy`` of a patched model (an EMA copy) maps them onto the copy:
+    ("module", parent, name, original), ("class", module, original class), ("processor", attention, processor),
+    ("processors", model, {name: processor}).
+    """
 
     report: PatchReport
-    undo: List[Callable[[], None]] = field(default_factory=list)
+    undo: List[tuple] = field(default_factory=list)
 
     def restore(self) -> None:
         while self.undo:
-            self.undo.pop()()
+            kind, target, *rest = self.undo.pop()
+            if kind == "module":
+                setattr(target, rest[0], rest[1])
+            elif kind == "class":
+                target.__class__ = rest[0]
+                target.__dict__.pop("_fastcm_impl", None)
+            elif kind == "processor":
+                target.set_processor(rest[0])
+            elif kind == "processors":
+                target.set_attn_processor(dict(rest[0]))
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown undo record {kind!r}")
