@@ -2,6 +2,8 @@
 blocks, UNet2DConditionModel with cross-attention. Patched vs unpatched outputs and input gradients (fp64 tight, fp32
 within the dtype table), the fused calls really happen, state_dict round-trips bit for bit, torch.compile traces
 without graph breaks, masks run on the original processor, unsupported versions and blocks are named."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -201,3 +203,14 @@ def test_unsupported_version_raises_one_line_and_changes_nothing(monkeypatch):
         fastcm.patch(model)
     assert "\n" not in str(e.value)
     assert not any(isinstance(m, GroupNorm) for m in model.modules()) and fastcm.unpatch(model) is False
+
+
+def test_deepcopy_of_a_patched_unet_unpatches_itself():
+    model = unet2d_cond(torch.float32)
+    fastcm.patch(model, impl="torch")
+    twin = copy.deepcopy(model)
+    fastcm.unpatch(twin)
+    assert all(type(m) is ResnetBlock2D for m in twin.modules() if isinstance(m, ResnetBlock2D))
+    assert all(type(p) is AttnProcessor2_0 for p in twin.attn_processors.values())
+    assert all(isinstance(p, D.FastcmAttnProcessor) for p in model.attn_processors.values())
+    assert all(type(m) is not ResnetBlock2D for m in model.modules() if isinstance(m, ResnetBlock2D))

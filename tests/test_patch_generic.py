@@ -1,6 +1,7 @@
 """fastcm.patch on plain PyTorch models: every nn.GroupNorm becomes fastcm.ops.GroupNorm, in place, with the same
 parameters (state_dict bit for bit), the same outputs and input gradients on every layout a GroupNorm may see, an
 undo (unpatch) and a report of what was replaced or left alone."""
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,12 @@ def test_import_fastcm_does_not_import_diffusers():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True", "unpatch"]
+
+
+def test_deepcopy_of_a_patched_model_unpatches_itself():
+    model = Net()
+    fastcm.patch(model, impl="torch")
+    twin = copy.deepcopy(model)  # e.g. an EMA copy
+    assert fastcm.unpatch(twin) is True
+    assert type(twin.norm) is nn.GroupNorm and twin.shared is twin.plain2 and type(twin.shared) is nn.GroupNorm
+    assert isinstance(model.norm, GroupNorm) and isinstance(model.shared, GroupNorm)
