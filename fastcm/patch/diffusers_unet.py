@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcm.ops import attention, group_norm
+from fastcm.ops.attention import MAX_HEAD_DIM
 
 MIN_VERSION = (0, 42, 1)  # the oldest diffusers the tests ran with
 # sha256 of the whitespace-stripped, comment-line-free source of each re-implemented diffusers function -> the
@@ -236,6 +237,10 @@ def patch_attention(model: nn.Module, impl: str, state) -> None:
             state.report.replaced.append((name, "AttnProcessor2_0 -> FastcmAttnProcessor"))
             state.report.left_alone.append((name, "calls with an attention_mask run on AttnProcessor2_0 "
                                                   "(fastcm attention takes no mask)"))
+            head_dim = attn.inner_kv_dim // attn.heads
+            if head_dim > MAX_HEAD_DIM:
+                state.report.left_alone.append((name, f"head dim {head_dim} > {MAX_HEAD_DIM}: fastcm.ops.attention "
+                                                      "runs torch SDPA here (its documented fallback)"))
     if new:
         _set_processors(model, new, state)
 
