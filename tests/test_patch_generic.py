@@ -150,6 +150,7 @@ def test_left_alone_with_reasons():
     (dict(impl="cuda"), "impl must be one of"),
     (dict(ops=("group_norm", "softmax")), "ops must be a sequence drawn from"),
     (dict(ops="group_norm"), "ops must be a sequence drawn from"),
+    (dict(ops=None), "ops must be a sequence drawn from"),
 ])
 def test_bad_input(kwargs, match):
     args = dict(model=Net(), impl="auto", ops=OPS) | kwargs

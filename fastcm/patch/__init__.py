@@ -34,7 +34,7 @@ def patch(model: nn.Module, impl: str = "auto", ops: Sequence[str] = OPS) -> Pat
         model: any ``nn.Module``; modified in place (parameters, buffers and state_dict are unchanged).
         impl: backend of the fastcm ops: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton",
             "torch".
-        ops: which of ``("group_norm", "attention")`` to replace.
+        ops: a list or tuple drawn from ``("group_norm", "attention")``: what to replace.
     Returns a :class:`PatchReport` (empty when there is nothing to patch). Patching again re-applies from the
     original model, so ``patch`` is idempotent and a second call may change ``impl`` or ``ops``.
     """
@@ -76,7 +76,7 @@ def patched(model: nn.Module, impl: str = "auto", ops: Sequence[str] = OPS):
 
 
 def _check_ops(ops) -> tuple:
-    if isinstance(ops, str) or not all(isinstance(o, str) for o in ops) or not set(ops) <= set(OPS):
+    if not isinstance(ops, (list, tuple)) or not all(isinstance(o, str) for o in ops) or not set(ops) <= set(OPS):
         raise ValueError(f"ops must be a sequence drawn from {OPS}, got {ops!r}")
     return tuple(o for o in OPS if o in ops)
 
