@@ -160,19 +160,21 @@ def test_attention_mask_runs_on_the_original_processor():
     assert any(n.endswith("attn2") for n in masked)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_compiled_patched_model_has_no_graph_break(impl):
+@pytest.mark.parametrize("name, impl", [("unet2d-scale_shift", "torch"), ("unet2d-scale_shift", "triton"),
+                                        ("unet2d_cond", "triton")])
+def test_compiled_patched_model_has_no_graph_break(name, impl):
     # fullgraph=True raises on any graph break. backend="aot_eager" traces forward and backward graphs like Inductor
     # but skips its code generation (minutes on 2 CPU cores); the Triton custom ops run interpreted inside the graph.
-    model = unet2d(True, torch.float32)
+    model = MODELS[name](torch.float32)
     args = inputs(model, torch.float32)
-    ref, (ref_grad,) = run(model, args)
+    ref, ref_grads = run(model, args)
     fastcm.patch(model, impl=impl)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out, (grad,) = run(compiled, args)  # forward and backward through the compiled graph
+    out, grads = run(compiled, args)  # forward and backward through the compiled graph
     assert_close(out, ref, torch.float32, reduce_len=16)
-    assert_close(grad, ref_grad, torch.float32, reduce_len=16)
+    for g, g_ref in zip(grads, ref_grads):
+        assert_close(g, g_ref, torch.float32, reduce_len=16)
 
 
 def test_blocks_left_alone_are_named():
