@@ -33,8 +33,10 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "matplotlib"],
+        # diffusers: fastcm.patch's tests and the scheduler cross-checks (0.42.1 is the oldest version tested)
+        "test": ["pytest", "pytest-benchmark", "scipy", "scikit-learn", "matplotlib", "diffusers>=0.42.1"],
         "demo": ["scikit-learn", "matplotlib"],
+        "diffusers": ["diffusers>=0.42.1"],  # fastcm.patch for diffusers U-Nets
     },
     entry_points={"console_scripts": ["fastcm = fastcm.cli:main"]},
 )
