@@ -27,11 +27,10 @@ _map_source_kernels()
 
 
 def __getattr__(name):
-    # fastcm.patch(model) / fastcm.unpatch(model), imported on first use (PEP 562): `import fastcm` stays light and
-    # never imports diffusers. fastcm.patch is a callable package (fastcm/patch/__init__.py).
-    if name in ("patch", "unpatch"):
+    # fastcm.patch(model) / fastcm.unpatch(model) / fastcm.patched(model) from fastcm/integrations, imported on
+    # first use (PEP 562): `import fastcm` stays light and never imports diffusers.
+    if name in ("patch", "unpatch", "patched"):
         import importlib
 
-        module = importlib.import_module("fastcm.patch")
-        return module if name == "patch" else module.unpatch
+        return getattr(importlib.import_module("fastcm.integrations"), name)
     raise AttributeError(f"module 'fastcm' has no attribute {name!r}")

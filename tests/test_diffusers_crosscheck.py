@@ -12,7 +12,7 @@ from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, 
 import fastcm  # noqa: E402
 from fastcm.cm import ConsistencyModel, cm_coefficients, karras_sigmas, sample  # noqa: E402
 from fastcm.data import ArrayDataset  # noqa: E402
-from fastcm.patch.adapter import DiffusersUNet  # noqa: E402
+from fastcm.integrations.adapter import DiffusersUNet  # noqa: E402
 from fastcm.train import ICTConfig, train_ict  # noqa: E402
 
 

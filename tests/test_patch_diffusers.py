@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
 import fastcm  # noqa: E402
-import fastcm.patch.diffusers_unet as D  # noqa: E402
+import fastcm.integrations.diffusers_unet as D  # noqa: E402
 from fastcm.ops import GroupNorm  # noqa: E402
 from helpers import assert_close  # noqa: E402
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastcm
 from fastcm.ops import GroupNorm
-from fastcm.patch import OPS, patched
+from fastcm.integrations import OPS, patched
 from helpers import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,12 +115,13 @@ def test_idempotent_and_unpatch_restores_originals():
     assert fastcm.unpatch(model) is False
 
 
-def test_context_manager_and_callable_package():
+def test_context_manager_and_top_level_names():
     model = Net()
     with patched(model, impl="torch") as report:
         assert report and isinstance(model.norm, GroupNorm)
     assert type(model.norm) is nn.GroupNorm
-    assert callable(fastcm.patch) and fastcm.patch.patch(nn.Linear(2, 2), "torch").replaced == []
+    assert fastcm.patch is fastcm.integrations.patch and fastcm.patched is patched
+    assert fastcm.unpatch is fastcm.integrations.unpatch and fastcm.patch(nn.Linear(2, 2), "torch").replaced == []
 
 
 def test_nothing_to_patch_returns_an_empty_report():

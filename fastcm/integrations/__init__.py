@@ -6,18 +6,16 @@
 
 Generic models: every ``torch.nn.GroupNorm`` becomes :class:`fastcm.ops.GroupNorm` (any (N, C, *) input, any
 layout). diffusers models (``UNet2DModel``, ``UNet2DConditionModel`` and the blocks they use; see
-:mod:`fastcm.patch.diffusers_unet`): ``ResnetBlock2D``'s GroupNorm -> SiLU pairs run fused (with per-sample
+:mod:`fastcm.integrations.diffusers_unet`): ``ResnetBlock2D``'s GroupNorm -> SiLU pairs run fused (with per-sample
 scale/shift for ``resnet_time_scale_shift="scale_shift"``) and attention runs through ``fastcm.ops.attention``.
 diffusers is imported only when the model holds diffusers modules.
 """
-import sys
-import types
 from contextlib import contextmanager
 from typing import Sequence
 
 from torch import nn
 
-from fastcm.ops._utils import IMPLS, check_choice
+from fastcm._checks import IMPLS, check_choice
 
 from .generic import patch_group_norms
 from .report import STATE_ATTR, PatchReport, PatchState
@@ -67,7 +65,7 @@ def unpatch(model: nn.Module) -> bool:
 
 @contextmanager
 def patched(model: nn.Module, impl: str = "auto", ops: Sequence[str] = OPS):
-    """``with fastcm.patch.patched(model) as report: ...``: patch for the block, unpatch after."""
+    """``with fastcm.patched(model) as report: ...``: patch for the block, unpatch after."""
     report = patch(model, impl, ops)
     try:
         yield report
@@ -97,13 +95,3 @@ def _apply(model: nn.Module, impl: str, ops: tuple, state: PatchState) -> None:
             d.patch_attention(model, impl, state)
     if "group_norm" in ops:
         patch_group_norms(model, impl, state, skip=fused)
-
-
-class _CallablePackage(types.ModuleType):
-    """``fastcm.patch`` is both this package and the function: ``fastcm.patch(model)`` calls :func:`patch`."""
-
-    def __call__(self, model: nn.Module, impl: str = "auto", ops: Sequence[str] = OPS) -> PatchReport:
-        return patch(model, impl, ops)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
