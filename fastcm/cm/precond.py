@@ -17,7 +17,7 @@ def cm_coefficients(sigma: Tensor, sigma_data: float, sigma_min: float):
     """(c_skip, c_out, c_in, c_noise) of CM App. C for a tensor of noise levels (computed in sigma's dtype)."""
     c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
     c_out = sigma_data * (sigma - sigma_min) / (sigma**2 + sigma_data**2).sqrt()
-    c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()  # the sqrt is part of EDM's c_in; diffusers' port drops it
+    c_in = 1.0 / (sigma**2 + sigma_data**2).sqrt()  # EDM c_in (diffusers scale_model_input: the same)
     c_noise = 0.25 * sigma.log()  # EDM/CM; the positional embedding multiplies it by 1000 (ADM timesteps)
     return c_skip, c_out, c_in, c_noise
 
