@@ -29,9 +29,11 @@ def _sampling_args(p) -> None:
     p.add_argument("--checkpoint", required=True, help="a fastcm checkpoint (.safetensors) written by train")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to load (default: ema)")
     p.add_argument("--steps", type=int, choices=(1, 2), default=None,
-                   help="1 = one-step (sigma 80), 2 = two-step (80, 0.821); default 1 for sample, 2 for edit")
+                   help="1 = one-step, 2 = two-step with the checkpoint's method (iCT: sigma 80 then 0.821; sCT: "
+                        "TrigFlow t_max then 1.1; MeanFlow: t = 1, 0.5, 0); default 1 for sample, 2 for edit")
     p.add_argument("--sigmas", type=float, nargs="+", default=None,
-                   help="explicit descending noise levels for multistep sampling (overrides --steps)")
+                   help="explicit descending noise levels for multistep sampling of an iCT checkpoint (overrides "
+                        "--steps)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses seed + i (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
@@ -77,7 +79,15 @@ def _add_train(sub) -> None:
                                    "--init with the Fréchet-distance loss. Writes config.json, metrics.jsonl, "
                                    "samples/ and checkpoints/ to --out.")
     p.add_argument("--data", default="digits", help=DATA_HELP + " (default: digits)")
-    p.add_argument("--stage", choices=("ict", "fd"), default="ict", help="training stage (default: ict)")
+    p.add_argument("--stage", choices=("ict", "fd"), default="ict",
+                   help="training stage: ict = consistency training from scratch with --method, fd = FD-loss "
+                        "fine-tune of --init (default: ict)")
+    p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=None,
+                   help="consistency method of --stage ict: ict (iCT, Song & Dhariwal 2023), sct (continuous-time "
+                        "CT in TrigFlow, Lu & Song 2025) or meanflow (Geng et al. 2025); sct and meanflow train "
+                        "through a network JVP, about 2x an iCT step (default: ict)")
+    p.add_argument("--tangent-warmup", type=int, default=None, metavar="H",
+                   help="sCT tangent warm-up steps H (default: 1000; the paper's 10000 suits 100k-step runs)")
     p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
                                                   "cifar10, imagenet64 (default: digits for digits data, else "
                                                   "cifar10-small)")
