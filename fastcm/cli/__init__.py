@@ -71,6 +71,15 @@ def _add_demo(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a quality goal is not met")
+    p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=d.method,
+                   help=f"stage 1's consistency method (default: {d.method})")
+    p.add_argument("--compare", action="store_true",
+                   help="train iCT, sCT and MeanFlow at an equal wall-clock budget of stage 1 (--budget-seconds), "
+                        "evaluate each one- and two-step and after the FD stage, and write compare.md/compare.json "
+                        "(about 25 minutes on 2 CPU cores; the CAS protocol is skipped)")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help="wall-clock budget of stage 1: it stops early when S seconds are spent (default: none; "
+                        "360 per method with --compare)")
 
 
 def _add_train(sub) -> None:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from fastcm._checks import is_real
 from fastcm.cm import METHODS, get_method, method_of_model
 from fastcm.data import BatchLoader
 
@@ -22,7 +23,8 @@ from .progress import CallbackLike
 
 
 def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, restart: bool = False,
-              device=None, callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True) -> TrainResult:
+              device=None, callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True,
+              max_seconds: Optional[float] = None) -> TrainResult:
     """Train ``model`` with ``cfg.method``: a ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel, or a
     bare fastcm U-Net (wrapped by ``get_method(cfg.method).make_model``; it must have been built with the method's
     ``unet_overrides``). ``train_method`` is the same function under a method-neutral name.
@@ -39,6 +41,9 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
         device: None picks cuda:LOCAL_RANK when available, else the CPU. Under torchrun the process group is
             initialised here (NCCL on CUDA, gloo on CPU) and cfg.batch_size is split across the ranks.
         callbacks: callables receiving every metrics record, or fastcm.train.Callback objects.
+        max_seconds: a wall-clock budget: training stops after the step that spends it (logging, sampling and
+            saving as after the last step) with result.step <= cfg.total_steps; None = train all the steps.
+            The schedules still follow cfg.total_steps (iCT's N(k) stops wherever the budget ends it).
     Returns a TrainResult (model, ema, step, records, checkpoint, skipped_steps). SIGINT / SIGTERM save a checkpoint
     after the step in flight and raise TrainingInterrupted; see fastcm.train.loop for the other ways to stop.
     """
@@ -54,6 +59,9 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
     info = trainer.info
     loader = BatchLoader(dataset, trainer.local_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          hflip=cfg.hflip, num_workers=cfg.num_workers)
+    if max_seconds is not None and not (is_real(max_seconds) and max_seconds > 0):
+        raise ValueError(f"max_seconds must be None or a positive number of seconds, got {max_seconds!r}")
+    trainer.max_seconds = max_seconds
     trainer.curriculum = _curriculum(method, cfg)
     trainer.start(resume, restart)
     batches = loader.iterate(trainer.step)

@@ -124,6 +124,7 @@ class Trainer:
         self.extra: Dict[str, object] = {}
         self.curriculum: Optional[Callable[[int], dict]] = None  # step -> JSON description saved in checkpoints
         self.step, self.last_checkpoint, self.started = 0, None, False
+        self.max_seconds: Optional[float] = None  # wall-clock budget of run(): stop (and save) once it is spent
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
 
@@ -235,6 +236,7 @@ class Trainer:
                         self.callbacks, desc=self.stage)
         interval = _Interval()
         self._saved_at, self._save_clock = self.step, time.monotonic()
+        t_run = time.monotonic()
         try:
             with _StopSignals() as signals:
                 while self.step < cfg.total_steps:
@@ -242,7 +244,10 @@ class Trainer:
                     stop = stop if self.info.distributed else signals.received  # alone: also one that came later
                     self.step += 1
                     log.tick()
-                    self._after_step(log, interval, stop)
+                    spent = self._out_of_time(t_run)
+                    self._after_step(log, interval, stop, spent)
+                    if spent and not stop:
+                        break
                     if stop and self.step < cfg.total_steps:
                         raise TrainingInterrupted(stop, self.step, self.last_checkpoint,
                                                   saved_elsewhere=self.ckpt is not None and not self.info.is_main)
@@ -252,10 +257,17 @@ class Trainer:
         log.event("on_end", result)
         return result
 
-    def _after_step(self, log: RunLogger, interval: "_Interval", stop: int) -> None:
-        """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says."""
+    def _out_of_time(self, t_run: float) -> bool:
+        """Whether ``max_seconds`` of run() have passed (agreed by every rank)."""
+        if self.max_seconds is None:
+            return False
+        return any_rank([time.monotonic() - t_run >= self.max_seconds], self.info)[0]
+
+    def _after_step(self, log: RunLogger, interval: "_Interval", stop: int, final: bool = False) -> None:
+        """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says; a
+        ``final`` step (the time budget is spent) is treated like the last one."""
         cfg, step = self.cfg, self.step
-        done = step == cfg.total_steps
+        done = step == cfg.total_steps or final
         if step % cfg.log_every == 0 or done or stop:
             log.log(self._record(interval))
         if done or (cfg.sample_every and step % cfg.sample_every == 0):
