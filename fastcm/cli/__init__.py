@@ -74,12 +74,13 @@ def _add_demo(sub) -> None:
     p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=d.method,
                    help=f"stage 1's consistency method (default: {d.method})")
     p.add_argument("--compare", action="store_true",
-                   help="train iCT, sCT and MeanFlow at an equal wall-clock budget of stage 1 (--budget-seconds), "
+                   help="train iCT, sCT and MeanFlow at an equal time budget of stage 1 (--budget-seconds, in CPU "
+                        "seconds per thread, so other jobs on a shared machine do not shrink it), "
                         "evaluate each one- and two-step and after the FD stage, and write compare.md/compare.json "
                         "(about 25 minutes on 2 CPU cores; the CAS protocol is skipped)")
     p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
-                   help="wall-clock budget of stage 1: it stops early when S seconds are spent (default: none; "
-                        "360 per method with --compare)")
+                   help="time budget of stage 1: it stops early when S seconds are spent (wall clock; CPU seconds "
+                        "per thread with --compare) (default: none; 240 per method with --compare)")
 
 
 def _add_train(sub) -> None:

@@ -154,7 +154,7 @@ def compare_rows(runs: dict) -> list:
     one step after the FD stage."""
     rows = []
     for method, r in runs.items():
-        row = [METHOD_LABELS[method], r["stage1_steps"], r["stage1_seconds"]]
+        row = [METHOD_LABELS[method], r["stage1_steps"], r["stage1_seconds"], r.get("stage1_cpu_seconds", "—")]
         for key in COMPARE_COLUMNS:
             m = r["metrics"].get(key)
             row += [m["cas"], m["fd_features"], m["fd_pixels"]] if m else ["—"] * 3
@@ -163,14 +163,17 @@ def compare_rows(runs: dict) -> list:
 
 
 def render_compare(report: dict) -> str:
-    """compare.md: the methods at equal wall-clock budget of stage 1."""
-    heads = ["method", "stage-1 steps", "stage-1 s"]
+    """compare.md: the methods at an equal time budget of stage 1."""
+    heads = ["method", "stage-1 steps", "stage-1 wall s", "stage-1 CPU s"]
     for key in ("1-step", "2-step", "FD-tuned 1-step"):
         heads += [f"{key} CAS", f"{key} FD feat", f"{key} FD pix"]
     env = report["environment"]
     lines = ["# fastcm demo --compare", "",
-             f"Stage 1 of each method on scikit-learn digits with a wall-clock budget of {report['budget_s']:.0f} s "
-             f"(batch {report['config']['batch_size']}, lr {report['config']['lr']}, at most "
+             f"Stage 1 of each method on scikit-learn digits with an equal budget of {report['budget_s']:.0f} "
+             + ("CPU seconds per thread (the process's CPU time, so other jobs on a shared machine do not shrink "
+                "it; on an idle machine the same as wall-clock seconds) "
+                if report.get("budget_clock") == "cpu" else "wall-clock seconds ")
+             + f"(batch {report['config']['batch_size']}, lr {report['config']['lr']}, at most "
              f"{report['config']['ict_steps']} steps), then {report['config']['fd_steps']} FD-loss fine-tune steps "
              "from that model (same settings for every method). CAS = top-1 on the real test split of a "
              f"{report['config']['judge']} judge trained on {report['config']['per_class']} samples per class; "

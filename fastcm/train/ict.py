@@ -8,6 +8,7 @@ JVP without graph + one trainable pass + backward, about 2x an iCT step's time).
 module: the JVP unwraps it (torch.func.jvp of a DDP module fails) and the trainable pass goes through DDP, whose
 backward averages the gradients across ranks.
 """
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -24,7 +25,7 @@ from .progress import CallbackLike
 
 def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, restart: bool = False,
               device=None, callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True,
-              max_seconds: Optional[float] = None) -> TrainResult:
+              max_seconds: Optional[float] = None, budget_clock: str = "wall") -> TrainResult:
     """Train ``model`` with ``cfg.method``: a ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel, or a
     bare fastcm U-Net (wrapped by ``get_method(cfg.method).make_model``; it must have been built with the method's
     ``unet_overrides``). ``train_method`` is the same function under a method-neutral name.
@@ -44,6 +45,8 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
         max_seconds: a wall-clock budget: training stops after the step that spends it (logging, sampling and
             saving as after the last step) with result.step <= cfg.total_steps; None = train all the steps.
             The schedules still follow cfg.total_steps (iCT's N(k) stops wherever the budget ends it).
+        budget_clock: "wall" (time.monotonic) or "cpu" (time.process_time: this process's CPU seconds, all its
+            threads; on a shared machine a budget that other processes' load does not shrink).
     Returns a TrainResult (model, ema, step, records, checkpoint, skipped_steps). SIGINT / SIGTERM save a checkpoint
     after the step in flight and raise TrainingInterrupted; see fastcm.train.loop for the other ways to stop.
     """
@@ -61,7 +64,9 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
                          hflip=cfg.hflip, num_workers=cfg.num_workers)
     if max_seconds is not None and not (is_real(max_seconds) and max_seconds > 0):
         raise ValueError(f"max_seconds must be None or a positive number of seconds, got {max_seconds!r}")
-    trainer.max_seconds = max_seconds
+    if budget_clock not in BUDGET_CLOCKS:
+        raise ValueError(f"budget_clock must be one of {tuple(BUDGET_CLOCKS)}, got {budget_clock!r}")
+    trainer.max_seconds, trainer.budget_clock = max_seconds, BUDGET_CLOCKS[budget_clock]
     trainer.curriculum = _curriculum(method, cfg)
     trainer.start(resume, restart)
     batches = loader.iterate(trainer.step)
@@ -78,6 +83,7 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
 
 
 train_method = train_ict
+BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
 
 def _method_model(method, model: nn.Module) -> nn.Module:

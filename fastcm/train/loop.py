@@ -124,7 +124,8 @@ class Trainer:
         self.extra: Dict[str, object] = {}
         self.curriculum: Optional[Callable[[int], dict]] = None  # step -> JSON description saved in checkpoints
         self.step, self.last_checkpoint, self.started = 0, None, False
-        self.max_seconds: Optional[float] = None  # wall-clock budget of run(): stop (and save) once it is spent
+        self.max_seconds: Optional[float] = None  # time budget of run(): stop (and save) once it is spent
+        self.budget_clock: Callable[[], float] = time.monotonic  # its clock (time.process_time: CPU seconds)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
 
@@ -236,7 +237,7 @@ class Trainer:
                         self.callbacks, desc=self.stage)
         interval = _Interval()
         self._saved_at, self._save_clock = self.step, time.monotonic()
-        t_run = time.monotonic()
+        t_run = self.budget_clock()
         try:
             with _StopSignals() as signals:
                 while self.step < cfg.total_steps:
@@ -258,10 +259,10 @@ class Trainer:
         return result
 
     def _out_of_time(self, t_run: float) -> bool:
-        """Whether ``max_seconds`` of run() have passed (agreed by every rank)."""
+        """Whether ``max_seconds`` of run() have passed on ``budget_clock`` (agreed by every rank)."""
         if self.max_seconds is None:
             return False
-        return any_rank([time.monotonic() - t_run >= self.max_seconds], self.info)[0]
+        return any_rank([self.budget_clock() - t_run >= self.max_seconds], self.info)[0]
 
     def _after_step(self, log: RunLogger, interval: "_Interval", stop: int, final: bool = False) -> None:
         """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says; a
