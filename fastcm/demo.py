@@ -309,8 +309,9 @@ def _pipeline(cfg: DemoConfig, out: Path, train, ev, clock: "_Clock", thread_eve
         files["samples_fd_finetuned"] = _save_samples(out, "samples_fd_finetuned", x, y, cfg)
         results["fd_finetuned"] = clock.phase("evaluation fd-finetuned", ev, x, y)
         samples["fd_finetuned"] = (x, y)
-    return {"results": results, "files": files, "samples": samples, "stage1_records": s1_records, "stage1_cpu_s": s1_cpu,
-            "fd_records": fd_records, "checkpoints": {cfg.method: _rel(s1_ckpt, out), "fd_finetuned": _rel(fd_ckpt, out)}}
+    return {"results": results, "files": files, "samples": samples, "stage1_records": s1_records,
+            "stage1_cpu_s": s1_cpu, "fd_records": fd_records,
+            "checkpoints": {cfg.method: _rel(s1_ckpt, out), "fd_finetuned": _rel(fd_ckpt, out)}}
 
 
 def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:

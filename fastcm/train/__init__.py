@@ -1,4 +1,5 @@
-"""Training pipelines: the consistency-training stage (iCT, sCT or MeanFlow: ``ICTConfig(method=...)``), the FD-loss fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
+"""Training pipelines: the consistency-training stage (iCT, sCT or MeanFlow: ``ICTConfig(method=...)``), the FD-loss
+fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
 
     from fastcm.data import load_digits
     from fastcm.models import build_unet

@@ -215,7 +215,8 @@ class Trainer:
         for name, obj in self.extra.items():
             t, extra_doc[name] = split_state(obj.state_dict(), f"extra/{name}/")
             tensors.update(t)
-        meta = {"stage": self.stage, "method": self.method, "step": self.step, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
+        meta = {"stage": self.stage, "method": self.method, "step": self.step, "config": self.cfg.to_dict(),
+                "model": model_meta(self.cm),
                 "optimizer": opt_doc, "guard": self.guard.state_dict(), "extra": extra_doc,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "curriculum": self.curriculum(self.step) if self.curriculum is not None else None,
