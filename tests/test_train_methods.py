@@ -230,3 +230,24 @@ def test_ddp_two_cpu_ranks_train_sct_and_meanflow_in_sync(tmp_path):
         inits = [k.replace("/model/", "/init/") for k in keys]
         assert any(not torch.equal(a[k], b[k]) for k in inits)  # the ranks did start apart
         assert any(not torch.equal(a[k], a[i]) for k, i in zip(keys, inits)), f"{name}: no training"
+
+
+@pytest.mark.parametrize("method", JVP_METHODS)
+def test_sigint_saves_the_step_and_resume_is_exact(tmp_path, digits, method):
+    import os
+    import signal
+
+    from fastcm.train import TrainingInterrupted
+
+    class _Signal(Callback):
+        def on_log(self, record):
+            if record["step"] == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # arrives while step 3 is in flight (logged at step 2)
+
+    cfg = _cfg(method, sample_every=0, save_every=0)
+    ref = train_method(cfg, digits, _model(method), progress=False)
+    with pytest.raises(TrainingInterrupted) as e:
+        train_method(cfg, digits, _model(method), out_dir=tmp_path, progress=False, callbacks=[_Signal()])
+    assert e.value.exit_code == 130 and read_checkpoint_meta(e.value.checkpoint)["step"] == e.value.step < 6
+    res = train_method(cfg, digits, _model(method, seed=4), out_dir=tmp_path, resume=True, progress=False)
+    assert res.step == 6 and _equal(res.model, ref.model)
