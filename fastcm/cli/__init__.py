@@ -43,14 +43,15 @@ def _add_demo(sub) -> None:
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="the embedded digits demo: iCT, samples, FD/CAS evaluation, FD fine-tune",
-                       description="Train a class-conditional consistency model on scikit-learn digits with iCT, "
+                       description="Train a class-conditional consistency model on scikit-learn digits with iCT "
+                                   "(or --method sct / meanflow), "
                                    "sample one- and two-step, evaluate (classifier-feature FD, pixel FD, CAS), "
                                    "fine-tune with the FD loss, evaluate again, and write report.json/report.md, "
                                    "sample .npz files, PNG grids and a training-curve plot to --out.")
     _out_args(p, "the demo's files")
-    p.add_argument("--steps", type=int, default=d.ict_steps, help=f"iCT steps (default: {d.ict_steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"iCT batch (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"iCT RAdam learning rate (default: {d.lr})")
+    p.add_argument("--steps", type=int, default=d.ict_steps, help=f"stage-1 steps (default: {d.ict_steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"stage-1 batch (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"stage-1 RAdam learning rate (default: {d.lr})")
     p.add_argument("--fd-steps", type=int, default=d.fd_steps,
                    help=f"FD-loss fine-tune steps, 0 skips the stage (default: {d.fd_steps})")
     p.add_argument("--fd-batch-size", type=int, default=d.fd_batch_size,
