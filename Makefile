@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo compare bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ test: $(STAMP)
 # Options go through DEMO_ARGS, e.g. make demo DEMO_ARGS="--out runs/mine --steps 2000"
 demo: $(STAMP)
 	$(PY) -m fastcm.cli demo $(DEMO_ARGS)
+
+# iCT, sCT and MeanFlow on digits at an equal stage-1 budget (240 CPU-seconds per thread each), each evaluated one-
+# and two-step and after the FD stage: runs/compare-<time>/compare.md and compare.json (<= 30 minutes on 2 CPU cores).
+compare: $(STAMP)
+	$(PY) -m fastcm.cli demo --compare $(DEMO_ARGS)
 
 # Benchmark suites (pytest-benchmark) and the report in benchmarks/results/<device>.md and .csv.
 bench: $(STAMP)

@@ -9,6 +9,9 @@
 4. a second stage fine-tunes with the FD loss (one-step samples → CNN features → FD to the train-split statistics)
    and the same evaluation runs again; the CAS protocol (real / synthetic / real + synthetic) runs on its samples;
 5. report.json, report.md and training_curves.png go to ``out``.
+``method`` ("ict" by default, "sct" or "meanflow") picks stage 1's method: sampling, evaluation and the FD stage then
+use that method's one- and two-step samplers and one-step generator. :func:`run_compare` (``fastcm demo --compare``)
+runs stage 1 .. 4 for all three methods at an equal wall-clock budget of stage 1 and writes one table.
 The defaults follow calibration.md's measurements on this project's 2-core CPU for iCT (4,000 steps, batch 64,
 RAdam 2e-4, no EMA); the FD stage runs 150 steps of batch 250 at Adam 5e-5, which measured here lowers the
 held-out feature FD further than calibration.md's 300 steps at 2e-5, in half the time.
@@ -25,6 +28,7 @@ from typing import Optional
 from fastcm._checks import check_int
 
 QUALITY = {"min_one_step_cas": 0.92, "min_fd_reduction": 0.20, "max_cas_drop": 0.01}
+METHOD_LABELS = {"ict": "iCT", "sct": "sCT", "meanflow": "MeanFlow"}
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,9 @@ class DemoConfig:
     cas_epochs: int = 10          # its training epochs
     threads: Optional[int] = None  # torch CPU threads (None: auto, see choose_threads)
     progress: bool = True         # tqdm bars
+    method: str = "ict"           # stage 1's method: "ict", "sct" or "meanflow" (fastcm.cm.METHODS)
+    stage1_seconds: Optional[float] = None  # time budget of stage 1 (stops early); None = all ict_steps
+    stage1_clock: str = "wall"    # its clock: "wall", or "cpu" = this process's CPU seconds / torch threads
 
     def __post_init__(self):
         for name in ("ict_steps", "batch_size", "fd_batch_size", "per_class", "grid_per_class", "cas_epochs"):
@@ -59,6 +66,14 @@ class DemoConfig:
         for name, choices in (("judge", ("logreg", "cnn")), ("cas_judge", ("logreg", "cnn"))):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.method not in METHOD_LABELS:
+            raise ValueError(f"method must be one of {tuple(METHOD_LABELS)}, got {self.method!r}")
+        if self.stage1_seconds is not None and not (isinstance(self.stage1_seconds, (int, float))
+                                                    and not isinstance(self.stage1_seconds, bool)
+                                                    and 0 < self.stage1_seconds < float("inf")):
+            raise ValueError(f"stage1_seconds must be None or a positive number, got {self.stage1_seconds!r}")
+        if self.stage1_clock not in ("wall", "cpu"):
+            raise ValueError(f"stage1_clock must be 'wall' or 'cpu', got {self.stage1_clock!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if self.fd_steps and self.fd_batch_size % 10:
@@ -89,14 +104,24 @@ def _labels(per_class: int, num_classes: int = 10):
     return torch.arange(num_classes).repeat_interleave(per_class)
 
 
-def _draw(model, cfg: DemoConfig, sigmas, seed_offset: int = 1_000_000):
+def _sample(model, y, steps: int, seed: int, chunk: int = 500):
+    """The model's method's ``steps``-step samples of labels y; sample i uses seed + i (fastcm.cm.resolve_seeds), so
+    the chunking does not change them (iCT: σ 80, then 0.821; sCT: t_max, then 1.1; MeanFlow: t = 1, 0.5, 0)."""
+    import torch
+
+    from fastcm.cm import method_of_model
+    from fastcm.train.loop import sampling_method
+
+    method = sampling_method(method_of_model(model))
+    return torch.cat([method.sample(model, len(part), steps, part, seeds=seed + i)
+                      for i, part in zip(range(0, len(y), chunk), y.split(chunk))])
+
+
+def _draw(model, cfg: DemoConfig, steps: int, seed_offset: int = 1_000_000):
     """``per_class`` samples of each class, class-major, with fixed per-sample seeds (the same noise for every stage,
     so before/after comparisons are paired)."""
-    from fastcm.cm import sample
-
     y = _labels(cfg.per_class)
-    x = sample(model, len(y), y, sigmas=sigmas, seeds=seed_offset + cfg.seed * len(y), batch_size=500)
-    return x, y
+    return _sample(model, y, steps, seed_offset + cfg.seed * len(y)), y
 
 
 def _save_samples(out: Path, name: str, x, y, cfg: DemoConfig) -> dict:
@@ -221,7 +246,7 @@ def run_demo(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrit
     _check_preset(cfg.preset)  # before any directory or training: the demo's later stages need labels
     out = prepare_out_dir(out, overwrite, prefix="demo")
     if overwrite:
-        for stage in ("ict", "fd_finetune"):
+        for stage in (cfg.method, "fd_finetune"):
             _clear_stage_run(out / stage)
     threads, why = choose_threads(cfg.threads)
     previous = torch.get_num_threads()
@@ -251,51 +276,71 @@ def _check_preset(name: str) -> None:
                          "10-class 1x8x8 preset such as 'digits'")
 
 
-def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:
+def _setup(cfg: DemoConfig, cache, clock: "_Clock"):
+    """(train, test, feature net, its info, evaluator, real-data metrics): what every method's run shares."""
     from fastcm.data import load_digits
-    from fastcm.eval.demo_report import format_summary, quality_checks, render_markdown
     from fastcm.fid import digits_feature_network
+
+    train, test = load_digits("train"), load_digits("test")
+    net, net_info = clock.phase("feature network (cached)", digits_feature_network, cache)
+    ev = clock.phase("reference statistics", _Evaluator, net, train, test, cfg.judge, cfg.seed)
+    real = clock.phase("real-data baseline", ev, ev.x_train, ev.y_train)
+    return train, test, net, net_info, ev, real
+
+
+def _pipeline(cfg: DemoConfig, out: Path, train, ev, clock: "_Clock", thread_events: list, verbose: bool) -> dict:
+    """Stage 1 with cfg.method, one- and two-step samples and their metrics, the FD stage and its metrics."""
+    label = METHOD_LABELS[cfg.method]
+    cpu0 = time.process_time()
+    model, s1_records, s1_ckpt = clock.phase(f"stage 1: {label} training", _train_stage1, cfg, train, out,
+                                             ThreadGuard(label, thread_events, verbose))
+    s1_cpu = round(time.process_time() - cpu0, 2)
+    results, files, samples = {}, {}, {}
+    for name, steps in (("one_step", 1), ("two_step", 2)):
+        x, y = clock.phase(f"sampling {name.replace('_', '-')}", _draw, model, cfg, steps)
+        files[f"samples_{name}"] = _save_samples(out, f"samples_{name}", x, y, cfg)
+        results[name] = clock.phase(f"evaluation {name.replace('_', '-')}", ev, x, y)
+        samples[name] = (x, y)
+    fd_records, fd_ckpt = [], None
+    if cfg.fd_steps:
+        model, fd_records, fd_ckpt = clock.phase("stage 2: FD-loss fine-tune", _train_fd, cfg, model, ev.net,
+                                                 train, ev, out, ThreadGuard("FD fine-tune", thread_events, verbose))
+        x, y = clock.phase("sampling fd-finetuned", _draw, model, cfg, 1)
+        files["samples_fd_finetuned"] = _save_samples(out, "samples_fd_finetuned", x, y, cfg)
+        results["fd_finetuned"] = clock.phase("evaluation fd-finetuned", ev, x, y)
+        samples["fd_finetuned"] = (x, y)
+    return {"results": results, "files": files, "samples": samples, "stage1_records": s1_records,
+            "stage1_cpu_s": s1_cpu, "fd_records": fd_records,
+            "checkpoints": {cfg.method: _rel(s1_ckpt, out), "fd_finetuned": _rel(fd_ckpt, out)}}
+
+
+def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:
+    from fastcm.eval.demo_report import format_summary, quality_checks, render_markdown
     from fastcm.fid.digits_net import accuracy
     from fastcm.eval.report import plot_training_curves, write_json, write_text
 
     load_start = _load()
     clock = _Clock(verbose)
     if verbose:
-        print(f"fastcm demo → {out} ({threads} CPU thread{'s' if threads > 1 else ''}: {why})", flush=True)
-    train, test = load_digits("train"), load_digits("test")
-    net, net_info = clock.phase("feature network (cached)", digits_feature_network, cache)
-    ev = clock.phase("reference statistics", _Evaluator, net, train, test, cfg.judge, cfg.seed)
-    real = clock.phase("real-data baseline", ev, ev.x_train, ev.y_train)
+        print(f"fastcm demo ({METHOD_LABELS[cfg.method]}) → {out} ({threads} CPU thread{'s' if threads > 1 else ''}: "
+              f"{why})", flush=True)
+    train, test, net, net_info, ev, real = _setup(cfg, cache, clock)
     thread_events = []
-    model, ict_records, ict_ckpt = clock.phase("stage 1: iCT training", _train_ict, cfg, train, out,
-                                               ThreadGuard("iCT", thread_events, verbose))
-    results, files, samples = {"real_train_split": real}, {}, {}
-    for name, sigmas in (("one_step", (80.0,)), ("two_step", (80.0, cfg.two_step_sigma))):
-        x, y = clock.phase(f"sampling {name.replace('_', '-')}", _draw, model, cfg, sigmas)
-        files[f"samples_{name}"] = _save_samples(out, f"samples_{name}", x, y, cfg)
-        results[name] = clock.phase(f"evaluation {name.replace('_', '-')}", ev, x, y)
-        samples[name] = (x, y)
-    fd_records, fd_ckpt = [], None
-    if cfg.fd_steps:
-        model, fd_records, fd_ckpt = clock.phase("stage 2: FD-loss fine-tune", _train_fd, cfg, model, net, train,
-                                                 ev, out, ThreadGuard("FD fine-tune", thread_events, verbose))
-        x, y = clock.phase("sampling fd-finetuned", _draw, model, cfg, (80.0,))
-        files["samples_fd_finetuned"] = _save_samples(out, "samples_fd_finetuned", x, y, cfg)
-        results["fd_finetuned"] = clock.phase("evaluation fd-finetuned", ev, x, y)
-        samples["fd_finetuned"] = (x, y)
+    run = _pipeline(cfg, out, train, ev, clock, thread_events, verbose)
+    results, files, samples = {"real_train_split": real, **run["results"]}, run["files"], run["samples"]
     protocol = _cas(clock, cfg, ev, samples) if cfg.cas_seeds else None
-    clock.phase("training-curve plot", plot_training_curves, out / "training_curves.png", ict_records, fd_records,
-                fd_key="fd_test")
+    clock.phase("training-curve plot", plot_training_curves, out / "training_curves.png", run["stage1_records"],
+                run["fd_records"], fd_key="fd_test")
     report = {
-        "config": dataclasses.asdict(cfg), "seed": cfg.seed, "out": str(out),
+        "config": dataclasses.asdict(cfg), "method": cfg.method, "seed": cfg.seed, "out": str(out),
         "environment": dict(_environment(cfg), torch_threads=threads),
         "data": {"dataset": "scikit-learn digits (8x8, 10 classes) scaled to [-1, 1]",
                  "split": "train_test_split(test_size=0.25, stratify=labels, random_state=0)",
                  "train_size": len(train), "test_size": len(test)},
         "feature_network": dict(net_info, test_accuracy=accuracy(net, ev.x_test, ev.y_test)),
         "metrics": results, "cas_protocol": protocol, "files": dict(files, plot="training_curves.png"),
-        "checkpoints": {"ict": _rel(ict_ckpt, out), "fd_finetuned": _rel(fd_ckpt, out)},
-        "curves": {"ict": ict_records, "fd": fd_records},
+        "checkpoints": run["checkpoints"],
+        "curves": {cfg.method: run["stage1_records"], "fd": run["fd_records"]},
     }
     report["quality"] = quality_checks(report, QUALITY)
     report["timings_s"] = dict(clock.times, total=clock.total())
@@ -343,16 +388,26 @@ def _rel(path, out: Path):
         return str(path)
 
 
-def _train_ict(cfg: DemoConfig, train, out: Path, guard: ThreadGuard):
-    from fastcm.cm import ConsistencyModel
+def _train_stage1(cfg: DemoConfig, train, out: Path, guard: ThreadGuard):
+    """Stage 1 with cfg.method (iCT's calibrated settings for every method; sCT's tangent warm-up H = 1000,
+    ICTConfig's default) into out/<method>/; stops early when cfg.stage1_seconds is spent (on the "cpu" clock:
+    that many seconds per torch thread of this process's CPU time)."""
+    import torch
+
+    from fastcm.cm import METHODS, get_method
     from fastcm.models import build_unet
-    from fastcm.train import ICTConfig, train_ict
+    from fastcm.train import ICTConfig, train_method
 
     icfg = ICTConfig(total_steps=cfg.ict_steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_beta=cfg.ema_beta,
                      seed=cfg.seed, log_every=max(1, min(10, cfg.ict_steps // 20)), sample_every=0,
-                     num_samples=100, save_every=0, keep_last=1)
-    model = ConsistencyModel(build_unet(cfg.preset))
-    res = train_ict(icfg, train, model, out_dir=out / "ict", callbacks=[guard], progress=cfg.progress)
+                     num_samples=100, save_every=0, keep_last=1, method=cfg.method)
+    method = get_method(cfg.method, **icfg.method_hyperparameters())
+    model = method.make_model(build_unet(cfg.preset, **METHODS[cfg.method].unet_overrides))
+    seconds = cfg.stage1_seconds
+    if seconds is not None and cfg.stage1_clock == "cpu":
+        seconds = seconds * torch.get_num_threads()
+    res = train_method(icfg, train, model, out_dir=out / cfg.method, callbacks=[guard], progress=cfg.progress,
+                       max_seconds=seconds, budget_clock=cfg.stage1_clock)
     return res.ema.module.eval(), res.records, res.checkpoint
 
 
@@ -367,10 +422,7 @@ class _FDCurve:
         self.measure(0)
 
     def measure(self, step: int) -> None:
-        from fastcm.cm import sample
-
-        x = sample(self.model, len(self.labels), self.labels, sigmas=(80.0,), seeds=2_000_000 + self.seed * 10_000,
-                   batch_size=500)
+        x = _sample(self.model, self.labels, 1, 2_000_000 + self.seed * 10_000)
         fd = self.ev.fd_features(x)
         self.records.append({"step": step, "fd_test": fd})
 
@@ -393,8 +445,99 @@ def _train_fd(cfg: DemoConfig, model, feature_net, train, ev: "_Evaluator", out:
                     seed=cfg.seed, fd_mode="batch", fd_normalize=True, balanced_labels=True,
                     log_every=max(1, min(10, cfg.fd_steps // 10)), sample_every=0, num_samples=100, save_every=0,
                     keep_last=1)
-    model = copy.deepcopy(model).requires_grad_(True)  # the iCT EMA copy is frozen; stage 1's model stays intact
+    model = copy.deepcopy(model).requires_grad_(True)  # stage 1's EMA copy is frozen; stage 1's model stays intact
     curve = _FDCurve(model, ev, cfg.seed)
     res = finetune_fd(fcfg, model, ev.features, ev.train_feat, out_dir=out / "fd_finetune",
                       callbacks=[curve, guard], progress=cfg.progress)
     return res.ema.module.eval(), curve.records, res.checkpoint
+
+
+# -- fastcm demo --compare ------------------------------------------------------------------------------------------
+
+COMPARE_METHODS = ("ict", "sct", "meanflow")
+# Stage-1 budget per method, in CPU seconds per torch thread (``stage1_clock="cpu"``): on an idle machine the same as
+# wall-clock seconds, and on a shared one a budget other processes' load does not shrink (measured here: a JVP
+# method run beside other jobs got 125 steps in 80 wall seconds against 300+ alone). 240 s lets iCT run about its
+# 4,000 demo steps (0.063 s/step on one thread; sCT and MeanFlow 0.115 s/step); 3 x (240 s + ~60 s) < 30 min idle.
+COMPARE_SECONDS = 240.0
+
+
+def run_compare(cfg: DemoConfig = DemoConfig(), out: Optional[str] = None, overwrite: bool = False,
+                cache: Optional[str] = None, verbose: bool = True, methods=COMPARE_METHODS) -> dict:
+    """Stage 1 of every method in ``methods`` at an equal time budget (cfg.stage1_seconds, default
+    COMPARE_SECONDS, on cfg.stage1_clock; each also stops at cfg.ict_steps), then the same sampling, evaluation and
+    FD stage for each, into out/<method>/; writes compare.json and compare.md (one table) to ``out`` and returns
+    the report. ``fastcm demo --compare`` uses the "cpu" clock (see COMPARE_SECONDS).
+
+    Equal time, not equal steps: a sCT / MeanFlow step (a network JVP, a trainable pass and its backward) costs
+    about twice an iCT step. The CAS protocol (real / synthetic / both) is not run here (cfg.cas_seeds is ignored).
+    """
+    import torch
+
+    from fastcm.eval.report import prepare_out_dir
+
+    if not isinstance(cfg, DemoConfig):
+        raise TypeError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
+    if not methods or any(m not in METHOD_LABELS for m in methods) or len(set(methods)) != len(methods):
+        raise ValueError(f"methods must be distinct names from {tuple(METHOD_LABELS)}, got {methods!r}")
+    _check_preset(cfg.preset)
+    budget = float(cfg.stage1_seconds or COMPARE_SECONDS)
+    out = prepare_out_dir(out, overwrite, prefix="compare")
+    threads, why = choose_threads(cfg.threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return _compare(cfg, methods, budget, out, overwrite, cache, verbose, threads, why)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compare(cfg, methods, budget: float, out: Path, overwrite: bool, cache, verbose: bool, threads: int,
+             why: str) -> dict:
+    import torch
+
+    from fastcm.eval.demo_report import render_compare
+    from fastcm.eval.report import write_json, write_text
+
+    load_start, clock = _load(), _Clock(verbose)
+    if verbose:
+        print(f"fastcm demo --compare {', '.join(methods)} → {out} (stage 1: {budget:.0f} s each; {threads} CPU "
+              f"thread{'s' if threads > 1 else ''}: {why})", flush=True)
+    train, test, net, net_info, ev, real = _setup(cfg, cache, clock)
+    runs, timings, thread_events = {}, {"set-up": clock.total()}, []
+    for method in methods:
+        mcfg = dataclasses.replace(cfg, method=method, stage1_seconds=budget)  # cfg.stage1_clock: the caller's
+        mout = out / method
+        mout.mkdir(exist_ok=True)
+        if overwrite:
+            for stage in (method, "fd_finetune"):
+                _clear_stage_run(mout / stage)
+        torch.manual_seed(cfg.seed)  # the same seed for every method's initial weights
+        mclock = _Clock(verbose)
+        run = _pipeline(mcfg, mout, train, ev, mclock, thread_events, verbose)
+        s1 = run["stage1_records"][-1] if run["stage1_records"] else {}
+        seconds = mclock.times[f"stage 1: {METHOD_LABELS[method]} training"]
+        runs[method] = {"metrics": run["results"], "stage1_steps": int(s1.get("step", 0)), "stage1_seconds": seconds,
+                        "stage1_cpu_seconds": run["stage1_cpu_s"],
+                        "stage1_img_per_s": cfg.batch_size * int(s1.get("step", 0)) / max(seconds, 1e-9),
+                        "out": method, "files": run["files"], "checkpoints": run["checkpoints"],
+                        "curves": {method: run["stage1_records"], "fd": run["fd_records"]},
+                        "timings_s": dict(mclock.times, total=mclock.total())}
+        timings[method] = mclock.total()
+    one = {m: r["metrics"]["one_step"] for m, r in runs.items()}
+    report = {
+        "config": dataclasses.asdict(cfg), "methods": list(methods), "budget_s": budget,
+        "budget_clock": cfg.stage1_clock, "out": str(out),
+        "environment": dict(_environment(cfg), torch_threads=threads, threads_reason=why,
+                            load_average_start=load_start, load_average_end=_load(), thread_events=thread_events),
+        "feature_network": net_info, "real_train_split": real, "runs": runs,
+        "best": {"one_step_cas": METHOD_LABELS[max(one, key=lambda m: one[m]["cas"])],
+                 "one_step_fd_features": METHOD_LABELS[min(one, key=lambda m: one[m]["fd_features"])]},
+        "timings_s": dict(timings, total=clock.total()),
+    }
+    write_json(out / "compare.json", report)
+    write_text(out / "compare.md", render_compare(report))
+    if verbose:
+        print("\n" + render_compare(report), flush=True)
+    return report

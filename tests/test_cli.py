@@ -249,3 +249,41 @@ def test_train_is_a_function_of_seed(tmp_path, capsys):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+@pytest.mark.parametrize("method", ("sct", "meanflow"))
+def test_train_method_sample_and_fd_stage(method, tmp_path, capsys):
+    from fastcm.train import read_checkpoint_meta
+
+    run_dir = tmp_path / "run"
+    extra = ["--tangent-warmup", 1] if method == "sct" else []
+    rc, out, err = run(capsys, "train", "--method", method, *extra, "--preset", "tiny", "--steps", 2,
+                       "--batch-size", 8, "--out", run_dir, "--no-progress")
+    assert rc == 0, err
+    assert f"trained 2 steps ({method} stage)" in out
+    ckpt = next((run_dir / "checkpoints").glob("*.safetensors"))
+    meta = read_checkpoint_meta(ckpt)
+    assert meta["method"] == method and meta["config"]["method"] == method
+    assert meta["config"]["tangent_warmup"] == (1 if method == "sct" else 1000)
+    rc, out, err = run(capsys, "sample", "--checkpoint", ckpt, "-n", 6, "--steps", 2, "--out", tmp_path / "s")
+    assert rc == 0 and f"{method} sampler" in out, err
+    with np.load(tmp_path / "s" / "samples.npz") as f:
+        assert f["x"].shape == (6, 1, 8, 8) and np.abs(f["x"]).max() <= 1
+    rc, _, err = run(capsys, "sample", "--checkpoint", ckpt, "--sigmas", 80, "--out", tmp_path / "s2")
+    assert rc == 2 and "--sigmas are iCT noise levels" in err
+    rc, _, err = run(capsys, "edit", "--checkpoint", ckpt, "--task", "inpaint", "--out", tmp_path / "e")
+    assert rc == 2 and f"is a {method} model" in err and not (tmp_path / "e").exists()
+    rc, out, err = run(capsys, "train", "--stage", "fd", "--init", ckpt, "--steps", 1, "--batch-size", 20,
+                       "--out", tmp_path / "fd", "--no-progress")
+    assert rc == 0, err
+    assert read_checkpoint_meta(next((tmp_path / "fd" / "checkpoints").glob("*.safetensors")))["method"] == method
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--method", "meanflow", "--tangent-warmup", "5"], "--tangent-warmup is sCT's"),
+    (["train", "--stage", "fd", "--method", "sct"], "--method and --tangent-warmup belong to --stage ict"),
+    (["demo", "--compare", "--method", "sct"], "--compare trains every method"),
+])
+def test_method_option_errors(argv, message, tmp_path, capsys):
+    rc, _, err = run(capsys, *argv, "--out", tmp_path / "x")
+    assert rc == 2 and message in err, err

@@ -135,3 +135,62 @@ def test_a_run_is_a_function_of_its_seed(tmp_path, tmp_path_factory):
         reports.append(run_demo(cfg, out=str(tmp_path / str(i)), cache=cache, verbose=False))
     assert reports[0]["metrics"] == reports[1]["metrics"]
     assert [r["loss"] for r in reports[0]["curves"]["ict"]] == [r["loss"] for r in reports[1]["curves"]["ict"]]
+
+
+@pytest.mark.parametrize("method", ("sct", "meanflow"))
+def test_demo_with_another_method(method, tmp_path, tmp_path_factory):
+    """`fastcm demo --method`: stage 1 trains that method; sampling, evaluation and the FD stage use its samplers."""
+    from fastcm.cm import method_of_model
+    from fastcm.train import load_model, read_checkpoint_meta
+
+    out = tmp_path / "run"
+    argv = ["demo", "--method", method, "--out", out, "--steps", 4, "--batch-size", 16, "--fd-steps", 2,
+            "--fd-batch-size", 20, "--per-class", 3, "--cas-seeds", 0, "--no-progress",
+            "--cache", tmp_path_factory.getbasetemp() / "fastcm-cache"]
+    assert main([str(a) for a in argv]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == method and report["config"]["method"] == method
+    ckpt = out / report["checkpoints"][method]
+    assert read_checkpoint_meta(ckpt)["method"] == method and method_of_model(load_model(ckpt)) == method
+    assert read_checkpoint_meta(out / report["checkpoints"]["fd_finetuned"])["method"] == method
+    assert [r["step"] for r in report["curves"][method]][-1] == 4
+    label = {"sct": "sCT", "meanflow": "MeanFlow"}[method]
+    assert f"| {label}, one step |" in (out / "report.md").read_text()
+    assert f"stage 1: {label} training" in report["timings_s"]
+    for stage in STAGES:
+        m = report["metrics"][stage]
+        assert 0 <= m["cas"] <= 1 and m["fd_features"] > 0 and m["n"] == 30
+
+
+def test_compare_runs_every_method_and_writes_one_table(tmp_path, tmp_path_factory):
+    out = tmp_path / "cmp"
+    argv = ["demo", "--compare", "--out", out, "--steps", 3, "--batch-size", 16, "--fd-steps", 1,
+            "--fd-batch-size", 20, "--per-class", 3, "--no-progress",
+            "--cache", tmp_path_factory.getbasetemp() / "fastcm-cache"]
+    assert main([str(a) for a in argv]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert report["methods"] == ["ict", "sct", "meanflow"] and report["budget_clock"] == "cpu"
+    assert report["budget_s"] == 240.0  # fastcm.demo.COMPARE_SECONDS; 3 steps end each run first here
+    md = (out / "compare.md").read_text()
+    for method, label in (("ict", "iCT"), ("sct", "sCT"), ("meanflow", "MeanFlow")):
+        run = report["runs"][method]
+        assert run["stage1_steps"] == 3 and set(run["metrics"]) == {"one_step", "two_step", "fd_finetuned"}
+        assert (out / method / run["checkpoints"][method]).is_file()
+        with np.load(out / method / "samples_one_step.npz") as f:
+            assert f["x"].shape == (30, 1, 8, 8)
+        m = run["metrics"]["one_step"]
+        assert f"| {label} | 3 |" in md and f"{m['cas']:.4g}" in md
+    one = {m: r["metrics"]["one_step"]["cas"] for m, r in report["runs"].items()}
+    assert report["best"]["one_step_cas"] == {"ict": "iCT", "sct": "sCT", "meanflow": "MeanFlow"}[max(one, key=one.get)]
+
+
+def test_stage1_budget_stops_early(tmp_path, tmp_path_factory):
+    from fastcm.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(ict_steps=50, batch_size=16, fd_steps=0, per_class=2, cas_seeds=0, progress=False, threads=1,
+                     stage1_seconds=1e-6, stage1_clock="cpu", method="meanflow")
+    report = run_demo(cfg, out=str(tmp_path / "r"), cache=str(tmp_path_factory.getbasetemp() / "fastcm-cache"),
+                      verbose=False)
+    assert [r["step"] for r in report["curves"]["meanflow"]] == [1]
+    with pytest.raises(ValueError, match="stage1_clock must be"):
+        DemoConfig(stage1_clock="gpu")

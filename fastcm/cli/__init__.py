@@ -29,9 +29,11 @@ def _sampling_args(p) -> None:
     p.add_argument("--checkpoint", required=True, help="a fastcm checkpoint (.safetensors) written by train")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to load (default: ema)")
     p.add_argument("--steps", type=int, choices=(1, 2), default=None,
-                   help="1 = one-step (sigma 80), 2 = two-step (80, 0.821); default 1 for sample, 2 for edit")
+                   help="1 = one-step, 2 = two-step with the checkpoint's method (iCT: sigma 80 then 0.821; sCT: "
+                        "TrigFlow t_max then 1.1; MeanFlow: t = 1, 0.5, 0); default 1 for sample, 2 for edit")
     p.add_argument("--sigmas", type=float, nargs="+", default=None,
-                   help="explicit descending noise levels for multistep sampling (overrides --steps)")
+                   help="explicit descending noise levels for multistep sampling of an iCT checkpoint (overrides "
+                        "--steps)")
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses seed + i (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
 
@@ -41,14 +43,15 @@ def _add_demo(sub) -> None:
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="the embedded digits demo: iCT, samples, FD/CAS evaluation, FD fine-tune",
-                       description="Train a class-conditional consistency model on scikit-learn digits with iCT, "
+                       description="Train a class-conditional consistency model on scikit-learn digits with iCT "
+                                   "(or --method sct / meanflow), "
                                    "sample one- and two-step, evaluate (classifier-feature FD, pixel FD, CAS), "
                                    "fine-tune with the FD loss, evaluate again, and write report.json/report.md, "
                                    "sample .npz files, PNG grids and a training-curve plot to --out.")
     _out_args(p, "the demo's files")
-    p.add_argument("--steps", type=int, default=d.ict_steps, help=f"iCT steps (default: {d.ict_steps})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"iCT batch (default: {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"iCT RAdam learning rate (default: {d.lr})")
+    p.add_argument("--steps", type=int, default=d.ict_steps, help=f"stage-1 steps (default: {d.ict_steps})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"stage-1 batch (default: {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"stage-1 RAdam learning rate (default: {d.lr})")
     p.add_argument("--fd-steps", type=int, default=d.fd_steps,
                    help=f"FD-loss fine-tune steps, 0 skips the stage (default: {d.fd_steps})")
     p.add_argument("--fd-batch-size", type=int, default=d.fd_batch_size,
@@ -69,6 +72,16 @@ def _add_demo(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--strict", action="store_true", help="exit with status 3 when a quality goal is not met")
+    p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=d.method,
+                   help=f"stage 1's consistency method (default: {d.method})")
+    p.add_argument("--compare", action="store_true",
+                   help="train iCT, sCT and MeanFlow at an equal time budget of stage 1 (--budget-seconds, in CPU "
+                        "seconds per thread, so other jobs on a shared machine do not shrink it), "
+                        "evaluate each one- and two-step and after the FD stage, and write compare.md/compare.json "
+                        "(about 25 minutes on 2 CPU cores; the CAS protocol is skipped)")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help="time budget of stage 1: it stops early when S seconds are spent (wall clock; CPU seconds "
+                        "per thread with --compare) (default: none; 240 per method with --compare)")
 
 
 def _add_train(sub) -> None:
@@ -77,7 +90,15 @@ def _add_train(sub) -> None:
                                    "--init with the Fréchet-distance loss. Writes config.json, metrics.jsonl, "
                                    "samples/ and checkpoints/ to --out.")
     p.add_argument("--data", default="digits", help=DATA_HELP + " (default: digits)")
-    p.add_argument("--stage", choices=("ict", "fd"), default="ict", help="training stage (default: ict)")
+    p.add_argument("--stage", choices=("ict", "fd"), default="ict",
+                   help="training stage: ict = consistency training from scratch with --method, fd = FD-loss "
+                        "fine-tune of --init (default: ict)")
+    p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=None,
+                   help="consistency method of --stage ict: ict (iCT, Song & Dhariwal 2023), sct (continuous-time "
+                        "CT in TrigFlow, Lu & Song 2025) or meanflow (Geng et al. 2025); sct and meanflow train "
+                        "through a network JVP, about 2x an iCT step (default: ict)")
+    p.add_argument("--tangent-warmup", type=int, default=None, metavar="H",
+                   help="sCT tangent warm-up steps H (default: 1000; the paper's 10000 suits 100k-step runs)")
     p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
                                                   "cifar10, imagenet64 (default: digits for digits data, else "
                                                   "cifar10-small)")

@@ -1,4 +1,5 @@
 """Handlers of the ``fastcm`` subcommands (parsed arguments in, files and a printed summary out)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,12 +12,21 @@ from fastcm.cli.generate import cmd_edit, cmd_sample, cmd_train  # noqa: F401  (
 
 
 def cmd_demo(args) -> int:
-    from fastcm.demo import DemoConfig, run_demo
+    from fastcm.demo import DemoConfig, run_compare, run_demo
 
+    if args.compare and args.method != "ict":
+        raise UsageError("--compare trains every method; drop --method")
+    if args.compare and args.strict:
+        raise UsageError("--strict checks the quality goals of one demo run; --compare has none")
     cfg = DemoConfig(ict_steps=args.steps, batch_size=args.batch_size, lr=args.lr, fd_steps=args.fd_steps,
                      fd_batch_size=args.fd_batch_size, fd_lr=args.fd_lr, per_class=args.per_class,
                      judge=args.judge, cas_seeds=args.cas_seeds, cas_epochs=args.cas_epochs, preset=args.preset,
-                     seed=args.seed, threads=args.threads, progress=not args.no_progress)
+                     seed=args.seed, threads=args.threads, progress=not args.no_progress, method=args.method,
+                     stage1_seconds=args.budget_seconds)
+    if args.compare:
+        cfg = dataclasses.replace(cfg, stage1_clock="cpu")  # see fastcm.demo.COMPARE_SECONDS
+        run_compare(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)
+        return 0
     report = run_demo(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)
     return 3 if args.strict and not report["quality"]["all_passed"] else 0
 

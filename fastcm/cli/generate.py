@@ -43,12 +43,18 @@ def cmd_train(args) -> int:
     data = load_dataset(args.data, "train")
     common = dict(_overrides(args, total_steps="steps", batch_size="batch_size", lr="lr", save_every="save_every",
                              save_minutes="save_minutes"), seed=args.seed, hflip=args.hflip, compile=args.compile)
+    if args.stage == "fd" and (args.method is not None or args.tangent_warmup is not None):
+        raise UsageError("--method and --tangent-warmup belong to --stage ict; --stage fd keeps the method of --init")
+    if args.tangent_warmup is not None and (args.method or "ict") != "sct":
+        raise UsageError("--tangent-warmup is sCT's: pass it with --method sct")
     prepare = _train_ict_stage if args.stage == "ict" else _train_fd_stage
     train = prepare(args, data, common)  # validates everything (and computes FD reference statistics) first
     with _output_dir(args.out, args.overwrite or args.resume or args.restart, f"train-{args.stage}") as out:
         result = train(out)
     last = result.records[-1] if result.records else {}
-    print(f"trained {result.step} steps ({args.stage}); last loss {last.get('loss')}, skipped steps "
+    print(f"trained {result.step} steps ({args.method or 'ict'} stage)" if args.stage == "ict" else
+          f"trained {result.step} steps (fd stage)", end="")
+    print(f"; last loss {last.get('loss')}, skipped steps "
           f"{result.skipped_steps}")
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}\nnext: fastcm sample --checkpoint {result.checkpoint}")
@@ -56,10 +62,11 @@ def cmd_train(args) -> int:
 
 
 def _train_ict_stage(args, data, common):
-    """Validate the iCT stage's options and build its model; return ``train(out_dir) -> TrainResult``."""
+    """Validate the consistency-training stage's options and build the method's model; return
+    ``train(out_dir) -> TrainResult``."""
     import torch
 
-    from fastcm.cm import ConsistencyModel
+    from fastcm.cm import METHODS, get_method
     from fastcm.models import build_unet
     from fastcm.train import ICTConfig, train_ict
 
@@ -69,11 +76,13 @@ def _train_ict_stage(args, data, common):
     preset = args.preset or ("digits" if data.image_shape == (1, 8, 8) else "cifar10-small")
     with torch.random.fork_rng(devices=[]):  # the initial weights are a function of --seed (as in the demo)
         torch.manual_seed(args.seed)
-        unet = build_unet(preset)
+        unet = build_unet(preset, **METHODS[args.method or "ict"].unet_overrides)
     if tuple(unet.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--preset {preset} generates {tuple(unet.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}; pick a preset of that shape")
-    cfg, model = ICTConfig(**common), ConsistencyModel(unet)
+    extra = {"tangent_warmup": args.tangent_warmup} if args.tangent_warmup is not None else {}
+    cfg = ICTConfig(**common, method=args.method or "ict", **extra)
+    model = get_method(cfg.method, **cfg.method_hyperparameters()).make_model(unet)
     return lambda out: train_ict(cfg, data, model, out_dir=out, resume=args.resume, restart=args.restart,
                                  device=args.device, progress=not args.no_progress)
 
@@ -128,9 +137,10 @@ def _sigmas(args, model, default_steps: int) -> tuple:
 def cmd_sample(args) -> int:
     import torch
 
-    from fastcm.cm import sample
+    from fastcm.cm import method_of_model, sample
     from fastcm.data import save_grid
     from fastcm.eval.report import save_samples_npz
+    from fastcm.train.loop import sampling_method
 
     model = _load_model(args)  # refuses non-finite weights
     classes = model.num_classes
@@ -140,9 +150,19 @@ def cmd_sample(args) -> int:
     else:
         labels, per = None, None
     n = len(labels) if labels is not None else check_int("--num", args.num or 64)
-    sigmas = _sigmas(args, model, 1)
+    method = method_of_model(model)
+    if method == "ict":
+        sigmas = _sigmas(args, model, 1)
+        draw = lambda: sample(model, n, labels, sigmas=sigmas, seeds=args.seed, batch_size=256)  # noqa: E731
+        how = f"{len(sigmas)} step(s), sigmas {list(sigmas)}"
+    else:
+        if args.sigmas:
+            raise UsageError(f"--sigmas are iCT noise levels; this is a {method} checkpoint: use --steps 1 or 2")
+        steps = args.steps or 1
+        draw = lambda: sampling_method(method).sample(model, n, steps, labels, seeds=args.seed)  # noqa: E731
+        how = f"{steps} step(s), {method} sampler"
     with _output_dir(args.out, args.overwrite, "samples") as out:
-        x = _finite(sample(model, n, labels, sigmas=sigmas, seeds=args.seed, batch_size=256).cpu(), args)
+        x = _finite(draw().cpu(), args)
         save_samples_npz(out / "samples.npz", x, labels)
         if labels is not None:
             k = min(per, 16)  # one row per class, at most 16 columns
@@ -150,7 +170,7 @@ def cmd_sample(args) -> int:
             save_grid(grid, out / "samples.png", nrow=k, overwrite=True)
         else:
             save_grid(x[:256], out / "samples.png", overwrite=True)
-    print(f"wrote {n} samples ({len(sigmas)} step(s), sigmas {list(sigmas)}) to {out}/samples.npz and "
+    print(f"wrote {n} samples ({how}) to {out}/samples.npz and "
           f"{out}/samples.png")
     return 0
 
@@ -242,7 +262,12 @@ def cmd_edit(args) -> int:
     from fastcm.data import save_grid
     from fastcm.eval.report import save_samples_npz
 
+    from fastcm.cm import method_of_model
+
     model = _load_model(args)
+    if method_of_model(model) != "ict":
+        raise UsageError(f"--checkpoint is a {method_of_model(model)} model; zero-shot editing (Consistency Models "
+                         "Alg. 4) is implemented for iCT checkpoints only")
     n = check_int("--num", args.num)
     x, labels = _edit_inputs(args.input, n, model.input_shape[0])
     if tuple(x.shape[1:]) != tuple(model.input_shape):

@@ -148,7 +148,9 @@ class MeanFlowLoss:
     def target(self, model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, class_labels=None, dropout_seed=None):
         """(u^-, u_tgt): the stop-gradient u(z, r, t) and v - (t - r) du/dt, du/dt the JVP along (v, 0, 1)."""
         mf = find_meanflow(model)
-        u_minus, dudt = network_jvp(mf, lambda zz, rr, tt: mf(zz, rr, tt, class_labels, dropout_seed),
+        # mf.forward, not mf(...): a torch.compile'd module call (Trainer compile=True) cannot run under
+        # torch.func.jvp ("meta conversion of a view functorch tensor"); the JVP runs eagerly (fastcm.cm.jvp).
+        u_minus, dudt = network_jvp(mf, lambda zz, rr, tt: mf.forward(zz, rr, tt, class_labels, dropout_seed),
                                     (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), impl=self.jvp_impl)
         return u_minus, meanflow_target(v, r, t, dudt)
 

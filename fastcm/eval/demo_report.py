@@ -1,8 +1,18 @@
 """The demo's verdicts, its report.md and the summary table printed at the end of ``fastcm demo``."""
 from fastcm.eval.report import markdown_table
 
-ROWS = (("real_train_split", "real train split (reference)"), ("one_step", "iCT, one step"),
-        ("two_step", "iCT, two steps (σ 80 → 0.821)"), ("fd_finetuned", "FD fine-tune, one step"))
+METHOD_LABELS = {"ict": "iCT", "sct": "sCT", "meanflow": "MeanFlow"}
+TWO_STEP = {"ict": "σ 80 → 0.821", "sct": "t 1.565 → 1.1", "meanflow": "t 1 → 0.5 → 0"}  # each method's sampler
+
+
+def rows_of(method: str) -> tuple:
+    """(metrics key, row label) of a demo report whose stage 1 used ``method``."""
+    m = METHOD_LABELS[method]
+    return (("real_train_split", "real train split (reference)"), ("one_step", f"{m}, one step"),
+            ("two_step", f"{m}, two steps ({TWO_STEP[method]})"), ("fd_finetuned", "FD fine-tune, one step"))
+
+
+ROWS = rows_of("ict")
 
 
 def quality_checks(report: dict, goals: dict) -> dict:
@@ -42,7 +52,7 @@ def _pixel_statement(before: float, after: float, change: float) -> str:
 
 def _metric_rows(report: dict) -> list:
     rows = []
-    for key, label in ROWS:
+    for key, label in rows_of(report.get("method", "ict")):
         r = report["metrics"].get(key)
         if r is not None:
             rows.append([label, r["cas"], r["fd_features"], r["fd_pixels"], r["label_agreement"], r["n"]])
@@ -59,7 +69,7 @@ def render_markdown(report: dict) -> str:
     cfg, q, t = report["config"], report["quality"], report["timings_s"]
     judge = "logistic regression on pixels" if cfg["judge"] == "logreg" else "small CNN"
     lines = [
-        "# fastcm demo report", "",
+        f"# fastcm demo report ({METHOD_LABELS[report.get('method', 'ict')]})", "",
         f"scikit-learn digits, {report['data']['train_size']} train / {report['data']['test_size']} test images "
         f"({report['data']['split']}); seed {report['seed']}; fastcm {report['environment']['fastcm']}, torch "
         f"{report['environment']['torch']}, {report['environment']['torch_threads']} CPU threads.", "",
@@ -132,3 +142,48 @@ def format_summary(report: dict) -> str:
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in main.items()))
     lines.append(f"report: {report['out']}/report.md")
     return "\n".join(lines)
+
+
+# -- the comparison of methods (fastcm demo --compare) ----------------------------------------------------------------
+
+COMPARE_COLUMNS = ("one_step", "two_step", "fd_finetuned")
+
+
+def compare_rows(runs: dict) -> list:
+    """One row per method: stage-1 steps and seconds, then CAS / feature FD / pixel FD of one step, two steps and
+    one step after the FD stage."""
+    rows = []
+    for method, r in runs.items():
+        row = [METHOD_LABELS[method], r["stage1_steps"], r["stage1_seconds"], r.get("stage1_cpu_seconds", "—")]
+        for key in COMPARE_COLUMNS:
+            m = r["metrics"].get(key)
+            row += [m["cas"], m["fd_features"], m["fd_pixels"]] if m else ["—"] * 3
+        rows.append(row)
+    return rows
+
+
+def render_compare(report: dict) -> str:
+    """compare.md: the methods at an equal time budget of stage 1."""
+    heads = ["method", "stage-1 steps", "stage-1 wall s", "stage-1 CPU s"]
+    for key in ("1-step", "2-step", "FD-tuned 1-step"):
+        heads += [f"{key} CAS", f"{key} FD feat", f"{key} FD pix"]
+    env = report["environment"]
+    lines = ["# fastcm demo --compare", "",
+             f"Stage 1 of each method on scikit-learn digits with an equal budget of {report['budget_s']:.0f} "
+             + ("CPU seconds per thread (the process's CPU time, so other jobs on a shared machine do not shrink "
+                "it; on an idle machine the same as wall-clock seconds) "
+                if report.get("budget_clock") == "cpu" else "wall-clock seconds ")
+             + f"(batch {report['config']['batch_size']}, lr {report['config']['lr']}, at most "
+             f"{report['config']['ict_steps']} steps), then {report['config']['fd_steps']} FD-loss fine-tune steps "
+             "from that model (same settings for every method). CAS = top-1 on the real test split of a "
+             f"{report['config']['judge']} judge trained on {report['config']['per_class']} samples per class; "
+             "FD feat / FD pix = Fréchet distance to the real test split in the digits-CNN feature space / in pixels "
+             f"(lower is better). {env['torch_threads']} CPU threads; load average {env.get('load_average_start')} "
+             f"at start, {env.get('load_average_end')} at end on {env.get('cpu_count')} cores.", "",
+             markdown_table(heads, compare_rows(report["runs"])), "",
+             f"Best one-step CAS: **{report['best']['one_step_cas']}**; best one-step feature FD: "
+             f"**{report['best']['one_step_fd_features']}**. Total wall time {report['timings_s']['total']:.0f} s.", ""]
+    for method, r in report["runs"].items():
+        lines.append(f"- {METHOD_LABELS[method]}: samples (.npz, .png) and checkpoints under `{r['out']}/`; "
+                     f"{r['stage1_img_per_s']:.0f} img/s in stage 1")
+    return "\n".join(lines) + "\n"

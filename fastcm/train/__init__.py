@@ -1,4 +1,5 @@
-"""Training pipelines: the iCT stage, the FD-loss fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
+"""Training pipelines: the consistency-training stage (iCT, sCT or MeanFlow: ``ICTConfig(method=...)``), the FD-loss
+fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
 
     from fastcm.data import load_digits
     from fastcm.models import build_unet
@@ -16,11 +17,11 @@ from .config import FDConfig, ICTConfig, TrainConfig
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .ema import EMA
 from .fd import finetune_fd, reference_stats
-from .ict import train_ict
+from .ict import train_ict, train_method
 from .loop import DivergenceError, NonFiniteError, NonFiniteGuard, Trainer, TrainingInterrupted, TrainResult
 from .progress import Callback
 
-__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "finetune_fd", "reference_stats", "EMA",
+__all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "train_method", "finetune_fd", "reference_stats", "EMA",
            "TrainResult", "Trainer", "Callback", "load_model", "load_weights", "save_checkpoint", "load_checkpoint",
            "read_checkpoint_meta", "CheckpointManager", "CheckpointError", "NonFiniteError", "DivergenceError",
            "TrainingInterrupted", "NonFiniteGuard", "DistInfo", "init_distributed", "cleanup_distributed"]

@@ -27,7 +27,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from fastcm.cm import ConsistencyModel
+from fastcm.cm import ConsistencyModel, MeanFlowModel, TrigFlowModel, method_from_metadata, method_of_model
 from fastcm.cm.precond import unwrap
 
 from .config import RESUMABLE_CHANGES, TrainConfig
@@ -302,15 +302,24 @@ def set_aside_run(out_dir: Path, names=("checkpoints", "metrics.jsonl", "config.
 # ----------------------------------------------------------------------------------------------------------------
 # Training state <-> checkpoint contents.
 
-def model_meta(cm: ConsistencyModel) -> dict:
-    """JSON description of the network: enough for :func:`load_model` to rebuild a fastcm U-Net."""
-    unet = unwrap(cm.unet)
+def model_meta(cm: nn.Module) -> dict:
+    """JSON description of the network: enough for :func:`load_model` to rebuild a fastcm U-Net and the method's
+    model around it (ConsistencyModel: sigma_data/min/max; TrigFlowModel: sigma_data, sigma_max, weight_channels;
+    MeanFlowModel: nothing more)."""
+    inner = unwrap(cm)
+    unet = unwrap(inner.unet)
     config = getattr(unet, "config", None)
-    return {
+    out = {
         "unet_class": f"{type(unet).__module__}.{type(unet).__qualname__}",
         "unet_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
-        "sigma_data": cm.sigma_data, "sigma_min": cm.sigma_min, "sigma_max": cm.sigma_max,
+        "method": method_of_model(inner),
     }
+    for key in ("sigma_data", "sigma_min", "sigma_max"):
+        if hasattr(inner, key):
+            out[key] = getattr(inner, key)
+    if getattr(inner, "weight", None) is not None and hasattr(inner.weight, "linear"):  # sCT's adaptive weight
+        out["weight_channels"] = inner.weight.linear.in_features
+    return out
 
 
 def split_state(state: Mapping, prefix: str):
@@ -359,8 +368,12 @@ def check_resumable(path, meta: dict, stage: str, cfg: TrainConfig, cm: Consiste
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
         raise ValueError(f"cannot resume from {path}: the config changed ({changes}). Only "
                          f"{sorted(RESUMABLE_CHANGES)} may change; start a new out_dir otherwise")
+    saved_method, method = method_from_metadata(meta), method_of_model(cm)
+    if saved_method != method:
+        raise ValueError(f"cannot resume from {path}: it was trained with method {saved_method!r}, this run uses "
+                         f"{method!r}")
     want, have = meta.get("model", {}), model_meta(cm)
-    for key in ("unet_config", "sigma_data", "sigma_min", "sigma_max"):
+    for key in ("unet_config", "sigma_data", "sigma_min", "sigma_max", "weight_channels"):
         a, b = want.get(key), have.get(key)
         if key == "unet_config" and a and b:
             a, b = {**a, "impl": None}, json.loads(json.dumps({**b, "impl": None}))  # the backend may change
@@ -370,9 +383,11 @@ def check_resumable(path, meta: dict, stage: str, cfg: TrainConfig, cm: Consiste
 
 
 def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Union[str, torch.device] = "cpu",
-               impl: Optional[str] = None) -> ConsistencyModel:
-    """Rebuild the ConsistencyModel of a training checkpoint (any stage) with its ``weights``: "ema" (the
-    evaluation weights) or "model" (the raw trained weights). ``impl`` overrides the U-Net's op backend."""
+               impl: Optional[str] = None) -> nn.Module:
+    """Rebuild the model of a training checkpoint (any stage) with its ``weights``: "ema" (the evaluation weights)
+    or "model" (the raw trained weights). The checkpoint's method (``meta["method"]``, iCT when absent) picks the
+    class: ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel; ``method_of_model`` tells them apart and
+    ``get_method(name).sample`` samples any of them. ``impl`` overrides the U-Net's op backend."""
     from fastcm.models import UNet, UNetConfig
 
     if weights not in ("ema", "model"):
@@ -385,14 +400,20 @@ def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Unio
     unet = UNet(UNetConfig(**info["unet_config"]))
     if impl is not None:
         unet.set_impl(impl)
-    cm = ConsistencyModel(unet, info["sigma_data"], info["sigma_min"], info["sigma_max"])
+    method = method_from_metadata(meta)
+    if method == "ict":
+        cm = ConsistencyModel(unet, info["sigma_data"], info["sigma_min"], info["sigma_max"])
+    elif method == "sct":
+        cm = TrigFlowModel(unet, info["sigma_data"], info["sigma_max"], info.get("weight_channels", 128))
+    else:
+        cm = MeanFlowModel(unet)
     load_weights(cm, path, weights, tensors=tensors)
     return cm.to(device).eval()
 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike], weights: str = "ema",
                  tensors: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
-    """Load a checkpoint's ``weights`` ("ema" or "model") into an existing ConsistencyModel (strict)."""
+    """Load a checkpoint's ``weights`` ("ema" or "model") into an existing model of its method (strict)."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if tensors is None:

@@ -1,5 +1,10 @@
 """Frozen, JSON-serialisable configs of the two training stages (``to_dict`` / ``from_dict``).
 
+Stage 1 trains with ``method``: "ict" (default), "sct" or "meanflow" (fastcm.cm.methods); each method reads its own
+hyper-parameters below and ignores the others'. sCT's tangent warm-up H (``tangent_warmup``) defaults to 1,000 steps,
+not the paper's 10,000 (sCM App. G.2, for 100k+ step runs): at H = 10,000 a few-thousand-step run (the digits demo)
+would train its whole length on a partly switched-off tangent.
+
 ICTConfig defaults are iCT's CIFAR-10 values (Song & Dhariwal 2023): RAdam lr 1e-4, batch 1024, 400k steps,
 s0 = 10, s1 = 1280, P_mean = -1.1, P_std = 2.0, rho = 7, eval EMA 0.99993. FDConfig defaults follow the calibrated
 digits fine-tune (calibration.md): Adam lr 2e-5, batch 250, 300 steps.
@@ -8,7 +13,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from fastcm._checks import is_int, is_real
+from fastcm._checks import check_choice, is_int, is_real
+
+METHOD_NAMES = ("ict", "sct", "meanflow")  # fastcm.cm.METHODS (checked against it in fastcm.train.ict)
 
 OPTIMIZERS = ("radam", "adam")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -80,6 +87,27 @@ class ICTConfig(TrainConfig):
     P_std: float = 2.0                 # lognormal p(i): std of ln sigma
     rho: float = 7.0                   # Karras grid exponent
     huber_c: Optional[float] = None    # Pseudo-Huber c; None = 0.00054 * sqrt(d)
+    method: str = "ict"                # "ict" | "sct" | "meanflow" (fastcm.cm.get_method)
+    # sCT (Lu & Song 2025, App. G.2 CIFAR-10 values except H, see the module docstring)
+    tangent_warmup: int = 1000         # H of the tangent warm-up r = min(1, step / H); 0 = none
+    sct_P_mean: float = -1.0           # lognormal proposal of tan(t) sigma_d: mean
+    sct_P_std: float = 1.4             # ... and std
+    tangent_c: float = 0.1             # tangent normalisation g / (||g|| + c)
+    # MeanFlow (Geng et al. 2025, CIFAR-10 values)
+    mf_P_mean: float = -2.0            # logit-normal (r, t) sampler: mean
+    mf_P_std: float = 2.0              # ... and std
+    mf_ratio: float = 0.75             # share of the (r, t) pairs with r != t (the rest: r = t, flow matching)
+    mf_p: float = 0.75                 # adaptive weight 1 / (loss + c)^p
+
+    def method_hyperparameters(self) -> dict:
+        """The keyword arguments of ``fastcm.cm.get_method(self.method, ...)``."""
+        if self.method == "sct":
+            return {"P_mean": self.sct_P_mean, "P_std": self.sct_P_std, "tangent_c": self.tangent_c,
+                    "warmup_steps": self.tangent_warmup}
+        if self.method == "meanflow":
+            return {"P_mean": self.mf_P_mean, "P_std": self.mf_P_std, "ratio": self.mf_ratio, "p": self.mf_p}
+        return {"total_steps": self.total_steps, "s0": self.s0, "s1": self.s1, "P_mean": self.P_mean,
+                "P_std": self.P_std, "rho": self.rho, "c": self.huber_c}
 
 
 @dataclass(frozen=True)
@@ -112,16 +140,24 @@ class FDConfig(TrainConfig):
 
 def _validate(c: TrainConfig) -> None:
     ints = {"total_steps": 1, "batch_size": 1, "seed": 0, "num_workers": 0, "log_every": 1, "sample_every": 0,
-            "num_samples": 1, "save_every": 0, "max_nonfinite": 1, "s0": 1, "s1": 1, "queue_size": 1}
+            "num_samples": 1, "save_every": 0, "max_nonfinite": 1, "s0": 1, "s1": 1, "queue_size": 1,
+            "tangent_warmup": 0}
     for name, lo in ints.items():
         if hasattr(c, name) and not is_int(getattr(c, name), lo):
             raise ValueError(f"{name} must be an int >= {lo}, got {getattr(c, name)!r}")
     if c.keep_last is not None and not is_int(c.keep_last, 1):
         raise ValueError(f"keep_last must be a positive int or None, got {c.keep_last!r}")
-    for name in ("lr", "ema_beta", "weight_decay", "P_std", "rho", "ict_weight", "fd_ema_beta", "P_mean"):
+    signed = ("P_mean", "sct_P_mean", "mf_P_mean")
+    for name in ("lr", "ema_beta", "weight_decay", "P_std", "rho", "ict_weight", "fd_ema_beta", "tangent_c",
+                 "sct_P_std", "mf_P_std", "mf_p") + signed:
         v = getattr(c, name, 0.0)
-        if not is_real(v) or (name != "P_mean" and v < 0):
-            raise ValueError(f"{name} must be a finite number{'' if name == 'P_mean' else ' >= 0'}, got {v!r}")
+        if not is_real(v) or (name not in signed and v < 0):
+            raise ValueError(f"{name} must be a finite number{'' if name in signed else ' >= 0'}, got {v!r}")
+    if hasattr(c, "method"):
+        check_choice("method", c.method, METHOD_NAMES)
+        if not (is_real(c.mf_ratio) and 0 <= c.mf_ratio <= 1) or not c.sct_P_std > 0 or not c.mf_P_std > 0:
+            raise ValueError(f"need 0 <= mf_ratio <= 1 and positive sct_P_std / mf_P_std, got mf_ratio="
+                             f"{c.mf_ratio!r}, sct_P_std={c.sct_P_std!r}, mf_P_std={c.mf_P_std!r}")
     if not c.lr > 0 or not 0 <= c.ema_beta < 1 or (hasattr(c, "fd_ema_beta") and not 0 <= c.fd_ema_beta < 1):
         raise ValueError(f"need lr > 0 and EMA betas in [0, 1), got lr={c.lr}, ema_beta={c.ema_beta}")
     if len(c.betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in c.betas):

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcm.cm import ICTLoss
+from fastcm.cm import ICTLoss, method_of_model
+from fastcm.cm.precond import unwrap
 from fastcm.data import BatchLoader, derive_seed
 from fastcm.fid import FDLoss, FeatureStats
 from fastcm.nn import SeededDropout
@@ -36,8 +37,9 @@ _NOISE_STREAM, _ICT_STREAM, _DROPOUT_STREAM = 0xFD, 0x1C7, 0xD0
 def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_stats, *, dataset=None,
                 out_dir=None, resume=False, restart: bool = False, device=None,
                 callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True) -> TrainResult:
-    """Fine-tune ``model`` (a ConsistencyModel, e.g. ``load_model(ict_checkpoint)``) to lower the FD of its
-    one-step samples.
+    """Fine-tune ``model`` (e.g. ``load_model(checkpoint)``: an iCT ConsistencyModel, an sCT TrigFlowModel or a
+    MeanFlowModel) to lower the FD of its one-step samples (the method's own one-step generator, see
+    :func:`one_step_generate`).
 
     Args:
         feature_net: any module mapping images (B, C, H, W) in [-1, 1] to features (B, d) (a digits classifier's
@@ -60,6 +62,9 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
     _check_features(feature_net, cm, mu.numel(), dev)
     fd = FDLoss(mu, sigma, mode=cfg.fd_mode, queue_size=cfg.queue_size, ema_beta=cfg.fd_ema_beta).to(dev)
     trainer.extra["fd_loss"] = FDLossState(fd)
+    if cfg.ict_weight > 0 and trainer.method != "ict":
+        raise ValueError(f"ict_weight={cfg.ict_weight} adds an iCT term, which needs an iCT model; this one is "
+                         f"{trainer.method!r} (use ict_weight=0)")
     ict_term = _ict_term(cfg, dataset, trainer) if cfg.ict_weight > 0 else None
     trainer.curriculum = lambda k: {"fd_mode": cfg.fd_mode, "ict_N": cfg.s1 + 1 if ict_term else None}
     trainer.start(resume, restart)
@@ -72,8 +77,7 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
         z, labels = z.to(dev), None if labels is None else labels.to(dev)
         seeds = dropout_seeds(cfg.seed, step, start, B).to(dev) if cfg.fd_dropout else None
         with contextlib.nullcontext() if cfg.fd_dropout else dropout_off(cm):
-            x = trainer.net(z * cm.sigma_max, torch.full((B,), cm.sigma_max, device=dev), labels,
-                            dropout_seed=seeds)  # with gradient
+            x = one_step_generate(trainer.net, z, labels, seeds)  # with gradient
         feats = feature_net(x)
         with torch.autocast(dev.type, enabled=False):  # the FD is computed in fp64
             fd_value = fd(feats.float())
@@ -89,6 +93,23 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
         return total, extras
 
     return trainer.run(loss_fn)
+
+
+def one_step_generate(model: nn.Module, z: Tensor, labels=None, dropout_seed=None) -> Tensor:
+    """The method's one-step sample of unit noise z (with gradient; ``model`` may be DDP/compile-wrapped), as its
+    sampler computes it (without the final clamp):
+    iCT x = f(sigma_max z, sigma_max); sCT x = f(sigma_d z, t_max) (TrigFlow, sCM Sec. 5); MeanFlow
+    x = z - u(z, 0, 1) (MeanFlow Eq. 12)."""
+    inner, B = unwrap(model), z.shape[0]
+    name = method_of_model(inner)
+    if name == "ict":
+        return model(z * inner.sigma_max, torch.full((B,), inner.sigma_max, device=z.device), labels,
+                     dropout_seed=dropout_seed)
+    if name == "sct":
+        return model(z * inner.sigma_data, torch.full((B,), inner.t_max, device=z.device), labels,
+                     dropout_seed=dropout_seed)
+    r, t = torch.zeros(B, device=z.device), torch.ones(B, device=z.device)
+    return z - model(z, r, t, labels, dropout_seed=dropout_seed)
 
 
 def one_step_inputs(seed: int, step: int, start: int, n: int, shape, num_classes: int, balanced: bool):

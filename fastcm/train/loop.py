@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from fastcm.cm import ConsistencyModel, sample
+from fastcm.cm import ConsistencyModel, get_method, method_of_model
 from fastcm.data import derive_seed, save_grid
 
 from .checkpoint import (CheckpointManager, check_resumable, load_checkpoint, model_meta, optimizer_from_flat,
@@ -61,7 +61,7 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainResult:
     """What a stage returns. ``model`` holds the trained weights, ``ema.module`` the evaluation weights."""
 
-    model: ConsistencyModel
+    model: nn.Module                                     # ConsistencyModel | TrigFlowModel | MeanFlowModel
     ema: EMA
     step: int
     records: List[dict] = field(default_factory=list)  # metrics records (rank 0)
@@ -69,13 +69,23 @@ class TrainResult:
     skipped_steps: int = 0                               # steps thrown away by the NaN/inf guard
 
 
-def as_consistency_model(model: nn.Module) -> ConsistencyModel:
-    """A ConsistencyModel as given, or one with the default sigmas around a bare U-Net."""
-    if isinstance(model, ConsistencyModel):
-        return model
-    if isinstance(model, nn.Module) and hasattr(model, "input_shape"):
-        return ConsistencyModel(model)
-    raise TypeError(f"model must be a fastcm ConsistencyModel or U-Net, got {type(model).__name__}")
+def as_consistency_model(model: nn.Module) -> nn.Module:
+    """A method's model (ConsistencyModel, TrigFlowModel or MeanFlowModel) as given, or an iCT ConsistencyModel with
+    the default sigmas around a bare U-Net."""
+    if isinstance(model, nn.Module):
+        try:
+            method_of_model(model)
+            return model
+        except TypeError:
+            if hasattr(model, "input_shape"):
+                return ConsistencyModel(model)
+    raise TypeError(f"model must be a fastcm ConsistencyModel, TrigFlowModel, MeanFlowModel or U-Net, got "
+                    f"{type(model).__name__}")
+
+
+def sampling_method(name: str):
+    """The registry's Method ``name`` for sampling only (its loss hyper-parameters are irrelevant there)."""
+    return get_method(name, **({"total_steps": 1} if name == "ict" else {}))
 
 
 class Trainer:
@@ -97,11 +107,14 @@ class Trainer:
         self.device = info.device
         # train() and requires_grad_: a frozen copy (e.g. an EMA module or load_model's output) is trained too.
         self.cm = as_consistency_model(model).to(self.device).train().requires_grad_(True)
+        self.method = method_of_model(self.cm)  # recorded in checkpoints (meta["method"]); picks the sampler
         self.net = wrap_ddp(self.cm, info)  # broadcasts rank 0's weights, so the EMA below starts identical
         self.ema = EMA(self.cm, cfg.ema_beta)
         if cfg.compile:
             # The model call of the training step (precond + U-Net) and of the one-step sampler, without graph
-            # breaks. Module.compile keeps parameter names, so checkpoints and the EMA are unaffected.
+            # breaks. Module.compile keeps parameter names, so checkpoints and the EMA are unaffected. sCT and
+            # MeanFlow: the trainable primal pass is this compiled call; their network JVP runs eagerly on the
+            # U-Net's reference ops (fastcm.cm.jvp: a custom jvp rule is dropped inside a compiled JVP, pytorch#192985).
             self.cm.compile(fullgraph=True, backend=cfg.compile_backend)
             self.ema.module.compile(fullgraph=True, backend=cfg.compile_backend)
         self.opt = _make_optimizer(cfg, self.cm.parameters())
@@ -111,6 +124,8 @@ class Trainer:
         self.extra: Dict[str, object] = {}
         self.curriculum: Optional[Callable[[int], dict]] = None  # step -> JSON description saved in checkpoints
         self.step, self.last_checkpoint, self.started = 0, None, False
+        self.max_seconds: Optional[float] = None  # time budget of run(): stop (and save) once it is spent
+        self.budget_clock: Callable[[], float] = time.monotonic  # its clock (time.process_time: CPU seconds)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
 
@@ -200,7 +215,8 @@ class Trainer:
         for name, obj in self.extra.items():
             t, extra_doc[name] = split_state(obj.state_dict(), f"extra/{name}/")
             tensors.update(t)
-        meta = {"stage": self.stage, "step": self.step, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
+        meta = {"stage": self.stage, "method": self.method, "step": self.step, "config": self.cfg.to_dict(),
+                "model": model_meta(self.cm),
                 "optimizer": opt_doc, "guard": self.guard.state_dict(), "extra": extra_doc,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "curriculum": self.curriculum(self.step) if self.curriculum is not None else None,
@@ -222,6 +238,7 @@ class Trainer:
                         self.callbacks, desc=self.stage)
         interval = _Interval()
         self._saved_at, self._save_clock = self.step, time.monotonic()
+        t_run = self.budget_clock()
         try:
             with _StopSignals() as signals:
                 while self.step < cfg.total_steps:
@@ -229,7 +246,10 @@ class Trainer:
                     stop = stop if self.info.distributed else signals.received  # alone: also one that came later
                     self.step += 1
                     log.tick()
-                    self._after_step(log, interval, stop)
+                    spent = self._out_of_time(t_run)
+                    self._after_step(log, interval, stop, spent)
+                    if spent and not stop:
+                        break
                     if stop and self.step < cfg.total_steps:
                         raise TrainingInterrupted(stop, self.step, self.last_checkpoint,
                                                   saved_elsewhere=self.ckpt is not None and not self.info.is_main)
@@ -239,10 +259,17 @@ class Trainer:
         log.event("on_end", result)
         return result
 
-    def _after_step(self, log: RunLogger, interval: "_Interval", stop: int) -> None:
-        """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says."""
+    def _out_of_time(self, t_run: float) -> bool:
+        """Whether ``max_seconds`` of run() have passed on ``budget_clock`` (agreed by every rank)."""
+        if self.max_seconds is None:
+            return False
+        return any_rank([self.budget_clock() - t_run >= self.max_seconds], self.info)[0]
+
+    def _after_step(self, log: RunLogger, interval: "_Interval", stop: int, final: bool = False) -> None:
+        """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says; a
+        ``final`` step (the time budget is spent) is treated like the last one."""
         cfg, step = self.cfg, self.step
-        done = step == cfg.total_steps
+        done = step == cfg.total_steps or final
         if step % cfg.log_every == 0 or done or stop:
             log.log(self._record(interval))
         if done or (cfg.sample_every and step % cfg.sample_every == 0):
@@ -307,7 +334,7 @@ class Trainer:
         n, classes = self.cfg.num_samples, self.cm.num_classes
         labels = torch.arange(n) % classes if classes else None  # one column per class
         # One call for the whole grid: a fixed shape, so a compiled sampler never recompiles for a remainder.
-        images = sample(self.ema.module, n, labels, sigmas=(self.cm.sigma_max,), seeds=self.cfg.seed)
+        images = sampling_method(self.method).sample(self.ema.module, n, 1, labels, seeds=self.cfg.seed)
         if self.out_dir is not None:
             nrow = classes if classes and n % classes == 0 and classes <= 32 else None
             save_grid(images, self.out_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow, overwrite=True)
