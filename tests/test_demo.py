@@ -107,7 +107,7 @@ def test_markdown_and_refusal_to_overwrite(demo, capsys):
 
 
 def test_thread_guard_falls_back_to_one_thread_when_throughput_collapses():
-    from fastcm.demo import ThreadGuard, choose_threads
+    from fastcm.train.threads import ThreadGuard, choose_threads
 
     previous = torch.get_num_threads()
     try:
