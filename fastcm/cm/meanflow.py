@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from fastcm._checks import check_tensor
 
 from .jvp import network_jvp
-from .precond import UNetWrapper, unwrap
+from .precond import UNetWrapper, find_wrapped, unwrap
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
 
 
@@ -101,11 +101,7 @@ class MeanFlowModel(UNetWrapper):
 
 
 def find_meanflow(model: nn.Module) -> MeanFlowModel:
-    inner = unwrap(model)
-    if not isinstance(inner, MeanFlowModel):
-        raise TypeError(f"model must be a fastcm.cm.MeanFlowModel (optionally compiled or DDP-wrapped), "
-                        f"got {type(model).__name__}")
-    return inner
+    return find_wrapped(model, MeanFlowModel)
 
 
 def meanflow_target(v: Tensor, r: Tensor, t: Tensor, dudt: Tensor) -> Tensor:

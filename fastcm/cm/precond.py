@@ -33,13 +33,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def find_cm(model: nn.Module) -> "ConsistencyModel":
-    """The ConsistencyModel behind ``model`` (through compile / DDP wrappers); TypeError if there is none."""
+def find_wrapped(model: nn.Module, cls: type) -> nn.Module:
+    """The ``cls`` instance behind ``model`` (through compile / DDP wrappers); TypeError if there is none."""
     inner = unwrap(model)
-    if not isinstance(inner, ConsistencyModel):
-        raise TypeError(f"model must be a fastcm.cm.ConsistencyModel (optionally compiled or DDP-wrapped), "
+    if not isinstance(inner, cls):
+        raise TypeError(f"model must be a fastcm.cm.{cls.__name__} (optionally compiled or DDP-wrapped), "
                         f"got {type(model).__name__}")
     return inner
+
+
+def find_cm(model: nn.Module) -> "ConsistencyModel":
+    """The ConsistencyModel behind ``model`` (through compile / DDP wrappers); TypeError if there is none."""
+    return find_wrapped(model, ConsistencyModel)
 
 
 class UNetWrapper(nn.Module):

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from fastcm._checks import check_choice, check_tensor
 
 from .jvp import network_jvp
-from .precond import UNetWrapper, unwrap
+from .precond import UNetWrapper, find_wrapped
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
 
 TANGENT_NORMS = ("l2", "rms")
@@ -143,11 +143,7 @@ class TrigFlowModel(UNetWrapper):
 
 
 def find_trigflow(model: nn.Module) -> TrigFlowModel:
-    inner = unwrap(model)
-    if not isinstance(inner, TrigFlowModel):
-        raise TypeError(f"model must be a fastcm.cm.TrigFlowModel (optionally compiled or DDP-wrapped), "
-                        f"got {type(model).__name__}")
-    return inner
+    return find_wrapped(model, TrigFlowModel)
 
 
 def tangent_warmup(step: int, warmup_steps: int) -> float:
