@@ -218,8 +218,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    k, v, _, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
-                                 skl, skd, svl, svd, Lk, DOT)
+    k, v, _mask_n, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
+                                       skl, skd, svl, svd, Lk, DOT)
     qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
@@ -228,8 +228,9 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, Lq, BLOCK_M):
-        q, do, lse, delta, _ = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
-                                           sql, sqd, sdol, sdod, Lq, DOT)
+        # (Distinct names for unused results: Triton refuses a loop-carried name whose type changes in the loop.)
+        q, do, lse, delta, _mask_md = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
+                                                  sql, sqd, sdol, sdod, Lq, DOT)
         # Transposed (BLOCK_N, BLOCK_M) tiles. No mask needed: padded query rows load q = dO = lse = delta = 0, so
         # p = 1 and dS = 0 there and they add nothing; padded key rows only reach rows of dK/dV never stored.
         p_t, dpd_t = _probs_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, ACC)

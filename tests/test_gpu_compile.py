@@ -1,0 +1,77 @@
+"""The compile gate (benchmarks/gpu_compile.py --subset): every Triton kernel compiled for sm_80 and sm_90 at the
+launch configs its launcher picks, without a GPU.
+
+The interpreter that runs the other kernel tests never type-checks loop-carried variables and never sees shared
+memory, registers or MMA lowering; this module does. It runs the gate in a subprocess (jit kernels need
+TRITON_INTERPRET unset, which is an import-time switch of triton) and checks every compiled (kernel, target,
+dtype, config): compiled; dynamic shared memory within the target's per-block limit; fp16/bf16 attention dots on
+tensor cores. Compiled kernels and ptxas figures are cached in the Triton cache (~/.triton/cache): a warm run takes
+seconds, a cold one about two minutes on 2 cores. The full matrix is ``make gpu-compile``.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GATE = ROOT / "benchmarks" / "gpu_compile.py"
+LIMIT = {80: 166_912, 90: 232_448}
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gate") / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(GATE), "--subset", "--json", str(out)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert out.exists(), f"the gate did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text())
+
+
+def _fmt(rows):
+    return "\n".join(f"{r['kernel']} sm_{r['arch']} {r['dtype']} {r['config']}: {r['problems']}" for r in rows)
+
+
+def test_gate_covers_every_kernel_in_kernels(gate):
+    """Every @triton.jit kernel (a function named *_kernel) of every kernels/*.py is one the gate compiles."""
+    declared = set()
+    for path in (ROOT / "kernels").glob("*.py"):
+        for name in re.findall(r"@triton\.jit\s*\ndef (\w+_kernel)\(", path.read_text()):
+            declared.add(f"{path.stem}.{name}")
+    assert declared and declared <= set(gate["kernels"]), f"not in the gate: {declared - set(gate['kernels'])}"
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(gate):
+    compiled = {(r["kernel"], r["arch"]) for r in gate["rows"] if not r["problems"].startswith(("Compilation",
+                                                                                                "PTXAS"))}
+    kernels = [k.split(".", 1)[1] for k in gate["kernels"]]
+    missing = [(k, a) for k in kernels for a in (80, 90) if (k, a) not in compiled]
+    failed = [r for r in gate["rows"] if "Error" in r["problems"]]
+    assert not failed, "kernels that fail to compile:\n" + _fmt(failed)
+    assert not missing, f"kernels never compiled: {missing}"
+
+
+def test_shared_memory_within_the_per_block_limit(gate):
+    over = [r for r in gate["rows"] if r["shared"] > LIMIT[r["arch"]]]
+    assert not over, "configs a launcher may pick that exceed the shared-memory limit:\n" + _fmt(over)
+
+
+def test_half_precision_attention_dots_use_tensor_cores(gate):
+    rows = [r for r in gate["rows"] if r["op"] == "attention" and r["dtype"] in ("float16", "bfloat16")
+            and "preprocess" not in r["kernel"] and not r["problems"].startswith("Compilation")]
+    assert rows
+    no_mma = [r for r in rows if not r["mma"]]
+    assert not no_mma, "fp16/bf16 attention dots not on tensor cores:\n" + _fmt(no_mma)
+    wrong = [r for r in rows if r["arch"] == 80 and not r["mma"].startswith("mma.")]
+    assert not wrong, _fmt(wrong)
+
+
+def test_gate_rows_hold_ptxas_figures(gate):
+    """Registers come from ptxas -v: every compiled kernel uses some, and never more than the 255 a thread has."""
+    ok = [r for r in gate["rows"] if not r["problems"]]
+    assert ok and all(0 < r["registers"] <= 255 for r in ok)
