@@ -156,18 +156,23 @@ def sqrtm_jobs(sizes=((8, 64), (1, 512), (1, 2048)), dtypes=(torch.float32, torc
             yield Job("sqrtm", f"{G}x{n}x{n}", dtype, sqrtm, run)
 
 
-def all_jobs(presets=PRESETS, batches=BATCHES, dtypes=DTYPES, sm_counts=SM_COUNTS) -> Iterator[Job]:
+OPS = ("attention", "group_norm", "pseudo_huber", "sqrtm")
+
+
+def all_jobs(ops=OPS, presets=PRESETS, batches=BATCHES) -> Iterator[Job]:
+    """The full matrix: every op at every preset's shapes (sqrtm at its own sizes), each distinct job once."""
+    per_preset = dict(attention=attention_jobs, group_norm=group_norm_jobs, pseudo_huber=pseudo_huber_jobs)
     seen = set()
     for preset in presets:
         for batch in batches:
-            shapes = preset_shapes(preset, batch)
-            shapes["image"] = (batch, *_input_shape(preset))
-            for job in (*attention_jobs(shapes, dtypes), *group_norm_jobs(shapes, dtypes, sm_counts),
-                        *pseudo_huber_jobs(shapes, dtypes)):
-                if (job.op, job.label, job.dtype) not in seen:
-                    seen.add((job.op, job.label, job.dtype))
-                    yield dataclasses.replace(job, label=f"{preset}: {job.label}")
-    yield from sqrtm_jobs()
+            shapes = dict(preset_shapes(preset, batch), image=(batch, *_input_shape(preset)))
+            for op in ops:
+                for job in per_preset[op](shapes) if op in per_preset else ():
+                    if (job.op, job.label, job.dtype) not in seen:
+                        seen.add((job.op, job.label, job.dtype))
+                        yield dataclasses.replace(job, label=f"{preset}: {job.label}")
+    if "sqrtm" in ops:
+        yield from sqrtm_jobs()
 
 
 def _input_shape(preset: str):
@@ -296,10 +301,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", action="store_true", help="the representative subset (the test's run)")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of the full matrix's ops")
     parser.add_argument("--out", type=Path, default=None, help=f"markdown report (full run default: {REPORT})")
     args = parser.parse_args(argv)
     start = time.time()
-    jobs = subset_jobs() if args.subset else all_jobs()
+    jobs = subset_jobs() if args.subset else all_jobs(tuple(args.ops.split(",")))
     rows = compile_jobs(jobs, every_config=not args.subset)
     seconds = time.time() - start
     if args.json:

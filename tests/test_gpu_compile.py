@@ -75,3 +75,49 @@ def test_gate_rows_hold_ptxas_figures(gate):
     """Registers come from ptxas -v: every compiled kernel uses some, and never more than the 255 a thread has."""
     ok = [r for r in gate["rows"] if not r["problems"]]
     assert ok and all(0 < r["registers"] <= 255 for r in ok)
+
+
+def _gpu_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_compares_ops_and_a_training_step_on_this_device(device, tmp_path):
+    """make gpu-check's own checks, run here on the interpreter (fp32, smallest cases): the code path a GPU user
+    runs, and its tolerances met by correct kernels."""
+    import torch
+
+    check = _gpu_check()
+    rows = check.check_ops(device, cases=["tiny"], dtypes=(torch.float32,))
+    assert len(rows) == 5 and all(r["ok"] for r in rows), rows
+    step = check.check_training_step(device, preset="tiny", batch=2)
+    assert step["ok"], step
+    check.write_report([*rows, step], "test-device", tmp_path / "r.md")
+    text = (tmp_path / "r.md").read_text()
+    assert text.count("| ok |") == 6 and "tiny iCT step" in text
+
+
+def test_gpu_check_flags_a_wrong_kernel(device, monkeypatch):
+    import torch
+
+    from fastcm.ops import REGISTRY
+
+    check = _gpu_check()
+    spec = REGISTRY["attention"]
+    wrong = spec._replace(op=lambda impl, **kw: spec.op(impl=impl, **kw) * 1.01)
+    row = check.check_op("attention", wrong, "tiny", torch.float32, device)
+    assert not row["ok"] and "max rel err 1.00e-02" in row["detail"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the no-CUDA path")
+def test_gpu_check_without_cuda_runs_the_gate_and_says_so_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device") and "0 failing" in lines[0]

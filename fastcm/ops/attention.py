@@ -2,10 +2,10 @@
 
     O = softmax(Q K^T * scale) V,        scale = 1 / sqrt(D) unless given
 
-Consistency-model U-Nets attend over small token maps (8x8 = 64 ... 32x32 = 1024 tokens, head dim 32-128). The Triton
+Consistency-model U-Nets attend over small token maps (8x8 = 64 ... 32x32 = 1024 tokens, head dim 32-256). The Triton
 path (kernels/attention.py) is FlashAttention-2 (Dao 2023): an online softmax that never materialises the L x L
 matrix, the row log-sum-exp saved for backward, and separate dK/dV and dQ kernels (deterministic, no atomics). Any
-L >= 1 and any D <= 128 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
+L >= 1 and any D <= 256 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
 
 ``qkv_attention`` takes the packed output of a 1x1 convolution, (N, 3*C, H, W), and reads q, k, v through strides,
 so the U-Net needs no permute/contiguous copies around attention.
@@ -21,9 +21,9 @@ from torch import Tensor
 
 from ._utils import check_same_device, check_tensor, resolve_impl
 
-# The kernels hold a (BLOCK_M x BLOCK_D) query tile and (BLOCK_N x BLOCK_D) key/value tiles in registers; beyond 128
-# they would spill, so larger head dims go to torch's SDPA instead (documented fallback, see attention()).
-MAX_HEAD_DIM = 128
+# FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
+# larger head dims go to torch's SDPA instead (documented fallback, see attention()).
+MAX_HEAD_DIM = 256
 # dtypes the Triton path computes on a GPU; fp64 runs only under the interpreter (for gradcheck on CPU).
 TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,9 +41,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
     The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
-    autotune their block sizes on the first call per (Lq, Lk, D) and dtype.
+    autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
+    fp32 inputs on CUDA use TF32 tensor cores when torch allows TF32 matmuls
+    (``torch.get_float32_matmul_precision() != "highest"``, e.g. ``torch.backends.cuda.matmul.allow_tf32 = True``),
+    IEEE fp32 otherwise, as torch's own matmuls do.
 
-    Fallback (never silent): the Triton kernels support D <= 128 and, on CUDA, fp16/bf16/fp32. For D > 128, or fp64 on
+    Fallback (never silent): the Triton kernels support D <= 256 and, on CUDA, fp16/bf16/fp32. For D > 256, or fp64 on
     CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
     requested explicitly this also emits a ``UserWarning``.
     """
@@ -78,7 +81,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
             ``qkv.view(N, 3, num_heads, C // num_heads, H * W)``: q, k, v, then heads, then head dims.
         num_heads: number of heads; C must be divisible by it.
         scale: softmax scale; default 1 / sqrt(C // num_heads).
-        impl: as in :func:`attention` (same SDPA fallback for head dims > 128 or fp64 on CUDA).
+        impl: as in :func:`attention` (same SDPA fallback for head dims > 256 or fp64 on CUDA).
     Returns (N, C, H, W) in qkv's dtype; output channel ``head * head_dim + d``.
 
     The Triton path reads q, k, v and writes the output through strides (no permute copies); its backward writes
