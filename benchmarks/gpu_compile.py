@@ -96,6 +96,23 @@ def _with_sms(sms: int, fn: Callable) -> Callable:
     return run
 
 
+def _fp32_precision(precision):
+    """Decorator: run under torch's fp32 matmul setting ``precision`` ("ieee" / "tf32"; None leaves it alone),
+    which the attention launcher follows for fp32 inputs."""
+    def wrap(fn):
+        def run():
+            if precision is None:
+                return fn()
+            matmul = torch.backends.cuda.matmul
+            saved, matmul.fp32_precision = matmul.fp32_precision, precision
+            try:
+                fn()
+            finally:
+                matmul.fp32_precision = saved
+        return run
+    return wrap
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One function per op: the launches its launchers make at the presets' shapes.
 
@@ -103,7 +120,9 @@ def attention_jobs(shapes: dict, dtypes=DTYPES) -> Iterator[Job]:
     """Forward and backward through the packed-qkv views the U-Net passes (qkv_attention's layout)."""
     from fastcm.ops.attention import _out_view, _qkv_views
     for (N, C3, Hs, Ws), heads in shapes["attention"]:
-        for dtype in dtypes:
+        for dtype, precision in [(d, p) for d in dtypes for p in (("ieee", "tf32") if d == torch.float32 else
+                                                                   (None,))]:
+            @_fp32_precision(precision)
             def run(N=N, C3=C3, Hs=Hs, Ws=Ws, heads=heads, dtype=dtype):
                 qkv = _meta(N, C3, Hs, Ws, dtype=dtype)
                 out = _meta(N, C3 // 3, Hs, Ws, dtype=dtype)
@@ -112,8 +131,8 @@ def attention_jobs(shapes: dict, dtypes=DTYPES) -> Iterator[Job]:
                 dq, dk, dv = _qkv_views(torch.empty_like(qkv), heads)
                 o = _out_view(out, heads)
                 attention.attention_bwd(o, q, k, v, o, lse, dq, dk, dv, 0.125)
-            yield Job("attention", f"qkv {N}x{C3}x{Hs}x{Ws} heads={heads} D={C3 // 3 // heads}", dtype, attention,
-                      run)
+            yield Job("attention", f"qkv {N}x{C3}x{Hs}x{Ws} heads={heads} D={C3 // 3 // heads}"
+                      + (f" fp32 matmuls {precision}" if precision else ""), dtype, attention, run)
 
 
 def group_norm_jobs(shapes: dict, dtypes=DTYPES, sm_counts=SM_COUNTS) -> Iterator[Job]:
@@ -234,13 +253,28 @@ def _row(job: Job, arch: int, c: "_aot.Compiled") -> dict:
         problems.append(c.error)
     elif c.shared > limit:
         problems.append(f"shared memory {c.shared} B > {limit} B")
-    needs_mma = job.op == "attention" and job.dtype in HALF and "_preprocess_" not in c.kernel
+    tensor_cores = job.dtype in HALF or c.kwargs.get("PRECISION") == "tf32"
+    needs_mma = job.op == "attention" and tensor_cores and "_preprocess_" not in c.kernel
     if not c.error and needs_mma and not c.mma:
-        problems.append("fp16/bf16 dots did not lower to MMA")
-    return dict(kernel=c.kernel, arch=arch, dtype=str(job.dtype).replace("torch.", ""), op=job.op, label=job.label,
+        problems.append("fp16/bf16/tf32 dots did not lower to MMA")
+    bound = _attention_bound(c)
+    if bound is not None and c.shared > bound:
+        problems.append(f"shared memory {c.shared} B above the prune hook's bound {bound} B")
+    return dict(kernel=c.kernel, arch=arch, bound=bound, dtype=str(job.dtype).replace("torch.", ""), op=job.op, label=job.label,
                 config=c.config, shared=c.shared, registers=c.registers, spill_stores=c.spill_stores,
                 spill_loads=c.spill_loads, mma=" ".join(sorted(set(map(_mma_name, c.mma)))),
                 problems="; ".join(problems))
+
+
+def _attention_bound(c: "_aot.Compiled"):
+    """kernels.attention.shared_bytes for an attention kernel's config (what its prune hook assumed), else None."""
+    kind = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}.get(c.kernel)
+    if kind is None:
+        return None
+    import triton
+    kw = c.kwargs
+    config = triton.Config({"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"]}, num_stages=kw["num_stages"])
+    return attention.shared_bytes(kind, config, kw["BLOCK_D"], max(2, kw["DOT"].primitive_bitwidth // 8))
 
 
 def _mma_name(ptx_op: str) -> str:

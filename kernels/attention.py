@@ -77,12 +77,16 @@ def _pruner(kernel: str):
     return prune
 
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The 8-warp small tiles serve head dims up to 256 (FA2 runs 8 warps
+# there): they halve the accumulator registers per thread. The prune hook drops those that cannot fit.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
-                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+                        {"BLOCK_M": 64, "BLOCK_N": 64})
 _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
-                          (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                          (16, 32, 2, 2), (16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
+                         {"BLOCK_M": 64, "BLOCK_N": 64})
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
-                        (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                        (16, 32, 2, 2), (32, 32, 4, 2), (64, 32, 8, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
 # Sequence lengths bucketed to the next power of two (Lq_key, Lk_key), so that varying lengths do not re-tune; the
 # tile width and dot precision decide which configs fit, so they are part of the key (dtypes are added by Triton).
 _KEY = ["Lq_key", "Lk_key", "BLOCK_D", "PRECISION"]

@@ -61,14 +61,18 @@ def test_shared_memory_within_the_per_block_limit(gate):
     assert not over, "configs a launcher may pick that exceed the shared-memory limit:\n" + _fmt(over)
 
 
-def test_half_precision_attention_dots_use_tensor_cores(gate):
-    rows = [r for r in gate["rows"] if r["op"] == "attention" and r["dtype"] in ("float16", "bfloat16")
-            and "preprocess" not in r["kernel"] and not r["problems"].startswith("Compilation")]
-    assert rows
-    no_mma = [r for r in rows if not r["mma"]]
-    assert not no_mma, "fp16/bf16 attention dots not on tensor cores:\n" + _fmt(no_mma)
-    wrong = [r for r in rows if r["arch"] == 80 and not r["mma"].startswith("mma.")]
+def test_attention_dots_use_tensor_cores_in_fp16_bf16_and_tf32(gate):
+    rows = [r for r in gate["rows"] if r["op"] == "attention" and "preprocess" not in r["kernel"]
+            and not r["problems"].startswith("Compilation")]
+    tensor_core = [r for r in rows if r["dtype"] in ("float16", "bfloat16") or "PRECISION=tf32" in r["config"]]
+    ieee = [r for r in rows if r["dtype"] == "float32" and "PRECISION=ieee" in r["config"]]
+    assert tensor_core and ieee
+    no_mma = [r for r in tensor_core if not r["mma"]]
+    assert not no_mma, "fp16/bf16/tf32 attention dots not on tensor cores:\n" + _fmt(no_mma)
+    wrong = [r for r in tensor_core if r["arch"] == 80 and not r["mma"].startswith("mma.")]
     assert not wrong, _fmt(wrong)
+    assert all("tf32" in r["mma"] for r in tensor_core if r["dtype"] == "float32")
+    assert not any(r["mma"] for r in ieee), "fp32 with TF32 disallowed must not use tensor cores"
 
 
 def test_gate_rows_hold_ptxas_figures(gate):
@@ -121,3 +125,11 @@ def test_gpu_check_without_cuda_runs_the_gate_and_says_so_in_one_line():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device") and "0 failing" in lines[0]
+
+
+def test_attention_shared_memory_bound_holds(gate):
+    """The bound the attention prune hook uses before compiling is never below what Triton allocates."""
+    rows = [r for r in gate["rows"] if r["bound"] is not None and not r["problems"].startswith("Compilation")]
+    assert rows
+    under = [r for r in rows if r["shared"] > r["bound"]]
+    assert not under, "shared_bytes underestimates:\n" + _fmt(under)
