@@ -51,6 +51,7 @@ class Compiled:
     spill_loads: int = 0
     mma: tuple = ()         # distinct MMA instruction kinds in the PTX, e.g. ("mma.sync.aligned.m16n8k16...",)
     error: Optional[str] = None
+    kwargs: dict = dataclasses.field(default_factory=dict)  # the constexprs and options compiled with
 
     @property
     def spills(self) -> int:
@@ -125,7 +126,7 @@ def compile_launch(launch: Launch, kwargs: dict, arch: int) -> Compiled:
     """Compile one launch with config keywords ``kwargs`` for sm_<arch>, binding arguments as the JIT does."""
     fn, kwargs = _jit_fn(launch.kernel, launch.args, dict(kwargs))
     config = _describe(kwargs)
-    out = Compiled(launch.name, arch, config)
+    out = Compiled(launch.name, arch, config, kwargs=kwargs)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     try:
