@@ -11,6 +11,7 @@ Needs TRITON_INTERPRET unset (jit kernels, not interpreted ones) and no CUDA dri
 """
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -133,15 +134,17 @@ def compile_launch(launch: Launch, kwargs: dict, arch: int) -> Compiled:
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binder(*launch.args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                  options=options.__dict__)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), _ptxas_log():  # ptxas -v output of a cold compile (no second run)
+            compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
     except Exception as e:  # noqa: BLE001 - the gate reports every failure, whatever its type
         out.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:300]
         return out
     out.shared = int(compiled.metadata.shared)
     ptx = compiled.asm["ptx"]
     out.mma = tuple(sorted(set(m.group(0) for m in _MMA.finditer(ptx))))
-    out.registers, out.spill_stores, out.spill_loads = ptxas_usage(compiled, arch)
+    out.registers, out.spill_stores, out.spill_loads = ptxas_usage(compiled, arch, log.getvalue())
     return out
 
 
@@ -156,27 +159,46 @@ def _describe(kwargs: dict) -> str:
     return " ".join(parts)
 
 
-def ptxas_usage(compiled, arch: int):
-    """(registers per thread, spill-store bytes, spill-load bytes) from ``ptxas -v`` on the kernel's PTX, cached
-    beside the compiled artifacts in the Triton cache (ptxas runs once per compiled kernel)."""
+@contextlib.contextmanager
+def _ptxas_log():
+    """Make triton print ptxas -v's log (registers, spills) when it runs ptxas."""
+    from triton import knobs
+    saved = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        knobs.nvidia.dump_ptxas_log = saved
+
+
+def _parse_ptxas(log: str):
+    regs = re.search(r"Used (\d+) registers", log)
+    if regs is None:
+        return None
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return (int(regs.group(1)), int(spill.group(1)), int(spill.group(2))) if spill else (int(regs.group(1)), 0, 0)
+
+
+def ptxas_usage(compiled, arch: int, log: str = ""):
+    """(registers per thread, spill-store bytes, spill-load bytes) from ``ptxas -v``: the log of this compile when
+    it ran ptxas, else cached beside the compiled artifacts in the Triton cache, else ptxas run once more."""
     meta_dir = os.path.dirname(next(p for k, p in compiled.metadata_group.items() if k.endswith(".json")))
     cache = os.path.join(meta_dir, "ptxas-usage.json")
-    if os.path.exists(cache):
+    usage = _parse_ptxas(log)
+    if usage is None and os.path.exists(cache):
         with open(cache) as f:
             return tuple(json.load(f))
-    import tempfile
+    if usage is None:
+        import tempfile
 
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "k.ptx")
-        with open(src, "w") as f:
-            f.write(compiled.asm["ptx"])
-        log = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
-                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.o")],
-                             capture_output=True, text=True, check=True).stderr
-    regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-    usage = (regs, int(spill.group(1)), int(spill.group(2))) if spill else (regs, 0, 0)
+        from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "k.ptx")
+            with open(src, "w") as f:
+                f.write(compiled.asm["ptx"])
+            usage = _parse_ptxas(subprocess.run(
+                [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+                 src, "-o", os.path.join(tmp, "k.o")], capture_output=True, text=True, check=True).stderr)
     with open(cache, "w") as f:
         json.dump(usage, f)
     return usage
