@@ -93,7 +93,8 @@ def check_ops(device: str = "cuda", cases=None, dtypes=DTYPES) -> list:
                 try:
                     row = check_op(name, spec, case, dtype, device)
                 except Exception as e:  # noqa: BLE001 - a failing op is a row of the report, not the end of it
-                    row = dict(name=f"{name} {case} {str(dtype)[6:]}", ok=False, detail=f"{type(e).__name__}: {e}"[:200])
+                    row = dict(name=f"{name} {case} {str(dtype)[6:]}", ok=False,
+                               detail=f"{type(e).__name__}: {e}"[:200])
                 rows.append(dict(row, seconds=time.time() - start))
     return rows
 

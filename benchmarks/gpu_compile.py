@@ -117,7 +117,8 @@ def _fp32_precision(precision):
 # One function per op: the launches its launchers make at the presets' shapes.
 
 def attention_jobs(shapes: dict, dtypes=DTYPES) -> Iterator[Job]:
-    """Forward and backward through the packed-qkv views the U-Net passes (qkv_attention's layout)."""
+    """Forward, backward and forward-with-tangent through the packed-qkv views the U-Net passes (qkv_attention's
+    layout)."""
     from fastcm.ops.attention import _out_view, _qkv_views
     for (N, C3, Hs, Ws), heads in shapes["attention"]:
         for dtype, precision in [(d, p) for d in dtypes for p in (("ieee", "tf32") if d == torch.float32 else
@@ -131,6 +132,8 @@ def attention_jobs(shapes: dict, dtypes=DTYPES) -> Iterator[Job]:
                 dq, dk, dv = _qkv_views(torch.empty_like(qkv), heads)
                 o = _out_view(out, heads)
                 attention.attention_bwd(o, q, k, v, o, lse, dq, dk, dv, 0.125)
+                tq, tk, tv = _qkv_views(torch.empty_like(qkv), heads)  # forward + tangent (sCM's JVP pass)
+                attention.attention_fwd_jvp(q, k, v, tq, tk, tv, o, _out_view(torch.empty_like(out), heads), 0.125)
             yield Job("attention", f"qkv {N}x{C3}x{Hs}x{Ws} heads={heads} D={C3 // 3 // heads}"
                       + (f" fp32 matmuls {precision}" if precision else ""), dtype, attention, run)
 
@@ -260,7 +263,8 @@ def _row(job: Job, arch: int, c: "_aot.Compiled") -> dict:
     bound = _attention_bound(c)
     if bound is not None and c.shared > bound:
         problems.append(f"shared memory {c.shared} B above the prune hook's bound {bound} B")
-    return dict(kernel=c.kernel, arch=arch, bound=bound, dtype=str(job.dtype).replace("torch.", ""), op=job.op, label=job.label,
+    return dict(kernel=c.kernel, arch=arch, bound=bound, dtype=str(job.dtype).replace("torch.", ""), op=job.op,
+                label=job.label,
                 config=c.config, shared=c.shared, registers=c.registers, spill_stores=c.spill_stores,
                 spill_loads=c.spill_loads, mma=" ".join(sorted(set(map(_mma_name, c.mma)))),
                 problems="; ".join(problems))
@@ -268,7 +272,8 @@ def _row(job: Job, arch: int, c: "_aot.Compiled") -> dict:
 
 def _attention_bound(c: "_aot.Compiled"):
     """kernels.attention.shared_bytes for an attention kernel's config (what its prune hook assumed), else None."""
-    kind = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}.get(c.kernel)
+    kind = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq",
+            "_attn_fwd_jvp_kernel": "jvp"}.get(c.kernel)
     if kind is None:
         return None
     import triton

@@ -46,12 +46,13 @@ def _configs(blocks, interpret_block):
 
 
 def shared_bytes(kernel: str, config: triton.Config, block_d: int, dot_bytes: int) -> int:
-    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dq") at ``config``: the tiles a
+    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dq", "jvp") at ``config``: the tiles a
     program keeps for its whole life once, the tiles it streams per loop step once per pipeline stage, plus one
     fp32 (BLOCK_M x BLOCK_N) layout-conversion scratch. The compile gate checks that it bounds what Triton allocates
     for every config on sm_80 and sm_90 (tests/test_gpu_compile.py), so pruning by it happens before compiling."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    resident, streamed = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n)}[kernel]
+    tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n), "jvp": (2 * m, 4 * n)}
+    resident, streamed = tiles[kernel]
     return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n
 
 
@@ -309,6 +310,75 @@ def _attn_bwd_dq_kernel(
     _store_tile(DQ + b * sdqb + h * sdqh, dq, offs_m, offs_d, sdql, sdqd, mask_md)
 
 
+
+# Forward with its tangent in one pass (sCM App. F; continuous-time.md Sec. 3.2). With S = s Q K^T, P = softmax(S),
+# O = P V and the tangent S' = s (Q' K^T + Q K'^T), the closed form O' = P V' + (P * S') V - rowsum(P * S') O becomes,
+# per query tile, three more accumulators rescaled by alpha = 2^(m_old - m_new) exactly like l and O~:
+#     A~ = sum p V',   B~ = sum (p * S') V,   r = sum_j p * S',     O' = (A~ + B~ - r O) / l,  O = O~ / l.
+_JVP_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2),
+                         (16, 32, 2, 2), (64, 32, 8, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+
+
+@triton.autotune(configs=_JVP_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("jvp")})
+@triton.jit
+def _attn_fwd_jvp_kernel(
+    Q, K, V, TQ, TK, TV, O, TO,  # (B, H, L, D) views, any strides; O, TO written in Q's dtype
+    LSE,                         # (B, H, Lq) contiguous, base-2 log-sum-exp per query row
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    stqb, stqh, stql, stqd, stkb, stkh, stkl, stkd, stvb, stvh, stvl, stvd,
+    sob, soh, sol, sod, stob, stoh, stol, stod,
+    H, Lq, Lk, D,
+    qk_scale_hi, qk_scale_lo,    # scale * log2(e) as fp32 hi + lo (scores, base 2)
+    scale_hi, scale_lo,          # scale as fp32 hi + lo (the tangent S' is in natural units)
+    Lq_key, Lk_key,              # autotune key only (see the forward)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    bh, b, h, offs_m = _block(Lq, H, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m, mask_d = offs_m < Lq, offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
+    tq = tl.load(_tile_ptrs(TQ + b * stqb + h * stqh, offs_m, offs_d, stql, stqd), mask=mask_md, other=0).to(DOT)
+    qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
+    scale = _join(scale_hi, scale_lo, ACC)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    TK += b * stkb + h * stkh
+    TV += b * stvb + h * stvh
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    r_i = tl.zeros([BLOCK_M], ACC)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, Lk, BLOCK_N):
+        k, v, mask_n, mask_nd = _key_rows(K, V, start_n + offs_n, offs_d, mask_d, skl, skd, svl, svd, Lk, DOT)
+        tk, tv, _mask_n, _mask_nd = _key_rows(TK, TV, start_n + offs_n, offs_d, mask_d, stkl, stkd, stvl, stvd,
+                                              Lk, DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        ts = tl.dot(tq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        ts = tl.dot(q, tl.trans(tk), ts, input_precision=PRECISION, out_dtype=ACC) * scale  # 0 on padded keys
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds >= 1 real key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        pts = p * ts
+        l_i = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(pts, 1)
+        acc_o = tl.dot(p.to(DOT), v, acc_o * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        acc_a = tl.dot(p.to(DOT), tv, acc_a * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        acc_b = tl.dot(pts.to(DOT), v, acc_b * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
+    o = acc_o / l_i[:, None]
+    to = (acc_a + acc_b) / l_i[:, None] - (r_i / l_i)[:, None] * o
+    _store_tile(O + b * sob + h * soh, o, offs_m, offs_d, sol, sod, mask_md)
+    _store_tile(TO + b * stob + h * stoh, to, offs_m, offs_d, stol, stod, mask_md)
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers: tensors in, tensors out. Shapes are (B, H, L, D) views with any strides.
 
@@ -377,3 +447,18 @@ def attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
         q, k, v, d_out, dk, dv, lse, delta, *strides, *dk.stride(), *dv.stride(), H, Lq, Lk, D, *scales, **meta)
     _attn_bwd_dq_kernel[_grid(Lq, B * H, "BLOCK_M")](
         q, k, v, d_out, dq, lse, delta, *strides, *dq.stride(), H, Lq, Lk, D, *scales, **meta)
+
+
+def attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale: float) -> torch.Tensor:
+    """Write O = softmax(q k^T * scale) v into ``out`` and its tangent along (tq, tk, tv) into ``tout`` in one pass
+    (all (B, H, L, D) views with any strides, D <= 256; tangents shaped like their primals). Returns the base-2
+    log-sum-exp per query row, (B, H, Lq) in fp32 (fp64 for fp64 inputs), as attention_fwd does."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    lse = torch.empty((B, H, Lq), dtype=accumulate_dtype(q), device=q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(), *out.stride(),
+               *tout.stride())
+    _attn_fwd_jvp_kernel[_grid(Lq, B * H, "BLOCK_M")](
+        q, k, v, tq, tk, tv, out, tout, lse, *strides, H, Lq, Lk, D, *_split_fp32(scale * LOG2E),
+        *_split_fp32(scale), *_keys(Lq, Lk), **_meta(q))
+    return lse

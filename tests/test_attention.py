@@ -435,3 +435,69 @@ def test_cuda_deterministic_and_fp64_fallback():
     with pytest.warns(UserWarning, match="float64 on CUDA"):
         out = attention(q, k, v, impl="triton")
     _close(out, attention_ref(q, k, v), torch.float64, "fp64 fallback")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward with tangent in one pass (kernels.attention.attention_fwd_jvp; sCM App. F): against torch.func.jvp of
+# the plain-torch reference and against the closed form O' = P V' + (P * S') V - rowsum(P * S') O.
+
+def _jvp_reference(q, k, v, tq, tk, tv, scale):
+    return torch.func.jvp(lambda a, b, c: attention_ref(a, b, c, scale), (q, k, v), (tq, tk, tv))
+
+
+def _jvp_closed_form(q, k, v, tq, tk, tv, scale):
+    s = scale * q @ k.mT
+    ts = scale * (tq @ k.mT + q @ tk.mT)
+    p = torch.softmax(s, -1)
+    o = p @ v
+    return o, p @ tv + (p * ts) @ v - (p * ts).sum(-1, keepdim=True) * o
+
+
+def _strided(shape, g, dtype, kind):
+    """A (B, H, L, D) tensor as a contiguous tensor, a transposed view, or a slice of a wider one."""
+    B, H, L, D = shape
+    if kind == "contiguous":
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if kind == "transposed":
+        return torch.randn(B, H, D, L, generator=g, dtype=torch.float64).to(dtype).transpose(-1, -2)
+    return torch.randn(B, L, H, D + 5, generator=g, dtype=torch.float64).to(dtype)[..., 2:D + 2].transpose(1, 2)
+
+
+JVP_CASES = [(17, 80, 32), (70, 9, 40), (33, 33, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("Lq, Lk, D", JVP_CASES, ids=[f"Lq{a}Lk{b}D{d}" for a, b, d in JVP_CASES])
+def test_fwd_jvp_kernel_matches_torch_func_jvp_and_closed_form(Lq, Lk, D, dtype, device):
+    from fastcm.kernels.attention import attention_fwd_jvp
+
+    g = torch.Generator().manual_seed(Lq * Lk + D)
+    B, H, scale = 1, 2, 0.7 / math.sqrt(D)
+    kinds = ["sliced", "contiguous", "transposed", "transposed", "sliced", "contiguous"]
+    shapes = [(B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)] * 2
+    q, k, v, tq, tk, tv = (_strided(s, g, dtype, kind).to(device) for s, kind in zip(shapes, kinds))
+    out = torch.empty(B, H, D, Lq, dtype=dtype, device=device).transpose(-1, -2)  # outputs through strides too
+    tout = torch.empty(B, H, Lq, D, dtype=dtype, device=device)
+    lse = attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
+    args64 = [t.double() for t in (q, k, v, tq, tk, tv)]
+    exp_out, exp_tout = _jvp_reference(*args64, scale)
+    cf_out, cf_tout = _jvp_closed_form(*args64, scale)
+    torch.testing.assert_close(cf_tout, exp_tout, atol=1e-12, rtol=1e-12)  # the formula the kernel implements
+    _close(out, exp_out, dtype, "out")
+    _close(tout, exp_tout, dtype, "tangent", grad=True)
+    exp_lse = torch.logsumexp(scale * args64[0] @ args64[1].mT, -1) / math.log(2)
+    _close(lse, exp_lse, dtype, "lse")
+
+
+def test_fwd_jvp_kernel_zero_tangents_give_zero_and_forward_matches_attention_fwd(device):
+    from fastcm.kernels.attention import attention_fwd, attention_fwd_jvp
+
+    q, k, v = _qkv((1, 2, 20, 48), (1, 2, 70, 48), torch.float32, device)
+    zeros = [torch.zeros_like(t) for t in (q, k, v)]
+    out, tout = torch.empty_like(q), torch.full_like(q, float("nan"))
+    lse = attention_fwd_jvp(q, k, v, *zeros, out, tout, 0.3)
+    ref_out = torch.empty_like(q)
+    ref_lse = attention_fwd(q, k, v, ref_out, 0.3)
+    assert torch.equal(tout, torch.zeros_like(tout))
+    _close(out, ref_out, torch.float32, "out")
+    _close(lse, ref_lse, torch.float32, "lse")
