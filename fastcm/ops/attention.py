@@ -40,6 +40,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax. Under
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
+    Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) works on every path: the Triton path computes
+    the output and its tangent in one kernel pass (sCM App. F), except under ``torch.compile``, which drops custom
+    jvp rules (pytorch#192985).
+
     The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
     autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
     fp32 inputs on CUDA use TF32 tensor cores when torch allows TF32 matmuls
@@ -57,8 +61,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
         return attention_ref(q, k, v, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
-    out, _ = torch.ops.fastcm.attention_fwd(q, k, v, scale)
-    return out
+    return _triton_attention(q, k, v, scale)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -95,8 +98,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
         return qkv_attention_ref(qkv, num_heads, scale)
     if backend == "sdpa":
         return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
-    out, _ = torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
-    return out
+    return _triton_qkv_attention(qkv, num_heads, scale)
 
 
 def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -287,6 +289,110 @@ def _qkv_backward(ctx, d_out, d_lse):
 
 
 _qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward-mode AD. A custom_op has no forward-AD hook (torch.func.jvp over one silently returns a zero tangent), so
+# eager calls go through autograd.Functions in split form (forward / setup_context / backward / jvp): reverse mode
+# runs the same kernels as the custom ops, and jvp runs the one-pass forward-with-tangent kernel
+# (kernels.attention.attention_fwd_jvp, sCM App. F). Under torch.compile the custom ops are called directly
+# (Dynamo drops custom jvp rules anyway, pytorch#192985): forward AD through a compiled Triton attention is not
+# supported.
+
+@torch.library.custom_op("fastcm::attention_fwd_jvp", mutates_args=())
+def _attention_fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                       scale: float) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_fwd_jvp
+
+    out, tout = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
+    return out, tout
+
+
+@_attention_fwd_jvp.register_fake
+def _(q, k, v, tq, tk, tv, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fastcm::qkv_attention_fwd_jvp", mutates_args=())
+def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_fwd_jvp
+
+    N, C3, Hs, Ws = qkv.shape
+    out, tout = (torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+    attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
+                      _out_view(tout, num_heads), scale)
+    return out, tout
+
+
+@_qkv_attention_fwd_jvp.register_fake
+def _(qkv, t_qkv, num_heads, scale):
+    N, C3, Hs, Ws = qkv.shape
+    return qkv.new_empty((N, C3 // 3, Hs, Ws)), qkv.new_empty((N, C3 // 3, Hs, Ws))
+
+
+def _tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A missing tangent (input not being differentiated) is zero; tangents never carry autograd history."""
+    return torch.zeros_like(like) if t is None else t.detach()
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, scale):
+        return torch.ops.fastcm.attention_fwd(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(q, k, v, output[0], output[1])
+        ctx.save_for_forward(q, k, v)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _attention_backward(ctx, d_out, d_lse)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, t_scale):
+        q, k, v = ctx.saved_tensors[:3]
+        _, t_out = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k), _tangent(tv, v),
+                                                      ctx.scale)
+        return t_out, None
+
+
+class _QKVAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(qkv, num_heads, scale):
+        return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _qkv_setup(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _qkv_backward(ctx, d_out, d_lse)
+
+    @staticmethod
+    def jvp(ctx, t_qkv, t_heads, t_scale):
+        qkv = ctx.saved_tensors[0]
+        _, t_out = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), ctx.num_heads, ctx.scale)
+        return t_out, None
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcm.attention_fwd(q, k, v, scale)[0]
+    return _Attention.apply(q, k, v, scale)[0]
+
+
+def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)[0]
+    return _QKVAttention.apply(qkv, num_heads, scale)[0]
 
 
 def _qkv_views(qkv: Tensor, num_heads: int):
