@@ -46,6 +46,7 @@ def shared_memory_limit(device: torch.device):
     if target is not None or device.type != "cuda":
         return target
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _DEVICE_SHARED_MEMORY:
-        _DEVICE_SHARED_MEMORY[index] = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    if index not in _DEVICE_SHARED_MEMORY:  # the limit Triton itself checks before launching (OutOfResources)
+        from triton.compiler.compiler import max_shared_mem
+        _DEVICE_SHARED_MEMORY[index] = max_shared_mem(index)
     return _DEVICE_SHARED_MEMORY[index]

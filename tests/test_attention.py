@@ -534,3 +534,38 @@ def test_qkv_op_forward_ad_matches_reference_jvp(device):
     exp_leaf = qkv.detach().requires_grad_()
     qkv_attention_ref(exp_leaf, 2).sum().backward()
     _close(leaf.grad, exp_leaf.grad, torch.float64, "d qkv", grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_cuda_head_dim_256_fp32_follows_torchs_tf32_setting(precision):
+    # cifar10's 256-wide head; TF32 rounds operands to 10 mantissa bits, as fp16 does: fp16's tolerances.
+    from fastcm.kernels import attention as kernels
+    from fastcm.kernels._utils import shared_memory_limit
+
+    assert shared_memory_limit(torch.device("cuda")) >= 99 * 1024
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, precision
+    try:
+        inputs = _qkv((4, 1, 256, 256), (4, 1, 256, 256), torch.float32, "cuda")
+        grad_out = torch.randn(4, 1, 256, 256, device="cuda")
+        assert kernels.dot_precision(inputs[0]) == precision
+        out, grads = _run(_triton, inputs, grad_out)
+    finally:
+        matmul.fp32_precision = saved
+    exp, exp_grads = _run(attention_ref, [t.double() for t in inputs], grad_out.double())
+    tol_dtype = torch.float32 if precision == "ieee" else torch.float16
+    _close(out, exp, tol_dtype, f"out {precision}")
+    for name, g, e in zip("qkv", grads, exp_grads):
+        _close(g, e, tol_dtype, f"d{name} {precision}", grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_head_dim_256_and_jvp_half_precision(dtype):
+    inputs = _qkv((2, 1, 256, 256), (2, 1, 256, 256), dtype, "cuda")
+    _check_against_fp64(_triton, attention_ref, inputs, dtype, torch.randn(2, 1, 256, 256, device="cuda"))
+    tangents = _qkv((2, 1, 256, 256), (2, 1, 256, 256), dtype, "cuda", seed=1)
+    _, t_out = torch.func.jvp(_triton, tuple(inputs), tuple(tangents))
+    _, t_exp = torch.func.jvp(attention_ref, tuple(t.double() for t in inputs), tuple(t.double() for t in tangents))
+    _close(t_out, t_exp, dtype, "tangent", grad=True)
