@@ -6,7 +6,7 @@ benchmarks/results/gpu-check-<device>.md.
 3. every op of fastcm.ops.REGISTRY, impl="triton" vs its reference in fp64, forward and gradients, at each
    registered case (the presets' shapes) in fp16, bf16 and fp32;
 4. one iCT training step of the cifar10-small preset with impl="triton" vs impl="torch" (loss and gradients);
-5. a benchmark subset (attention and GroupNorm at the presets' shapes, Triton vs SDPA / eager), under 3 minutes.
+5. a benchmark subset (attention and GroupNorm at the presets' shapes, Triton vs SDPA / eager), 3 minutes at most.
 
 Without CUDA it runs step 1 only and says so in one line (exit status: the gate's).
 """
@@ -46,8 +46,12 @@ def run_gate() -> dict:
 
 def run_gpu_tests(timeout: int = 240) -> dict:
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
+                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(name="tests marked gpu", ok=False, seconds=time.time() - start,
+                    detail=f"did not finish in {timeout} s")
     lines = proc.stdout.strip().splitlines()
     return dict(name="tests marked gpu", ok=proc.returncode == 0, seconds=time.time() - start,
                 detail=lines[-1] if lines else proc.stderr[-300:], log=lines)
@@ -129,18 +133,19 @@ def check_training_step(device: str = "cuda", preset: str = "cifar10-small", bat
 
 
 def run_benchmarks(timeout: int = 180) -> dict:
-    """The attention and GroupNorm suites, Triton vs SDPA-flash / eager only (the report's speedup column)."""
+    """The attention (batch 16 and the cifar10 head) and GroupNorm suites, Triton vs SDPA-flash / eager only (the
+    report's speedup column); its report lands in benchmarks/results/<device>.md as `make bench` writes it."""
     start = time.time()
     out = ROOT / ".benchmarks" / "gpu-check.json"
     out.parent.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "benchmarks/bench_attention.py", "benchmarks/bench_group_norm.py", "-q",
            "-o", "addopts=", "-p", "no:cacheprovider", "--benchmark-enable", f"--benchmark-json={out}",
-           "-k", "triton or eager or sdpa-flash"]
+           "-k", "(triton or eager or sdpa-flash) and not B2H4"]  # attention at batch 16 and the 256-wide head
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
         ok, tail = proc.returncode == 0, proc.stdout.strip().splitlines()[-1:]
-    except subprocess.TimeoutExpired:
-        ok, tail = False, [f"stopped after {timeout} s"]
+    except subprocess.TimeoutExpired:  # pytest-benchmark writes its JSON at the end: nothing to report
+        ok, tail = False, [f"did not finish in {timeout} s (no timings)"]
     report = ""
     if out.exists():
         rep = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), str(out)], cwd=ROOT,
@@ -166,6 +171,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="one-command GPU check")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    start = time.time()
     gate = run_gate()
     if not torch.cuda.is_available():
         print(f"gpu-check: no CUDA device here; ran the compile gate only ({gate['detail']})")
@@ -178,7 +184,8 @@ def main(argv=None) -> int:
     path = args.out_dir / f"gpu-check-{device.replace(' ', '-')}.md"
     write_report(rows, device, path)
     failed = [r for r in rows if not r["ok"]]
-    print(f"gpu-check on {device}: {len(rows) - len(failed)}/{len(rows)} checks ok; report {path}")
+    print(f"gpu-check on {device}: {len(rows) - len(failed)}/{len(rows)} checks ok in {time.time() - start:.0f} s; "
+          f"report {path}")
     for r in failed:
         print(f"FAIL {r['name']}: {r['detail']}")
     return 1 if failed else 0
