@@ -1,11 +1,12 @@
-"""Non-causal flash attention (FlashAttention-2, Dao 2023) for U-Net token maps: any L >= 1, head dim <= 128.
+"""Non-causal flash attention (FlashAttention-2, Dao 2023) for U-Net token maps: any L >= 1, head dim <= 256.
 
 Forward, per (batch*head, block of BLOCK_M queries): stream keys/values in blocks of BLOCK_N with an online softmax
 (running max m and sum l, FA2 Alg. 1), never materialising the L x L matrix, and save the row log-sum-exp. When all
 keys fit one block (L <= BLOCK_N, e.g. the 8x8 = 64-token level) a single-tile path skips the rescaling.
 Backward (FA2 Alg. 2): a preprocess kernel computes delta_i = sum_d dO_id O_id; a dK/dV kernel per key block loops
 over query blocks; a dQ kernel per query block loops over key blocks. Every output element is written by exactly
-one program: no atomics, bit-deterministic run to run.
+one program: no atomics, bit-deterministic run to run. A forward-with-tangent kernel (sCM App. F) serves forward-mode
+AD (``attention_fwd_jvp``).
 
 Conventions shared by the kernels:
 - Softmax in base 2: s2 = (q.k) * scale * log2(e), p = 2^(s2 - lse2), so exp2 replaces exp (cheaper on GPUs).
@@ -14,8 +15,12 @@ Conventions shared by the kernels:
   formed in the compute dtype, is exact to ~1e-14: fp64 gradcheck and fp64 reference comparisons need it.
 - Tails: query rows >= Lq, key rows >= Lk and head dims >= D are masked on load (zeros) and masked keys get score
   -inf, so any L and any D <= BLOCK_D work; BLOCK_D = next power of two >= max(D, 16).
-- Dot operands use the input dtype on GPUs (fp16/bf16 tensor cores, fp32 "ieee"); under the interpreter bf16 is
-  upcast to fp32 first (it computes bf16 wrongly). Accumulation, softmax and lse are fp32 (fp64 for fp64).
+- Dot operands use the input dtype on GPUs (fp16/bf16 tensor cores; fp32 on TF32 tensor cores when torch allows
+  TF32 matmuls, "ieee" FMA otherwise: ``dot_precision``); under the interpreter bf16 is upcast to fp32 first (it
+  computes bf16 wrongly). Accumulation, softmax and lse are fp32 (fp64 for fp64).
+- Autotuning: configs whose shared memory (``shared_bytes``, an upper bound the compile gate checks against what
+  Triton allocates on sm_80 and sm_90) exceeds the device's per-block limit are pruned before tuning; the key buckets
+  Lq and Lk to powers of two.
 - q, k, v, o and their gradients are read/written through 4 strides each (batch, head, token, dim), so views of a
   packed qkv or of an NCHW map need no copies.
 """
