@@ -84,15 +84,18 @@ def _pruner(kernel: str):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The 8-warp small tiles serve head dims up to 256 (FA2 runs 8 warps
-# there): they halve the accumulator registers per thread. The prune hook drops those that cannot fit.
+# there): they halve the accumulator registers per thread. The unpipelined (16, 16) tile is the one that fits fp32
+# at head dim 256 within 99 KB (sm_86/sm_89) for every kernel. The prune hook drops those that cannot fit.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
-                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2), (64, 32, 8, 2), (32, 32, 4, 2),
+                         (16, 16, 4, 1)],
                         {"BLOCK_M": 64, "BLOCK_N": 64})
 _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
-                          (16, 32, 2, 2), (16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2)],
+                          (16, 32, 2, 2), (16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)],
                          {"BLOCK_M": 64, "BLOCK_N": 64})
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
-                        (16, 32, 2, 2), (32, 32, 4, 2), (64, 32, 8, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                        (16, 32, 2, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 16, 4, 1)],
+                       {"BLOCK_M": 64, "BLOCK_N": 64})
 # Sequence lengths bucketed to the next power of two (Lq_key, Lk_key), so that varying lengths do not re-tune; the
 # tile width and dot precision decide which configs fit, so they are part of the key (dtypes are added by Triton).
 _KEY = ["Lq_key", "Lk_key", "BLOCK_D", "PRECISION"]
@@ -320,9 +323,8 @@ def _attn_bwd_dq_kernel(
 # O = P V and the tangent S' = s (Q' K^T + Q K'^T), the closed form O' = P V' + (P * S') V - rowsum(P * S') O becomes,
 # per query tile, three more accumulators rescaled by alpha = 2^(m_old - m_new) exactly like l and O~:
 #     A~ = sum p V',   B~ = sum (p * S') V,   r = sum_j p * S',     O' = (A~ + B~ - r O) / l,  O = O~ / l.
-# The unpipelined (16, 32) config is the one that fits fp32 at head dim 256 on sm_80.
 _JVP_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2),
-                         (16, 32, 2, 2), (64, 32, 8, 2), (16, 32, 4, 1)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                         (16, 32, 2, 2), (64, 32, 8, 2), (16, 16, 4, 1)], {"BLOCK_M": 64, "BLOCK_N": 64})
 
 
 @triton.autotune(configs=_JVP_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("jvp")})
