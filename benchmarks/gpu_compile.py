@@ -246,6 +246,8 @@ def compile_jobs(jobs, archs=ARCHS, every_config=True) -> List[dict]:
                 done[key] = True
                 for kwargs in _aot.configs_of(launch, arch, None if every_config else _extremes):
                     rows.append(_row(job, arch, _aot.compile_launch(launch, kwargs, arch)))
+                    if len(rows) % 200 == 0:
+                        print(f"  {len(rows)} compiled ({job.label})", file=sys.stderr, flush=True)
     return _dedupe(rows)
 
 
