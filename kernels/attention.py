@@ -58,6 +58,8 @@ def shared_bytes(kernel: str, config: triton.Config, block_d: int, dot_bytes: in
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
     tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n), "jvp": (2 * m, 4 * n)}
     resident, streamed = tiles[kernel]
+    if kernel == "dkdv":  # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy even unpipelined
+        stages = max(stages, 2)
     return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n
 
 
