@@ -39,9 +39,10 @@ def run_gate() -> dict:
     start = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_compile.py"), "--subset"], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=900)
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    lines = proc.stdout.strip().splitlines()  # the summary; failures and progress go to stderr
+    failures = [line for line in proc.stderr.splitlines() if line.startswith("FAIL")]
     return dict(name="compile gate (sm_80, sm_90)", ok=proc.returncode == 0, seconds=time.time() - start,
-                detail=lines[-1] if lines else "no output", log=lines)
+                detail="; ".join((lines[-1:] or [proc.stderr.strip()[-300:]]) + failures[:3]))
 
 
 def run_gpu_tests(timeout: int = 240) -> dict:
