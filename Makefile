@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo compare bench clean
+.PHONY: setup test demo compare bench clean gpu-compile gpu-check
 
 setup: $(STAMP)
 
@@ -43,6 +43,17 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q -o addopts= -p no:cacheprovider --benchmark-enable --benchmark-save-data \
 		--benchmark-json=.benchmarks/last-run.json $(BENCH_ARGS)
 	$(PY) benchmarks/report.py .benchmarks/last-run.json
+
+# Every Triton kernel compiled for sm_80 and sm_90 at the launch configs the launchers pick for the presets (no GPU
+# needed): writes benchmarks/results/gpu-compile.md. `make test` runs a representative subset (tests/test_gpu_compile.py).
+gpu-compile: $(STAMP)
+	$(PY) benchmarks/gpu_compile.py
+
+# The first command to run on a GPU (with your CUDA torch: make gpu-check VENV=/path/to/env CPU_STACK=0): the compile
+# gate, the gpu-marked tests, every op vs its reference in fp16/bf16/fp32, a cifar10-small training step Triton vs
+# torch and a short benchmark subset -> benchmarks/results/gpu-check-<device>.md (< 10 min). Without CUDA: the gate only.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

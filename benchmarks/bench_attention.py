@@ -1,4 +1,5 @@
-"""Attention at U-Net token counts (8x8, 16x16, 32x32 maps; head dim 64), forward and forward+backward.
+"""Attention at U-Net token counts (8x8, 16x16, 32x32 maps; head dim 64; the cifar10 preset's one 256-wide head at
+16x16), forward and forward+backward.
 
 Providers: the Triton flash kernel (CUDA only; the interpreter is no benchmark), torch SDPA with a *pinned* backend
 (``torch.nn.attention.sdpa_kernel``: math and flash everywhere, efficient / cuDNN on CUDA, because SDPA's default
@@ -19,9 +20,9 @@ from _harness import DEVICE, SMOKE, bench, record, timed_call
 from fastcm.ops import attention, attention_ref, qkv_attention, qkv_attention_ref
 
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
-D = 64
-# (B, H, L): B*H in {8, 64} at 64, 256 and 1024 tokens (issue 4); one tiny size under BENCH_SMOKE=1.
-SHAPES = [(1, 2, 64)] if SMOKE else [(b, 4, L) for b in (2, 16) for L in (64, 256, 1024)]
+# (B, H, L, D): B*H in {8, 64} at 64, 256 and 1024 tokens, head dim 64 (issue 4), and the cifar10 preset's single
+# 256-wide head at 16x16 (issue 13); one tiny size under BENCH_SMOKE=1.
+SHAPES = [(1, 2, 64, 64)] if SMOKE else [(b, 4, L, 64) for b in (2, 16) for L in (64, 256, 1024)] + [(16, 1, 256, 256)]
 # torch also has a CPU flash kernel: on the CPU it shows what impl="auto" (the eager reference there) leaves behind.
 SDPA = {"sdpa-math": SDPBackend.MATH, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
 if DEVICE == "cuda":
@@ -57,7 +58,7 @@ def _fn(layout, provider):
     return (_sdpa if layout == "bhld" else _sdpa_qkv)(SDPA[provider])
 
 
-def _inputs(layout, B, H, L, requires_grad):
+def _inputs(layout, B, H, L, D, requires_grad):
     make = lambda *s: torch.randn(*s, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad)  # noqa: E731
     if layout == "bhld":
         return dict(q=make(B, H, L, D), k=make(B, H, L, D), v=make(B, H, L, D))
@@ -70,7 +71,7 @@ def _supported(provider, mode):
     recent cuDNN); unsupported entries are skipped, not reported as slow."""
     if not provider.startswith("sdpa") or provider == "sdpa-math":
         return True
-    q = torch.randn(1, 1, 64, D, device=DEVICE, dtype=DTYPE, requires_grad=(mode != "fwd"))
+    q = torch.randn(1, 1, 64, 64, device=DEVICE, dtype=DTYPE, requires_grad=(mode != "fwd"))
     try:
         out = _sdpa(SDPA[provider])(q, q, q)
         if mode != "fwd":
@@ -83,12 +84,12 @@ def _supported(provider, mode):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("layout", ["bhld", "qkv"])
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}H{h}L{L}" for b, h, L in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"B{b}H{h}L{L}D{d}" for b, h, L, d in SHAPES])
 def test_attention(benchmark, shape, layout, provider, mode):
     if not _supported(provider, mode):
         pytest.skip(f"{provider} cannot run {DTYPE} {mode} on this device")
-    B, H, L = shape
-    kwargs = _inputs(layout, B, H, L, requires_grad=(mode != "fwd"))
+    B, H, L, D = shape
+    kwargs = _inputs(layout, B, H, L, D, requires_grad=(mode != "fwd"))
     run = timed_call(_fn(layout, provider), kwargs, mode)
     flops = 4 * B * H * L * L * D * (1.0 if mode == "fwd" else 3.5)
     op = "attention" if layout == "bhld" else "qkv_attention"

@@ -1,4 +1,5 @@
 """Host-side helpers shared by the launchers."""
+import contextvars
 import os
 
 import torch
@@ -30,3 +31,22 @@ def compute_dtype(x: torch.Tensor):
 def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
     """Torch dtype of reduction outputs for ``x``: fp64 for fp64 inputs, fp32 for fp32/fp16/bf16."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# Per-block shared-memory limit the launchers prune configs against when no CUDA device answers (set by the
+# ahead-of-time compile gate, kernels/_aot.py, to the limit of the architecture it compiles for).
+TARGET_SHARED_MEMORY: contextvars.ContextVar = contextvars.ContextVar("TARGET_SHARED_MEMORY", default=None)
+_DEVICE_SHARED_MEMORY = {}
+
+
+def shared_memory_limit(device: torch.device):
+    """Largest dynamic shared memory (bytes) one block may use on ``device``; None when nothing bounds it (CPU /
+    interpreter without a compile target)."""
+    target = TARGET_SHARED_MEMORY.get()
+    if target is not None or device.type != "cuda":
+        return target
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_SHARED_MEMORY:  # the limit Triton itself checks before launching (OutOfResources)
+        from triton.compiler.compiler import max_shared_mem
+        _DEVICE_SHARED_MEMORY[index] = max_shared_mem(index)
+    return _DEVICE_SHARED_MEMORY[index]

@@ -1,11 +1,12 @@
-"""Non-causal flash attention (FlashAttention-2, Dao 2023) for U-Net token maps: any L >= 1, head dim <= 128.
+"""Non-causal flash attention (FlashAttention-2, Dao 2023) for U-Net token maps: any L >= 1, head dim <= 256.
 
 Forward, per (batch*head, block of BLOCK_M queries): stream keys/values in blocks of BLOCK_N with an online softmax
 (running max m and sum l, FA2 Alg. 1), never materialising the L x L matrix, and save the row log-sum-exp. When all
 keys fit one block (L <= BLOCK_N, e.g. the 8x8 = 64-token level) a single-tile path skips the rescaling.
 Backward (FA2 Alg. 2): a preprocess kernel computes delta_i = sum_d dO_id O_id; a dK/dV kernel per key block loops
 over query blocks; a dQ kernel per query block loops over key blocks. Every output element is written by exactly
-one program: no atomics, bit-deterministic run to run.
+one program: no atomics, bit-deterministic run to run. A forward-with-tangent kernel (sCM App. F) serves forward-mode
+AD (``attention_fwd_jvp``).
 
 Conventions shared by the kernels:
 - Softmax in base 2: s2 = (q.k) * scale * log2(e), p = 2^(s2 - lse2), so exp2 replaces exp (cheaper on GPUs).
@@ -14,8 +15,12 @@ Conventions shared by the kernels:
   formed in the compute dtype, is exact to ~1e-14: fp64 gradcheck and fp64 reference comparisons need it.
 - Tails: query rows >= Lq, key rows >= Lk and head dims >= D are masked on load (zeros) and masked keys get score
   -inf, so any L and any D <= BLOCK_D work; BLOCK_D = next power of two >= max(D, 16).
-- Dot operands use the input dtype on GPUs (fp16/bf16 tensor cores, fp32 "ieee"); under the interpreter bf16 is
-  upcast to fp32 first (it computes bf16 wrongly). Accumulation, softmax and lse are fp32 (fp64 for fp64).
+- Dot operands use the input dtype on GPUs (fp16/bf16 tensor cores; fp32 on TF32 tensor cores when torch allows
+  TF32 matmuls, "ieee" FMA otherwise: ``dot_precision``); under the interpreter bf16 is upcast to fp32 first (it
+  computes bf16 wrongly). Accumulation, softmax and lse are fp32 (fp64 for fp64).
+- Autotuning: configs whose shared memory (``shared_bytes``, an upper bound the compile gate checks against what
+  Triton allocates on sm_80 and sm_90) exceeds the device's per-block limit are pruned before tuning; the key buckets
+  Lq and Lk to powers of two.
 - q, k, v, o and their gradients are read/written through 4 strides each (batch, head, token, dim), so views of a
   packed qkv or of an NCHW map need no copies.
 """
@@ -25,9 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, accumulate_dtype, compute_dtype
+from ._utils import INTERPRET, accumulate_dtype, compute_dtype, shared_memory_limit
 
 LOG2E = math.log2(math.e)
+MAX_HEAD_DIM = 256  # FA2's limit; every config the prune hook keeps fits sm_80's and sm_90's shared memory there
 
 
 def _split_fp32(x: float):
@@ -44,24 +50,57 @@ def _configs(blocks, interpret_block):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in blocks]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose blocks exceed the sequence (pure masked work at L = 64); keep at least one."""
-    smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
-    smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
-    cap_m = max(smallest_m, triton.next_power_of_2(named_args["Lq"]))
-    cap_n = max(smallest_n, triton.next_power_of_2(named_args["Lk"]))
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
-    return kept or configs[:1]
+def shared_bytes(kernel: str, config: triton.Config, block_d: int, dot_bytes: int) -> int:
+    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dq", "jvp") at ``config``: the tiles a
+    program keeps for its whole life once, the tiles it streams per loop step once per pipeline stage, plus one
+    fp32 (BLOCK_M x BLOCK_N) layout-conversion scratch. The compile gate checks that it bounds what Triton allocates
+    for every config on sm_80 and sm_90 (tests/test_gpu_compile.py), so pruning by it happens before compiling."""
+    m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
+    tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n), "jvp": (2 * m, 4 * n)}
+    resident, streamed = tiles[kernel]
+    if kernel == "dkdv":  # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy even unpipelined
+        stages = max(stages, 2)
+    return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n
 
 
+def _pruner(kernel: str):
+    def prune(configs, named_args, **kwargs):
+        """Drop configs whose blocks exceed the sequence (pure masked work at L = 64) and, on a GPU (or for the
+        compile gate's target), configs whose shared memory cannot fit one block; keep the smallest if none fit
+        the sequence, raise if none fits the shared memory."""
+        limit = shared_memory_limit(named_args["Q"].device)
+        if limit is not None:
+            dot_bytes = max(2, kwargs["DOT"].primitive_bitwidth // 8) if "DOT" in kwargs else 4
+            fits = [c for c in configs if shared_bytes(kernel, c, kwargs["BLOCK_D"], dot_bytes) <= limit]
+            if not fits:
+                raise ValueError(f"no attention config fits {limit} B of shared memory at head dim "
+                                 f"{kwargs['BLOCK_D']}")
+            configs = fits
+        smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
+        smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
+        cap_m = max(smallest_m, triton.next_power_of_2(named_args["Lq"]))
+        cap_n = max(smallest_n, triton.next_power_of_2(named_args["Lk"]))
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
+        return kept or sorted(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])[:1]
+    return prune
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The 8-warp small tiles serve head dims up to 256 (FA2 runs 8 warps
+# there): they halve the accumulator registers per thread. The unpipelined (16, 16) tile is the one that fits fp32
+# at head dim 256 within 99 KB (sm_86/sm_89) for every kernel. The prune hook drops those that cannot fit.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 2),
-                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                         (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2), (64, 32, 8, 2), (32, 32, 4, 2),
+                         (16, 16, 4, 1)],
+                        {"BLOCK_M": 64, "BLOCK_N": 64})
 _DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
-                          (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
+                          (16, 32, 2, 2), (16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)],
+                         {"BLOCK_M": 64, "BLOCK_N": 64})
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
-                        (16, 32, 2, 2)], {"BLOCK_M": 64, "BLOCK_N": 64})
-_KEY = ["Lq", "Lk", "D"]
-_PRUNE = {"early_config_prune": _prune}
+                        (16, 32, 2, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 16, 4, 1)],
+                       {"BLOCK_M": 64, "BLOCK_N": 64})
+# Sequence lengths bucketed to the next power of two (Lq_key, Lk_key), so that varying lengths do not re-tune; the
+# tile width and dot precision decide which configs fit, so they are part of the key (dtypes are added by Triton).
+_KEY = ["Lq_key", "Lk_key", "BLOCK_D", "PRECISION"]
 
 
 @triton.jit
@@ -110,12 +149,12 @@ def _key_rows(K, V, cols, offs_d, mask_d, skl, skd, svl, svd, Lk, DOT: tl.conste
 
 
 @triton.jit
-def _probs_ds(a, b, c, d, lse, delta, qk_scale, ACC: tl.constexpr):
+def _probs_ds(a, b, c, d, lse, delta, qk_scale, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """P = 2^(a b^T * qk_scale - lse), recomputed from the saved lse, and dP - delta = c d^T - delta, so that
     dS = P * (dP - delta) (FA2 Alg. 2). The dQ kernel passes (q, k, do, v) with lse and delta as columns, the
     dK/dV kernel the transposed problem (k, q, v, do) with them as rows: each gets its own layout."""
-    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision="ieee", out_dtype=ACC) * qk_scale - lse)
-    dp = tl.dot(c, tl.trans(d), input_precision="ieee", out_dtype=ACC)
+    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC) * qk_scale - lse)
+    dp = tl.dot(c, tl.trans(d), input_precision=PRECISION, out_dtype=ACC)
     return p, dp - delta
 
 
@@ -125,7 +164,7 @@ def _store_tile(ptr, acc, offs_l, offs_d, stride_l, stride_d, mask):
     tl.store(_tile_ptrs(ptr, offs_l, offs_d, stride_l, stride_d), acc.to(ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})
 @triton.heuristics({"SINGLE_TILE": lambda a: a["Lk"] <= a["BLOCK_N"]})
 @triton.jit
 def _attn_fwd_kernel(
@@ -134,8 +173,10 @@ def _attn_fwd_kernel(
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, sob, soh, sol, sod,
     H, Lq, Lk, D,
     qk_scale_hi, qk_scale_lo,  # scale * log2(e) as fp32 hi + lo
+    Lq_key, Lk_key,    # next powers of two of Lq, Lk: the autotune key (one tuning per bucket), unused inside
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_TILE: tl.constexpr,
     DOT: tl.constexpr,  # dtype of tl.dot operands
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", or "tf32" for fp32 when torch allows TF32
     ACC: tl.constexpr,  # accumulation dtype, tl.float32 or tl.float64
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)  # tl.dot tiles on GPUs
@@ -152,13 +193,13 @@ def _attn_fwd_kernel(
         # All keys in one block: a plain softmax, no running-max rescale.
         mask_n = offs_n < Lk
         k = tl.load(_tile_ptrs(K, offs_n, offs_d, skl, skd), mask=mask_n[:, None] & mask_d[None, :], other=0)
-        s = tl.dot(q, tl.trans(k.to(DOT)), input_precision="ieee", out_dtype=ACC) * qk_scale
+        s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_i = tl.max(s, 1)
         p = tl.exp2(s - m_i[:, None])
         l_i = tl.sum(p, 1)
         v = tl.load(_tile_ptrs(V, offs_n, offs_d, svl, svd), mask=mask_n[:, None] & mask_d[None, :], other=0)
-        acc = tl.dot(p.to(DOT), v.to(DOT), input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION, out_dtype=ACC)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), ACC)
         l_i = tl.zeros([BLOCK_M], ACC)
@@ -167,7 +208,7 @@ def _attn_fwd_kernel(
             cols = start_n + offs_n
             mask_n = cols < Lk
             k = tl.load(_tile_ptrs(K, cols, offs_d, skl, skd), mask=mask_n[:, None] & mask_d[None, :], other=0)
-            s = tl.dot(q, tl.trans(k.to(DOT)), input_precision="ieee", out_dtype=ACC) * qk_scale
+            s = tl.dot(q, tl.trans(k.to(DOT)), input_precision=PRECISION, out_dtype=ACC) * qk_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
             # Online softmax (FA2 Alg. 1): every block holds >= 1 real key, so m_new is finite.
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -175,7 +216,7 @@ def _attn_fwd_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(_tile_ptrs(V, cols, offs_d, svl, svd), mask=mask_n[:, None] & mask_d[None, :], other=0)
-            acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision="ieee", out_dtype=ACC)
+            acc = tl.dot(p.to(DOT), v.to(DOT), acc * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
             m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(_tile_ptrs(O + b * sob + h * soh, offs_m, offs_d, sol, sod), acc.to(O.dtype.element_ty),
@@ -199,7 +240,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,  # (B, H, L, D) views, any strides (DK, DV written in K's and V's dtype)
@@ -209,7 +250,9 @@ def _attn_bwd_dkdv_kernel(
     H, Lq, Lk, D,
     qk_scale_hi, qk_scale_lo,  # scale * log2(e) as fp32 hi + lo
     scale_hi, scale_lo,        # scale as fp32 hi + lo
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    Lq_key, Lk_key,            # autotune key only (see the forward)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per block of BLOCK_N keys: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta),
     # dP = dO V^T (FA2 Alg. 2), accumulated over all query blocks in registers and stored once.
@@ -218,8 +261,8 @@ def _attn_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    k, v, _, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
-                                 skl, skd, svl, svd, Lk, DOT)
+    k, v, _mask_n, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
+                                       skl, skd, svl, svd, Lk, DOT)
     qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
@@ -228,19 +271,20 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, Lq, BLOCK_M):
-        q, do, lse, delta, _ = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
-                                           sql, sqd, sdol, sdod, Lq, DOT)
+        # (Distinct names for unused results: Triton refuses a loop-carried name whose type changes in the loop.)
+        q, do, lse, delta, _mask_md = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
+                                                  sql, sqd, sdol, sdod, Lq, DOT)
         # Transposed (BLOCK_N, BLOCK_M) tiles. No mask needed: padded query rows load q = dO = lse = delta = 0, so
         # p = 1 and dS = 0 there and they add nothing; padded key rows only reach rows of dK/dV never stored.
-        p_t, dpd_t = _probs_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, ACC)
-        dv = tl.dot(p_t.to(DOT), do, dv, input_precision="ieee", out_dtype=ACC)
-        dk = tl.dot((p_t * dpd_t).to(DOT), q, dk, input_precision="ieee", out_dtype=ACC)
+        p_t, dpd_t = _probs_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, PRECISION, ACC)
+        dv = tl.dot(p_t.to(DOT), do, dv, input_precision=PRECISION, out_dtype=ACC)
+        dk = tl.dot((p_t * dpd_t).to(DOT), q, dk, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * _join(scale_hi, scale_lo, ACC)
     _store_tile(DK + b * sdkb + h * sdkh, dk, offs_n, offs_d, sdkl, sdkd, mask_nd)
     _store_tile(DV + b * sdvb + h * sdvh, dv, offs_n, offs_d, sdvl, sdvd, mask_nd)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, DQ,      # (B, H, L, D) views, any strides (DQ written in Q's dtype)
@@ -249,7 +293,9 @@ def _attn_bwd_dq_kernel(
     sdob, sdoh, sdol, sdod, sdqb, sdqh, sdql, sdqd,
     H, Lq, Lk, D,
     qk_scale_hi, qk_scale_lo, scale_hi, scale_lo,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    Lq_key, Lk_key,            # autotune key only (see the forward)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     # One program per block of BLOCK_M queries: dQ = scale * dS K, looping over key blocks (FA2 Alg. 2).
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
@@ -265,13 +311,82 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, Lk, BLOCK_N):
         k, v, mask_n, _ = _key_rows(K, V, start_n + offs_n, offs_d, mask_d, skl, skd, svl, svd, Lk, DOT)
-        p, dpd = _probs_ds(q, k, do, v, lse[:, None], delta[:, None], qk_scale, ACC)
+        p, dpd = _probs_ds(q, k, do, v, lse[:, None], delta[:, None], qk_scale, PRECISION, ACC)
         # Padded keys must be masked: their score is 0, and 2^(0 - lse) overflows when all real scores are very
         # negative; inf * (zero k row) would be NaN.
         p = tl.where(mask_n[None, :], p, 0.0)
-        dq = tl.dot((p * dpd).to(DOT), k, dq, input_precision="ieee", out_dtype=ACC)
+        dq = tl.dot((p * dpd).to(DOT), k, dq, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * _join(scale_hi, scale_lo, ACC)
     _store_tile(DQ + b * sdqb + h * sdqh, dq, offs_m, offs_d, sdql, sdqd, mask_md)
+
+
+
+# Forward with its tangent in one pass (sCM App. F; continuous-time.md Sec. 3.2). With S = s Q K^T, P = softmax(S),
+# O = P V and the tangent S' = s (Q' K^T + Q K'^T), the closed form O' = P V' + (P * S') V - rowsum(P * S') O becomes,
+# per query tile, three more accumulators rescaled by alpha = 2^(m_old - m_new) exactly like l and O~:
+#     A~ = sum p V',   B~ = sum (p * S') V,   r = sum_j p * S',     O' = (A~ + B~ - r O) / l,  O = O~ / l.
+_JVP_CONFIGS = _configs([(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2), (32, 64, 4, 2),
+                         (16, 32, 2, 2), (64, 32, 8, 2), (16, 16, 4, 1)], {"BLOCK_M": 64, "BLOCK_N": 64})
+
+
+@triton.autotune(configs=_JVP_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("jvp")})
+@triton.jit
+def _attn_fwd_jvp_kernel(
+    Q, K, V, TQ, TK, TV, O, TO,  # (B, H, L, D) views, any strides; O, TO written in Q's dtype
+    LSE,                         # (B, H, Lq) contiguous, base-2 log-sum-exp per query row
+    sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
+    stqb, stqh, stql, stqd, stkb, stkh, stkl, stkd, stvb, stvh, stvl, stvd,
+    sob, soh, sol, sod, stob, stoh, stol, stod,
+    H, Lq, Lk, D,
+    qk_scale_hi, qk_scale_lo,    # scale * log2(e) as fp32 hi + lo (scores, base 2)
+    scale_hi, scale_lo,          # scale as fp32 hi + lo (the tangent S' is in natural units)
+    Lq_key, Lk_key,              # autotune key only (see the forward)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    bh, b, h, offs_m = _block(Lq, H, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m, mask_d = offs_m < Lq, offs_d < D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqh, offs_m, offs_d, sql, sqd), mask=mask_md, other=0).to(DOT)
+    tq = tl.load(_tile_ptrs(TQ + b * stqb + h * stqh, offs_m, offs_d, stql, stqd), mask=mask_md, other=0).to(DOT)
+    qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
+    scale = _join(scale_hi, scale_lo, ACC)
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    TK += b * stkb + h * stkh
+    TV += b * stvb + h * stvh
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    r_i = tl.zeros([BLOCK_M], ACC)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc_a = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+    for start_n in range(0, Lk, BLOCK_N):
+        k, v, mask_n, mask_nd = _key_rows(K, V, start_n + offs_n, offs_d, mask_d, skl, skd, svl, svd, Lk, DOT)
+        tk, tv, _mask_n, _mask_nd = _key_rows(TK, TV, start_n + offs_n, offs_d, mask_d, stkl, stkd, stvl, stvd,
+                                              Lk, DOT)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        ts = tl.dot(tq, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        ts = tl.dot(q, tl.trans(tk), ts, input_precision=PRECISION, out_dtype=ACC) * scale  # 0 on padded keys
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block holds >= 1 real key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        pts = p * ts
+        l_i = l_i * alpha + tl.sum(p, 1)
+        r_i = r_i * alpha + tl.sum(pts, 1)
+        acc_o = tl.dot(p.to(DOT), v, acc_o * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        acc_a = tl.dot(p.to(DOT), tv, acc_a * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        acc_b = tl.dot(pts.to(DOT), v, acc_b * alpha[:, None], input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
+    o = acc_o / l_i[:, None]
+    to = (acc_a + acc_b) / l_i[:, None] - (r_i / l_i)[:, None] * o
+    _store_tile(O + b * sob + h * soh, o, offs_m, offs_d, sol, sod, mask_md)
+    _store_tile(TO + b * stob + h * stoh, to, offs_m, offs_d, stol, stod, mask_md)
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,9 +399,29 @@ def _dot_dtype(x: torch.Tensor):
     return {torch.float16: tl.float16, torch.float32: tl.float32, torch.float64: tl.float64}[x.dtype]
 
 
+def dot_precision(x: torch.Tensor) -> str:
+    """tl.dot input_precision for x's dtype. fp32 follows torch's own cuBLAS matmul setting: TF32 tensor cores when
+    torch allows them (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which
+    ``torch.set_float32_matmul_precision("high")`` and ``allow_tf32 = True`` also set), IEEE fp32 otherwise (the
+    default). Other dtypes, and the interpreter, use "ieee"."""
+    if x.dtype != torch.float32 or INTERPRET:
+        return "ieee"
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
+    allowed = precision == "tf32" if precision is not None else torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if allowed else "ieee"
+
+
 def _meta(q: torch.Tensor):
     D = q.shape[-1]
-    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)), DOT=_dot_dtype(q), ACC=compute_dtype(q))
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim must be <= {MAX_HEAD_DIM} for the Triton attention kernels, got {D}")
+    return dict(BLOCK_D=max(16, triton.next_power_of_2(D)), DOT=_dot_dtype(q), PRECISION=dot_precision(q),
+                ACC=compute_dtype(q))
+
+
+def _keys(Lq: int, Lk: int):
+    """The autotune key's sequence lengths: next powers of two (configs are tuned once per bucket)."""
+    return triton.next_power_of_2(Lq), triton.next_power_of_2(Lk)
 
 
 def _grid(length: int, bh: int, block: str):
@@ -294,14 +429,14 @@ def _grid(length: int, bh: int, block: str):
 
 
 def attention_fwd(q, k, v, out, scale: float) -> torch.Tensor:
-    """Write softmax(q k^T * scale) v into ``out`` (all (B, H, L, D) views, D <= 128) and return the base-2
+    """Write softmax(q k^T * scale) v into ``out`` (all (B, H, L, D) views, D <= 256) and return the base-2
     log-sum-exp per query row, (B, H, Lq) in fp32 (fp64 for fp64 inputs)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     lse = torch.empty((B, H, Lq), dtype=accumulate_dtype(q), device=q.device)
     _attn_fwd_kernel[_grid(Lq, B * H, "BLOCK_M")](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Lq, Lk, D, *_split_fp32(scale * LOG2E), **_meta(q))
+        H, Lq, Lk, D, *_split_fp32(scale * LOG2E), *_keys(Lq, Lk), **_meta(q))
     return lse
 
 
@@ -312,13 +447,28 @@ def attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
     Lk = k.shape[2]
     meta = _meta(q)
     delta = torch.empty((B, H, Lq), dtype=lse.dtype, device=q.device)
-    block_m = 64
+    block_m = max(16, min(64, 4096 // meta["BLOCK_D"]))  # an O and a dO tile of <= 4096 elements each
     _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, block_m) * B * H,)](
         out, d_out, delta, *out.stride(), *d_out.stride(), H, Lq, D,
         BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], ACC=meta["ACC"])
-    scales = (*_split_fp32(scale * LOG2E), *_split_fp32(scale))
+    scales = (*_split_fp32(scale * LOG2E), *_split_fp32(scale), *_keys(Lq, Lk))
     strides = (*q.stride(), *k.stride(), *v.stride(), *d_out.stride())
     _attn_bwd_dkdv_kernel[_grid(Lk, B * H, "BLOCK_N")](
         q, k, v, d_out, dk, dv, lse, delta, *strides, *dk.stride(), *dv.stride(), H, Lq, Lk, D, *scales, **meta)
     _attn_bwd_dq_kernel[_grid(Lq, B * H, "BLOCK_M")](
         q, k, v, d_out, dq, lse, delta, *strides, *dq.stride(), H, Lq, Lk, D, *scales, **meta)
+
+
+def attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale: float) -> torch.Tensor:
+    """Write O = softmax(q k^T * scale) v into ``out`` and its tangent along (tq, tk, tv) into ``tout`` in one pass
+    (all (B, H, L, D) views with any strides, D <= 256; tangents shaped like their primals). Returns the base-2
+    log-sum-exp per query row, (B, H, Lq) in fp32 (fp64 for fp64 inputs), as attention_fwd does."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    lse = torch.empty((B, H, Lq), dtype=accumulate_dtype(q), device=q.device)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(), *out.stride(),
+               *tout.stride())
+    _attn_fwd_jvp_kernel[_grid(Lq, B * H, "BLOCK_M")](
+        q, k, v, tq, tk, tv, out, tout, lse, *strides, H, Lq, Lk, D, *_split_fp32(scale * LOG2E),
+        *_split_fp32(scale), *_keys(Lq, Lk), **_meta(q))
+    return lse

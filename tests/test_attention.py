@@ -212,16 +212,51 @@ def test_torch_compile_fullgraph(device):
         _close(g, e, torch.float32, "compiled grad", grad=True)
 
 
-def test_head_dim_above_128_falls_back_to_sdpa_with_warning(device):
-    q, k, v = _qkv((1, 1, 9, 160), (1, 1, 9, 160), torch.float32, device)
+def test_head_dim_above_256_falls_back_to_sdpa_with_warning(device):
+    q, k, v = _qkv((1, 1, 9, 264), (1, 1, 9, 264), torch.float32, device)
     with pytest.warns(UserWarning, match="scaled_dot_product_attention"):
         out = attention(q, k, v, impl="triton")
     _close(out, attention_ref(q.double(), k.double(), v.double()), torch.float32, "out")
-    with pytest.warns(UserWarning, match="head dim 160"):
-        qkv_attention(torch.randn(1, 3 * 320, 2, 2, device=device), 2, impl="triton")
+    with pytest.warns(UserWarning, match="head dim 272"):
+        qkv_attention(torch.randn(1, 3 * 544, 2, 2, device=device), 2, impl="triton")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attention(q, k, v)  # "auto": the documented fallback (or the reference on CPU), no warning
+
+
+# Layouts the U-Net never feeds but users do: q, k, v with three different stride patterns (q a slice of a wider
+# tensor, k contiguous, v a transposed view whose head-dim stride is not 1), Lk != Lq on both sides of one block
+# (the interpreter's BLOCK_N is 64: Lk = 80 runs the online-softmax loop), head dims from 16 to 256 including
+# non-powers of two (masked head-dim tail). No SDPA fallback may happen (warnings are errors).
+LAYOUT_CASES = [(33, 80, 16), (17, 5, 40), (40, 70, 96), (9, 20, 256), (70, 9, 200)]
+
+
+@pytest.mark.parametrize("Lq, Lk, D", LAYOUT_CASES, ids=[f"Lq{a}Lk{b}D{d}" for a, b, d in LAYOUT_CASES])
+def test_different_strides_per_input_and_head_dims_to_256(Lq, Lk, D, device):
+    B, H = 1, 2
+    g = torch.Generator().manual_seed(D)
+    q = torch.randn(B, H, Lq, D + 8, generator=g, dtype=torch.float64)[..., 3:D + 3]   # sliced: row stride D+8
+    k = torch.randn(B, H, Lk, D, generator=g, dtype=torch.float64)                     # contiguous
+    v = torch.randn(B, H, D, Lk, generator=g, dtype=torch.float64).transpose(-1, -2)   # transposed view
+    inputs = [t.to(device=device, dtype=torch.float32) for t in (q, k, v)]
+    q, k, v = inputs
+    assert len({q.stride(), k.stride(), v.stride()}) == 3 and v.stride(-1) != 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_against_fp64(_triton, attention_ref, [q, k, v], torch.float32,
+                            torch.randn(B, H, Lq, D, generator=g).to(device))
+
+
+def test_cifar10_preset_head_dim_256_uses_the_triton_kernels(device):
+    # iCT's NCSN++ (cifar10 preset): one 256-channel head at 16x16; here at 4x4 tokens to keep the interpreter fast.
+    qkv = torch.randn(1, 3 * 256, 4, 4, device=device, dtype=torch.float64)
+    grad_out = torch.randn(1, 256, 4, 4, device=device, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, (grad,) = _run(lambda x: qkv_attention(x, 1, impl="triton"), [qkv], grad_out)
+    exp_out, (exp_grad,) = _run(lambda x: qkv_attention_ref(x, 1), [qkv], grad_out)
+    _close(out, exp_out, torch.float64, "out")
+    _close(grad, exp_grad, torch.float64, "d qkv", grad=True)
 
 
 def test_autocast_runs_in_autocast_dtype(device):
@@ -245,21 +280,88 @@ def test_empty_batch_and_registry(device):
         _close(spec.op(**kwargs, impl="triton"), expected, torch.float32, name)
 
 
+def _blocks(kernel, lq, lk, block_d=64, dot=None, configs=None):
+    import triton
+    import triton.language as tl
+
+    from fastcm.kernels.attention import _pruner
+
+    configs = configs or [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (32, 32),
+                                                                                  (16, 32)]]
+    args = dict(Q=torch.empty(0), Lq=lq, Lk=lk)
+    kept = _pruner(kernel)(configs, args, BLOCK_D=block_d, DOT=dot or tl.float16)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept]
+
+
 def test_autotune_pruning_keeps_blocks_within_the_sequence():
     # GPU-only logic (the interpreter has one config): blocks larger than the padded sequence are pure masked work.
+    assert _blocks("fwd", 1, 1) == [(16, 32)]
+    assert _blocks("fwd", 17, 64) == [(32, 32), (16, 32)]
+    assert _blocks("fwd", 64, 64) == [(64, 64), (32, 32), (16, 32)]
+    assert _blocks("fwd", 1000, 1000) == [(128, 64), (64, 64), (32, 32), (16, 32)]
+
+
+def test_autotune_pruning_drops_configs_over_the_shared_memory_limit():
+    import triton
+    import triton.language as tl
+
+    from fastcm.kernels import _utils
+    from fastcm.kernels.attention import shared_bytes
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s) for m, n, s in [(128, 128, 3), (64, 64, 3),
+                                                                                         (16, 32, 2)]]
+    sizes = [shared_bytes("dq", c, 256, 4) for c in configs]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 166_912 > sizes[-1]
+    token = _utils.TARGET_SHARED_MEMORY.set(166_912)
+    try:
+        kept = _blocks("dq", 1024, 1024, block_d=256, dot=tl.float32, configs=configs)
+        assert (128, 128) not in kept and (16, 32) in kept
+        assert kept == [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c, b in zip(configs, sizes) if b <= 166_912]
+        _utils.TARGET_SHARED_MEMORY.set(1024)
+        with pytest.raises(ValueError, match="no attention config fits 1024 B"):
+            _blocks("dq", 64, 64, block_d=256, dot=tl.float32, configs=configs)
+    finally:
+        _utils.TARGET_SHARED_MEMORY.reset(token)
+    assert len(_blocks("dq", 1024, 1024, block_d=256, dot=tl.float32, configs=configs)) == 3  # CPU: no limit
+
+
+def test_fp32_dot_precision_follows_torchs_matmul_setting(monkeypatch):
+    from fastcm.kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # the GPU decision (the interpreter always computes ieee)
+    x32, x16 = torch.empty(1), torch.empty(1, dtype=torch.float16)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:  # the torch >= 2.9 API only (mixing it with set_float32_matmul_precision makes torch raise on reads)
+        assert kernels.dot_precision(x32) == ("tf32" if saved == "tf32" else "ieee")
+        matmul.fp32_precision = "tf32"
+        assert kernels.dot_precision(x32) == "tf32" and kernels.dot_precision(x16) == "ieee"
+        matmul.fp32_precision = "ieee"
+        assert kernels.dot_precision(x32) == "ieee"
+        matmul.fp32_precision = "tf32"
+        assert kernels.dot_precision(x32) == "tf32"
+    finally:
+        matmul.fp32_precision = saved
+    torch.get_float32_matmul_precision()  # the legacy reader still works: the test left no mixed state
+
+
+def test_autotune_key_buckets_sequence_lengths(monkeypatch, device):
+    # Two configs and a fake benchmark stand in for a GPU's autotuning: lengths in one power-of-two bucket tune once.
     import triton
 
-    from fastcm.kernels.attention import _prune
+    from fastcm.kernels import attention as kernels
 
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in [(128, 64), (64, 64), (32, 32), (16, 32)]]
-
-    def blocks(lq, lk):
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _prune(configs, dict(Lq=lq, Lk=lk))]
-
-    assert blocks(1, 1) == [(16, 32)]
-    assert blocks(17, 64) == [(32, 32), (16, 32)]
-    assert blocks(64, 64) == [(64, 64), (32, 32), (16, 32)]
-    assert blocks(1000, 1000) == [(128, 64), (64, 64), (32, 32), (16, 32)]
+    tuner = kernels._attn_fwd_kernel
+    config = tuner.configs[0]
+    twin = triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=config.num_stages)
+    benched = []
+    monkeypatch.setattr(tuner, "configs", [config, twin])
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(tuner, "_bench", lambda *a, config, **k: benched.append(config) or [1.0, 1.0, 1.0])
+    for L in (40, 50, 64, 33, 100):
+        q, k, v = _qkv((1, 1, L, 16), (1, 1, L, 16), torch.float32, device)
+        attention(q, k, v, impl="triton")
+    assert len(benched) == 4  # two configs for the bucket 64 (L = 40, 50, 64, 33), two for 128 (L = 100)
 
 
 def _meta_like(shape):
@@ -333,3 +435,137 @@ def test_cuda_deterministic_and_fp64_fallback():
     with pytest.warns(UserWarning, match="float64 on CUDA"):
         out = attention(q, k, v, impl="triton")
     _close(out, attention_ref(q, k, v), torch.float64, "fp64 fallback")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward with tangent in one pass (kernels.attention.attention_fwd_jvp; sCM App. F): against torch.func.jvp of
+# the plain-torch reference and against the closed form O' = P V' + (P * S') V - rowsum(P * S') O.
+
+def _jvp_reference(q, k, v, tq, tk, tv, scale):
+    return torch.func.jvp(lambda a, b, c: attention_ref(a, b, c, scale), (q, k, v), (tq, tk, tv))
+
+
+def _jvp_closed_form(q, k, v, tq, tk, tv, scale):
+    s = scale * q @ k.mT
+    ts = scale * (tq @ k.mT + q @ tk.mT)
+    p = torch.softmax(s, -1)
+    o = p @ v
+    return o, p @ tv + (p * ts) @ v - (p * ts).sum(-1, keepdim=True) * o
+
+
+def _strided(shape, g, dtype, kind):
+    """A (B, H, L, D) tensor as a contiguous tensor, a transposed view, or a slice of a wider one."""
+    B, H, L, D = shape
+    if kind == "contiguous":
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if kind == "transposed":
+        return torch.randn(B, H, D, L, generator=g, dtype=torch.float64).to(dtype).transpose(-1, -2)
+    return torch.randn(B, L, H, D + 5, generator=g, dtype=torch.float64).to(dtype)[..., 2:D + 2].transpose(1, 2)
+
+
+JVP_CASES = [(17, 80, 32), (70, 9, 40), (33, 33, 256)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("Lq, Lk, D", JVP_CASES, ids=[f"Lq{a}Lk{b}D{d}" for a, b, d in JVP_CASES])
+def test_fwd_jvp_kernel_matches_torch_func_jvp_and_closed_form(Lq, Lk, D, dtype, device):
+    from fastcm.kernels.attention import attention_fwd_jvp
+
+    g = torch.Generator().manual_seed(Lq * Lk + D)
+    B, H, scale = 1, 2, 0.7 / math.sqrt(D)
+    kinds = ["sliced", "contiguous", "transposed", "transposed", "sliced", "contiguous"]
+    shapes = [(B, H, Lq, D), (B, H, Lk, D), (B, H, Lk, D)] * 2
+    q, k, v, tq, tk, tv = (_strided(s, g, dtype, kind).to(device) for s, kind in zip(shapes, kinds))
+    out = torch.empty(B, H, D, Lq, dtype=dtype, device=device).transpose(-1, -2)  # outputs through strides too
+    tout = torch.empty(B, H, Lq, D, dtype=dtype, device=device)
+    lse = attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
+    args64 = [t.double() for t in (q, k, v, tq, tk, tv)]
+    exp_out, exp_tout = _jvp_reference(*args64, scale)
+    cf_out, cf_tout = _jvp_closed_form(*args64, scale)
+    torch.testing.assert_close(cf_tout, exp_tout, atol=1e-12, rtol=1e-12)  # the formula the kernel implements
+    _close(out, exp_out, dtype, "out")
+    _close(tout, exp_tout, dtype, "tangent", grad=True)
+    exp_lse = torch.logsumexp(scale * args64[0] @ args64[1].mT, -1) / math.log(2)
+    _close(lse, exp_lse, dtype, "lse")
+
+
+def test_fwd_jvp_kernel_zero_tangents_give_zero_and_forward_matches_attention_fwd(device):
+    from fastcm.kernels.attention import attention_fwd, attention_fwd_jvp
+
+    q, k, v = _qkv((1, 2, 20, 48), (1, 2, 70, 48), torch.float32, device)
+    zeros = [torch.zeros_like(t) for t in (q, k, v)]
+    out, tout = torch.empty_like(q), torch.full_like(q, float("nan"))
+    lse = attention_fwd_jvp(q, k, v, *zeros, out, tout, 0.3)
+    ref_out = torch.empty_like(q)
+    ref_lse = attention_fwd(q, k, v, ref_out, 0.3)
+    assert torch.equal(tout, torch.zeros_like(tout))
+    _close(out, ref_out, torch.float32, "out")
+    _close(lse, ref_lse, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_op_forward_ad_matches_reference_jvp(dtype, device):
+    # Before the autograd.Function wrapper, torch.func.jvp through the custom op returned a zero tangent silently.
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = _qkv((1, 2, 21, 40), (1, 2, 70, 40), dtype, device, seed=3)
+    t = [t.to(device) for t in _qkv((1, 2, 21, 40), (1, 2, 70, 40), dtype, "cpu", seed=4)]
+    out, t_out = torch.func.jvp(lambda a, b, c: attention(a, b, c, impl="triton"), (q, k, v), tuple(t))
+    exp, t_exp = torch.func.jvp(attention_ref, tuple(x.double() for x in (q, k, v)), tuple(x.double() for x in t))
+    _close(out, exp, dtype, "out")
+    _close(t_out, t_exp, dtype, "tangent", grad=True)
+    with torch.no_grad(), fwAD.dual_level():  # the cheap sCM / MeanFlow path: a tangent on k only, no graph
+        dual = attention(q, fwAD.make_dual(k, t[1]), v, impl="triton")
+        t_k = fwAD.unpack_dual(dual).tangent
+    _, t_k_exp = torch.func.jvp(lambda b: attention_ref(q.double(), b, v.double()), (k.double(),), (t[1].double(),))
+    _close(t_k, t_k_exp, dtype, "tangent along k", grad=True)
+
+
+def test_qkv_op_forward_ad_matches_reference_jvp(device):
+    qkv = torch.randn(2, 3 * 64, 5, 3, device=device, dtype=torch.float64)[:, :, :4]  # cropped view
+    t_qkv = torch.randn(2, 3 * 64, 4, 3, device=device, dtype=torch.float64)
+    out, t_out = torch.func.jvp(lambda x: qkv_attention(x, 2, impl="triton"), (qkv,), (t_qkv,))
+    exp, t_exp = torch.func.jvp(lambda x: qkv_attention_ref(x, 2), (qkv,), (t_qkv,))
+    _close(out, exp, torch.float64, "out")
+    _close(t_out, t_exp, torch.float64, "tangent", grad=True)
+    # Reverse mode through the primal output of torch.func.jvp still works (same kernels as the custom op).
+    leaf = qkv.detach().requires_grad_()
+    torch.func.jvp(lambda x: qkv_attention(x, 2, impl="triton"), (leaf,), (t_qkv,))[0].sum().backward()
+    exp_leaf = qkv.detach().requires_grad_()
+    qkv_attention_ref(exp_leaf, 2).sum().backward()
+    _close(leaf.grad, exp_leaf.grad, torch.float64, "d qkv", grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+def test_cuda_head_dim_256_fp32_follows_torchs_tf32_setting(precision):
+    # cifar10's 256-wide head; TF32 rounds operands to 10 mantissa bits, as fp16 does: fp16's tolerances.
+    from fastcm.kernels import attention as kernels
+    from fastcm.kernels._utils import shared_memory_limit
+
+    assert shared_memory_limit(torch.device("cuda")) >= 99 * 1024
+    matmul = torch.backends.cuda.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, precision
+    try:
+        inputs = _qkv((4, 1, 256, 256), (4, 1, 256, 256), torch.float32, "cuda")
+        grad_out = torch.randn(4, 1, 256, 256, device="cuda")
+        assert kernels.dot_precision(inputs[0]) == precision
+        out, grads = _run(_triton, inputs, grad_out)
+    finally:
+        matmul.fp32_precision = saved
+    exp, exp_grads = _run(attention_ref, [t.double() for t in inputs], grad_out.double())
+    tol_dtype = torch.float32 if precision == "ieee" else torch.float16
+    _close(out, exp, tol_dtype, f"out {precision}")
+    for name, g, e in zip("qkv", grads, exp_grads):
+        _close(g, e, tol_dtype, f"d{name} {precision}", grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_head_dim_256_and_jvp_half_precision(dtype):
+    inputs = _qkv((2, 1, 256, 256), (2, 1, 256, 256), dtype, "cuda")
+    _check_against_fp64(_triton, attention_ref, inputs, dtype, torch.randn(2, 1, 256, 256, device="cuda"))
+    tangents = _qkv((2, 1, 256, 256), (2, 1, 256, 256), dtype, "cuda", seed=1)
+    _, t_out = torch.func.jvp(_triton, tuple(inputs), tuple(tangents))
+    _, t_exp = torch.func.jvp(attention_ref, tuple(t.double() for t in inputs), tuple(t.double() for t in tangents))
+    _close(t_out, t_exp, dtype, "tangent", grad=True)

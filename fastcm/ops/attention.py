@@ -2,10 +2,10 @@
 
     O = softmax(Q K^T * scale) V,        scale = 1 / sqrt(D) unless given
 
-Consistency-model U-Nets attend over small token maps (8x8 = 64 ... 32x32 = 1024 tokens, head dim 32-128). The Triton
+Consistency-model U-Nets attend over small token maps (8x8 = 64 ... 32x32 = 1024 tokens, head dim 32-256). The Triton
 path (kernels/attention.py) is FlashAttention-2 (Dao 2023): an online softmax that never materialises the L x L
 matrix, the row log-sum-exp saved for backward, and separate dK/dV and dQ kernels (deterministic, no atomics). Any
-L >= 1 and any D <= 128 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
+L >= 1 and any D <= 256 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
 
 ``qkv_attention`` takes the packed output of a 1x1 convolution, (N, 3*C, H, W), and reads q, k, v through strides,
 so the U-Net needs no permute/contiguous copies around attention.
@@ -21,9 +21,9 @@ from torch import Tensor
 
 from ._utils import check_same_device, check_tensor, resolve_impl
 
-# The kernels hold a (BLOCK_M x BLOCK_D) query tile and (BLOCK_N x BLOCK_D) key/value tiles in registers; beyond 128
-# they would spill, so larger head dims go to torch's SDPA instead (documented fallback, see attention()).
-MAX_HEAD_DIM = 128
+# FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
+# larger head dims go to torch's SDPA instead (documented fallback, see attention()).
+MAX_HEAD_DIM = 256
 # dtypes the Triton path computes on a GPU; fp64 runs only under the interpreter (for gradcheck on CPU).
 TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -40,10 +40,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax. Under
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
-    The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
-    autotune their block sizes on the first call per (Lq, Lk, D) and dtype.
+    Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) works on every path: the Triton path computes
+    the output and its tangent in one kernel pass (sCM App. F), except under ``torch.compile``, which drops custom
+    jvp rules (pytorch#192985).
 
-    Fallback (never silent): the Triton kernels support D <= 128 and, on CUDA, fp16/bf16/fp32. For D > 128, or fp64 on
+    The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
+    autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
+    fp32 inputs on CUDA use TF32 tensor cores when torch allows TF32 matmuls
+    (``torch.get_float32_matmul_precision() != "highest"``, e.g. ``torch.backends.cuda.matmul.allow_tf32 = True``),
+    IEEE fp32 otherwise, as torch's own matmuls do.
+
+    Fallback (never silent): the Triton kernels support D <= 256 and, on CUDA, fp16/bf16/fp32. For D > 256, or fp64 on
     CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
     requested explicitly this also emits a ``UserWarning``.
     """
@@ -54,8 +61,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
         return attention_ref(q, k, v, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
-    out, _ = torch.ops.fastcm.attention_fwd(q, k, v, scale)
-    return out
+    return _triton_attention(q, k, v, scale)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -78,7 +84,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
             ``qkv.view(N, 3, num_heads, C // num_heads, H * W)``: q, k, v, then heads, then head dims.
         num_heads: number of heads; C must be divisible by it.
         scale: softmax scale; default 1 / sqrt(C // num_heads).
-        impl: as in :func:`attention` (same SDPA fallback for head dims > 128 or fp64 on CUDA).
+        impl: as in :func:`attention` (same SDPA fallback for head dims > 256 or fp64 on CUDA).
     Returns (N, C, H, W) in qkv's dtype; output channel ``head * head_dim + d``.
 
     The Triton path reads q, k, v and writes the output through strides (no permute copies); its backward writes
@@ -92,8 +98,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
         return qkv_attention_ref(qkv, num_heads, scale)
     if backend == "sdpa":
         return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
-    out, _ = torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
-    return out
+    return _triton_qkv_attention(qkv, num_heads, scale)
 
 
 def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -284,6 +289,110 @@ def _qkv_backward(ctx, d_out, d_lse):
 
 
 _qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward-mode AD. A custom_op has no forward-AD hook (torch.func.jvp over one silently returns a zero tangent), so
+# eager calls go through autograd.Functions in split form (forward / setup_context / backward / jvp): reverse mode
+# runs the same kernels as the custom ops, and jvp runs the one-pass forward-with-tangent kernel
+# (kernels.attention.attention_fwd_jvp, sCM App. F). Under torch.compile the custom ops are called directly
+# (Dynamo drops custom jvp rules anyway, pytorch#192985): forward AD through a compiled Triton attention is not
+# supported.
+
+@torch.library.custom_op("fastcm::attention_fwd_jvp", mutates_args=())
+def _attention_fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
+                       scale: float) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_fwd_jvp
+
+    out, tout = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
+    attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
+    return out, tout
+
+
+@_attention_fwd_jvp.register_fake
+def _(q, k, v, tq, tk, tv, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+@torch.library.custom_op("fastcm::qkv_attention_fwd_jvp", mutates_args=())
+def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+    from fastcm.kernels.attention import attention_fwd_jvp
+
+    N, C3, Hs, Ws = qkv.shape
+    out, tout = (torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
+    attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
+                      _out_view(tout, num_heads), scale)
+    return out, tout
+
+
+@_qkv_attention_fwd_jvp.register_fake
+def _(qkv, t_qkv, num_heads, scale):
+    N, C3, Hs, Ws = qkv.shape
+    return qkv.new_empty((N, C3 // 3, Hs, Ws)), qkv.new_empty((N, C3 // 3, Hs, Ws))
+
+
+def _tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A missing tangent (input not being differentiated) is zero; tangents never carry autograd history."""
+    return torch.zeros_like(like) if t is None else t.detach()
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, v, scale):
+        return torch.ops.fastcm.attention_fwd(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(q, k, v, output[0], output[1])
+        ctx.save_for_forward(q, k, v)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _attention_backward(ctx, d_out, d_lse)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, t_scale):
+        q, k, v = ctx.saved_tensors[:3]
+        _, t_out = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k), _tangent(tv, v),
+                                                      ctx.scale)
+        return t_out, None
+
+
+class _QKVAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(qkv, num_heads, scale):
+        return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _qkv_setup(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        return _qkv_backward(ctx, d_out, d_lse)
+
+    @staticmethod
+    def jvp(ctx, t_qkv, t_heads, t_scale):
+        qkv = ctx.saved_tensors[0]
+        _, t_out = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), ctx.num_heads, ctx.scale)
+        return t_out, None
+
+
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcm.attention_fwd(q, k, v, scale)[0]
+    return _Attention.apply(q, k, v, scale)[0]
+
+
+def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)[0]
+    return _QKVAttention.apply(qkv, num_heads, scale)[0]
 
 
 def _qkv_views(qkv: Tensor, num_heads: int):
