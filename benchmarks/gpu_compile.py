@@ -139,7 +139,8 @@ def attention_jobs(shapes: dict, dtypes=DTYPES) -> Iterator[Job]:
 
 
 def group_norm_jobs(shapes: dict, dtypes=DTYPES, sm_counts=SM_COUNTS) -> Iterator[Job]:
-    """Forward and backward, NCHW and channels_last, with the plan (fused / split) for each SM count."""
+    """Forward, backward and forward-with-tangent, NCHW and channels_last, with the plan (fused / split) for each SM
+    count."""
     for (N, C, H, W), G, has_mod, silu in shapes["group_norm"]:
         for dtype in dtypes:
             for layout in ("nchw", "nhwc"):
@@ -152,6 +153,9 @@ def group_norm_jobs(shapes: dict, dtypes=DTYPES, sm_counts=SM_COUNTS) -> Iterato
                         mod = _meta(N, C, dtype=dtype) if has_mod else None
                         y, mean, rstd = group_norm.group_norm_fwd(x, G, w, b, 1e-5, mod, mod, silu)
                         group_norm.group_norm_bwd(torch.empty_like(y), x, mean, rstd, w, b, mod, mod, silu)
+                        if group_norm.jvp_fits(x, G):  # the one-pass tangent (sCT / MeanFlow's JVP), all tangents
+                            group_norm.group_norm_jvp(x, torch.empty_like(x), G, w, b, 1e-5, mod, mod, w, b, mod,
+                                                      mod, silu, True)
                     yield Job("group_norm", f"{layout} {N}x{C}x{H}x{W} G={G} mod={int(has_mod)} silu={int(silu)} "
                               f"sms={sms}", dtype, group_norm, _with_sms(sms, run))
 
@@ -170,12 +174,16 @@ def pseudo_huber_jobs(shapes: dict, dtypes=DTYPES) -> Iterator[Job]:
 
 
 def sqrtm_jobs(sizes=((8, 64), (1, 512), (1, 2048)), dtypes=(torch.float32, torch.float64)) -> Iterator[Job]:
-    """Newton-Schulz square roots: covariance-pooling batches and the FID feature covariance (2048)."""
+    """Newton-Schulz square roots: covariance-pooling batches and the FID feature covariance (2048); fp32 under
+    both of torch's matmul settings (IEEE FMA and TF32 tiles, see kernels.sqrtm.sqrtm_plan)."""
     for G, n in sizes:
-        for dtype in dtypes:
+        for dtype, precision in [(d, p) for d in dtypes for p in (("ieee", "tf32") if d == torch.float32 else
+                                                                   (None,))]:
+            @_fp32_precision(precision)
             def run(G=G, n=n, dtype=dtype):
-                sqrtm.newton_schulz_sqrtm(_meta(G, n, n, dtype=dtype), 2)
-            yield Job("sqrtm", f"{G}x{n}x{n}", dtype, sqrtm, run)
+                sqrtm.sqrtm_fwd(_meta(G, n, n, dtype=dtype), 2)
+            yield Job("sqrtm", f"{G}x{n}x{n}" + (f" fp32 matmuls {precision}" if precision else ""), dtype, sqrtm,
+                      run)
 
 
 OPS = ("attention", "group_norm", "pseudo_huber", "sqrtm")

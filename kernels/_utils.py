@@ -23,6 +23,18 @@ def num_warps(block: int) -> int:
     return 4 if block < 2048 else 8 if block < 8192 else 16
 
 
+def fp32_matmul_precision() -> str:
+    """"tf32" when torch allows TF32 tensor cores for fp32 matmuls, else "ieee" (torch's default).
+
+    Reads the new per-backend setting ``torch.backends.cuda.matmul.fp32_precision`` (torch >= 2.9), which
+    ``torch.set_float32_matmul_precision("high")`` and ``allow_tf32 = True`` also set; the legacy global getter raises
+    on torch 2.13 once a user has set the new one, so it is read only where the new attribute does not exist."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return "tf32" if precision == "tf32" else "ieee"
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "ieee"
+
+
 def compute_dtype(x: torch.Tensor):
     """Triton dtype a kernel computes in: fp64 for fp64 inputs (so gradcheck works), fp32 otherwise."""
     return tl.float64 if x.dtype == torch.float64 else tl.float32

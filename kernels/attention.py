@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, accumulate_dtype, compute_dtype, shared_memory_limit
+from ._utils import INTERPRET, accumulate_dtype, compute_dtype, fp32_matmul_precision, shared_memory_limit
 
 LOG2E = math.log2(math.e)
 MAX_HEAD_DIM = 256  # FA2's limit; every config the prune hook keeps fits sm_80's and sm_90's shared memory there
@@ -406,9 +406,7 @@ def dot_precision(x: torch.Tensor) -> str:
     default). Other dtypes, and the interpreter, use "ieee"."""
     if x.dtype != torch.float32 or INTERPRET:
         return "ieee"
-    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
-    allowed = precision == "tf32" if precision is not None else torch.get_float32_matmul_precision() != "highest"
-    return "tf32" if allowed else "ieee"
+    return fp32_matmul_precision()
 
 
 def _meta(q: torch.Tensor):

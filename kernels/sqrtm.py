@@ -16,8 +16,8 @@ one triangle and its mirror (the "half the flops" trick), lets rounding errors g
 iteration has converged (a symmetric-tile version of this kernel reached errors of 1e+27 after 30 steps on a
 5x5 matrix of condition number 1e3), so both kernels compute full tiles.
 The iterates are held in fp32 (fp64 for fp64 inputs: the interpreter's tl.dot, and sm80+ GPUs, support it).
-fp32 products follow torch's setting (``torch.get_float32_matmul_precision()``): TF32 tensor cores when it is
-"high" or "medium" (the iteration then converges to TF32's ~1e-3 relative accuracy, as any TF32 matmul would),
+fp32 products follow torch's setting (``_utils.fp32_matmul_precision()``): TF32 tensor cores when it allows them
+(``set_float32_matmul_precision("high")`` or ``"medium"``, ``matmul.fp32_precision = "tf32"``) (the iteration then converges to TF32's ~1e-3 relative accuracy, as any TF32 matmul would),
 IEEE fp32 FMA when it is "highest" (torch's default).
 The batch is grid dimension 0 (up to 2^31 - 1 matrices; dimension 1 would cap it at 65,535), the output tile
 dimension 1. Deterministic: no atomics, every output element is written by exactly one program.
@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET
+from ._utils import INTERPRET, fp32_matmul_precision
 
 
 @triton.jit
@@ -105,12 +105,13 @@ class Plan(NamedTuple):
 
 def sqrtm_plan(batch: int, n: int, dtype: torch.dtype, fp32_precision: str = "highest") -> Plan:
     """Grid, tile and precision of both kernels for ``batch`` matrices n x n in ``dtype`` (fp32 or fp64), with
-    ``fp32_precision`` = torch.get_float32_matmul_precision(). A pure function: the compile gate builds the same.
+    ``fp32_precision`` torch's fp32 matmul setting ("tf32" / "ieee" as ``fp32_matmul_precision()`` reads it, or the
+    legacy "high" / "medium" / "highest"). A pure function: the compile gate builds the same.
 
     fp32 IEEE dots run on FMA units with both operand tiles in registers: 64 x 64 tiles sat at 255 registers and
     spilled in the update kernel (two accumulators) at 4 warps, and still spilled at 8; 32 x 32 tiles do not."""
     fp64 = dtype == torch.float64
-    precision = "tf32" if not fp64 and fp32_precision != "highest" else "ieee"
+    precision = "tf32" if not fp64 and fp32_precision in ("tf32", "high", "medium") else "ieee"
     if INTERPRET:  # the interpreter runs numpy per program: few large tiles are fastest
         block = max(16, min(64, triton.next_power_of_2(n)))
     else:  # FMA (IEEE) dots keep both operand tiles in registers: 32 x 32; TF32 tensor cores take 64 x 64
@@ -132,7 +133,7 @@ def sqrtm_fwd(a: torch.Tensor, num_iters: int) -> torch.Tensor:
     yz[1] = torch.eye(n, dtype=a.dtype, device=a.device)
     yz_next = torch.empty_like(yz)
     t = torch.empty((G, n, n), dtype=a.dtype, device=a.device)
-    plan = sqrtm_plan(G, n, a.dtype, torch.get_float32_matmul_precision())
+    plan = sqrtm_plan(G, n, a.dtype, fp32_matmul_precision())
     for k in range(num_iters):
         _sqrtm_fwd_t_kernel[plan.grid](yz[1], yz[0], t, n, **plan.meta)
         _sqrtm_fwd_update_kernel[plan.grid](yz[0], yz[1], t, yz_next[0], yz_next[1], n, UPDATE_Z=k < num_iters - 1,
