@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from ._jvp import JvpRule, has_tangent
 from ._utils import check_same_device, check_tensor, resolve_impl
 
 # FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
@@ -41,14 +42,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
     Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) works on every path: the Triton path computes
-    the output and its tangent in one kernel pass (sCM App. F), except under ``torch.compile``, which drops custom
-    jvp rules (pytorch#192985).
+    the output and its tangent in one kernel pass (sCM App. F); the SDPA fallback runs the reference when a tangent
+    is present. Under ``torch.compile`` a tangent on the Triton path raises (compiled ``torch.func.jvp`` drops custom
+    jvp rules, pytorch#192985, and would return a wrong tangent); the reference route compiles.
 
     The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
     autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
     fp32 inputs on CUDA use TF32 tensor cores when torch allows TF32 matmuls
-    (``torch.get_float32_matmul_precision() != "highest"``, e.g. ``torch.backends.cuda.matmul.allow_tf32 = True``),
-    IEEE fp32 otherwise, as torch's own matmuls do.
+    (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``set_float32_matmul_precision("high")`` and
+    ``allow_tf32 = True`` also set), IEEE fp32 otherwise, as torch's own matmuls do.
 
     Fallback (never silent): the Triton kernels support D <= 256 and, on CUDA, fp16/bf16/fp32. For D > 256, or fp64 on
     CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
@@ -108,7 +110,10 @@ def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """The SDPA fallback. Its fused backends need a unit last stride, else it would drop to the math backend."""
+    """The SDPA fallback. Its fused backends need a unit last stride, else it would drop to the math backend.
+    They have no forward-mode AD (pytorch#128971, #117629): a call carrying a tangent runs the reference."""
+    if has_tangent(q, k, v):
+        return attention_ref(q, k, v, scale)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -292,12 +297,12 @@ _qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Forward-mode AD. A custom_op has no forward-AD hook (torch.func.jvp over one silently returns a zero tangent), so
-# eager calls go through autograd.Functions in split form (forward / setup_context / backward / jvp): reverse mode
-# runs the same kernels as the custom ops, and jvp runs the one-pass forward-with-tangent kernel
-# (kernels.attention.attention_fwd_jvp, sCM App. F). Under torch.compile the custom ops are called directly
-# (Dynamo drops custom jvp rules anyway, pytorch#192985): forward AD through a compiled Triton attention is not
-# supported.
+# Forward-mode AD through the one mechanism of fastcm.ops._jvp: a custom_op has no forward-AD hook (torch.func.jvp
+# over one silently returns a zero tangent), so a call whose inputs carry a tangent goes through a JvpRule (an
+# autograd.Function in split form whose backward is the custom op's own) and its tangent comes from the one-pass
+# forward-with-tangent kernel (kernels.attention.attention_fwd_jvp, sCM App. F). Calls without a tangent, and so
+# torch.compile of a forward/backward, see the plain custom ops; a tangent under torch.compile raises
+# (pytorch#192985 would drop the rule and return a wrong tangent).
 
 @torch.library.custom_op("fastcm::attention_fwd_jvp", mutates_args=())
 def _attention_fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
@@ -336,63 +341,34 @@ def _tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if t is None else t.detach()
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(q, k, v, scale):
-        return torch.ops.fastcm.attention_fwd(q, k, v, scale)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(q, k, v, output[0], output[1])
-        ctx.save_for_forward(q, k, v)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        return _attention_backward(ctx, d_out, d_lse)
-
-    @staticmethod
-    def jvp(ctx, tq, tk, tv, t_scale):
-        q, k, v = ctx.saved_tensors[:3]
-        _, t_out = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k), _tangent(tv, v),
-                                                      ctx.scale)
-        return t_out, None
+def _attention_tangent(inputs, output, tangents):
+    (q, k, v, scale), (tq, tk, tv, _) = inputs, tangents
+    _, t_out = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k), _tangent(tv, v), scale)
+    return t_out, None  # the log-sum-exp is marked non-differentiable
 
 
-class _QKVAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(qkv, num_heads, scale):
-        return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)
+def _qkv_attention_tangent(inputs, output, tangents):
+    (qkv, num_heads, scale), t_qkv = inputs, tangents[0]
+    _, t_out = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), num_heads, scale)
+    return t_out, None  # the log-sum-exp is marked non-differentiable
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(output[1])
-        _qkv_setup(ctx, inputs, output)
-        ctx.save_for_forward(inputs[0])
 
-    @staticmethod
-    def backward(ctx, d_out, d_lse):
-        return _qkv_backward(ctx, d_out, d_lse)
-
-    @staticmethod
-    def jvp(ctx, t_qkv, t_heads, t_scale):
-        qkv = ctx.saved_tensors[0]
-        _, t_out = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), ctx.num_heads, ctx.scale)
-        return t_out, None
+_ATTENTION_JVP = JvpRule("attention", lambda q, k, v, scale: torch.ops.fastcm.attention_fwd(q, k, v, scale),
+                         _attention_setup, _attention_backward, _attention_tangent)
+_QKV_ATTENTION_JVP = JvpRule("qkv_attention", lambda qkv, heads, scale: torch.ops.fastcm.qkv_attention_fwd(
+    qkv, heads, scale), _qkv_setup, _qkv_backward, _qkv_attention_tangent)
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.fastcm.attention_fwd(q, k, v, scale)[0]
-    return _Attention.apply(q, k, v, scale)[0]
+    if has_tangent(q, k, v):
+        return _ATTENTION_JVP.apply(q, k, v, scale)[0]
+    return torch.ops.fastcm.attention_fwd(q, k, v, scale)[0]
 
 
 def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float) -> Tensor:
-    if torch.compiler.is_compiling():
-        return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)[0]
-    return _QKVAttention.apply(qkv, num_heads, scale)[0]
+    if has_tangent(qkv):
+        return _QKV_ATTENTION_JVP.apply(qkv, num_heads, scale)[0]
+    return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)[0]
 
 
 def _qkv_views(qkv: Tensor, num_heads: int):
