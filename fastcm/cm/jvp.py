@@ -3,14 +3,13 @@
 Both methods use the JVP only inside a stop-gradient (sCM Eq. 8 / Alg. 1; MeanFlow Alg. 1), so it is forward-mode
 only: no graph is kept, and the trainable primal is a separate pass with the same dropout seed.
 
-Routes. fastcm's Triton route of the ops cannot carry a tangent on torch 2.13 (``torch.func.jvp`` through a
-``custom_op`` silently returns a zero tangent; issue 16 §1), and PyTorch's fused SDPA backends have no forward AD
-(pytorch#128971, #117629). So by default (``impl="torch"``) every fastcm U-Net inside the model is switched to the
-reference ops (``UNet.set_impl("torch")``: explicit group norm and softmax attention, which forward AD supports)
-for the duration of the JVP and switched back afterwards; the trainable pass keeps the model's own route.
-``impl=None`` keeps the model's routes; where a U-Net's ops resolve to Triton, the route is first probed once per
-device (:func:`check_triton_tangents`: the ops' JVP against the reference's) and a route that does not carry the
-right tangent raises instead of training on a silently wrong one.
+Routes. By default (``impl=None``) the JVP runs on the model's own ops route: on CUDA the Triton route, whose
+GroupNorm(+scale/shift+SiLU) and attention compute the output and its tangent in one fused pass
+(fastcm.ops._jvp; before those rules, ``torch.func.jvp`` through a ``custom_op`` silently returned a zero tangent).
+Where a U-Net's ops resolve to Triton, the route is first probed once per device (:func:`check_triton_tangents`:
+the ops' JVP against the reference's), so a route that does not carry the right tangent raises instead of training
+on a silently wrong one. ``impl="torch"`` switches every fastcm U-Net inside the model to the reference ops
+(explicit group norm and softmax attention) for the duration of the JVP and back afterwards.
 The JVP runs eagerly on the unwrapped module (``torch.func.jvp`` of a DDP module fails, pytorch#102197; a custom
 ``jvp`` rule is dropped inside a compiled JVP, pytorch#192985).
 """
@@ -85,7 +84,7 @@ def check_triton_tangents(device) -> None:
 
 
 def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
-                impl: Optional[str] = "torch"):
+                impl: Optional[str] = None):
     """(fn(*primals), d fn(*primals)[tangents]) with no autograd graph; ``model`` is the module ``fn`` calls.
 
     ``impl`` is the ops backend of the fastcm U-Nets in ``model`` during the JVP (see the module docstring).

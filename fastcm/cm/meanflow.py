@@ -125,14 +125,15 @@ class MeanFlowLoss:
     Args:
         P_mean, P_std, ratio, r_P_mean, r_P_std: the (r, t) sampler, see :func:`meanflow_sample_times`.
         p, c: adaptive weight 1 / (L + c)^p (CIFAR-10 code: 0.75, 1e-3; ImageNet JAX code: 1.0, 0.01).
-        jvp_impl: ops backend during the JVP (see :mod:`fastcm.cm.jvp`); "torch" is always forward-AD safe.
+        jvp_impl: ops backend during the JVP (see :mod:`fastcm.cm.jvp`): None, the model's own route (the fused
+            Triton forward+tangent kernels on CUDA, probed once), or "torch" (the reference ops).
     The trainable u_theta is a second pass with the JVP's dropout seed (py-meanflow's "separate u_pred" variant),
     so the JVP keeps no graph.
     """
 
     def __init__(self, P_mean: float = -2.0, P_std: float = 2.0, ratio: float = 0.75, p: float = 0.75,
                  c: float = 1e-3, *, r_P_mean: Optional[float] = None, r_P_std: Optional[float] = None,
-                 jvp_impl: Optional[str] = "torch"):
+                 jvp_impl: Optional[str] = None):
         meanflow_sample_times(1, P_mean, P_std, ratio, r_P_mean=r_P_mean, r_P_std=r_P_std)  # validates
         self.p = _check_real("p", p, 0.0)
         if not _check_real("c", c, 0.0) > 0:

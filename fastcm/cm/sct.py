@@ -189,11 +189,12 @@ class SCTLoss:
         tangent_c: c of the tangent normalisation (0.1); None disables it (sCM Fig. 5a ablation).
         warmup_steps: H of the tangent warm-up (10 000); 0 disables it.
         tangent_norm: "l2" (the paper's ||g||) or "rms" (FastGen), see :func:`normalize_tangent`.
-        jvp_impl: ops backend during the JVP (see :mod:`fastcm.cm.jvp`); "torch" is always forward-AD safe.
+        jvp_impl: ops backend during the JVP (see :mod:`fastcm.cm.jvp`): None, the model's own route (the fused
+            Triton forward+tangent kernels on CUDA, probed once), or "torch" (the reference ops).
     """
 
     def __init__(self, P_mean: float = -1.0, P_std: float = 1.4, tangent_c: Optional[float] = 0.1,
-                 warmup_steps: int = 10_000, tangent_norm: str = "l2", jvp_impl: Optional[str] = "torch"):
+                 warmup_steps: int = 10_000, tangent_norm: str = "l2", jvp_impl: Optional[str] = None):
         sct_sample_t(1, P_mean, P_std)  # validates P_mean, P_std
         if tangent_c is not None:
             _check_real("tangent_c", tangent_c, 0.0)
