@@ -3,8 +3,8 @@ random init, 35.7M parameters): forward and forward+backward, eager vs fastcm.pa
 
 CPU: the reference routes (impl="torch") at batch 8 (batch 64 takes minutes per call on this machine), fp32.
 CUDA: batch 64, fp32 / bf16 / fp16 weights, every route (the Triton ops), with peak memory. The DDPM net's single
-256-dim attention head exceeds the Triton attention's head dim of 128: there fastcm.ops.attention runs SDPA (its
-documented fallback), so attention is timed at head dim 64 too ("-h64": attention_head_dim=64, 4 heads).
+256-dim attention head runs the Triton attention (head dims up to 256); attention is also timed at head dim 64
+("-h64": attention_head_dim=64, 4 heads), the width most diffusers U-Nets use.
 """
 import pytest
 import torch

@@ -185,11 +185,14 @@ def test_blocks_left_alone_are_named():
     assert "non_linearity Mish" in why["down_blocks.0.resnets.0"]
     assert "processor AttnProcessor " in why["down_blocks.1.attentions.0"]
     assert isinstance(model.down_blocks[0].resnets[0].norm1, GroupNorm)  # its GroupNorms still run on fastcm
-    wide = UNet2DModel(sample_size=8, block_out_channels=(8, 160), norm_num_groups=4, attention_head_dim=None,
-                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"))  # one 160-dim head (DDPM-style)
-    notes = [why for name, why in fastcm.patch(wide).left_alone if name == "mid_block.attentions.0"]
-    assert any("head dim 160 > 128: fastcm.ops.attention runs torch SDPA" in why for why in notes)
+    def one_head(width):  # DDPM-style: one head as wide as the block
+        return UNet2DModel(sample_size=8, block_out_channels=(8, width), norm_num_groups=4, attention_head_dim=None,
+                           layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+
+    notes = [why for name, why in fastcm.patch(one_head(320)).left_alone if name == "mid_block.attentions.0"]
+    assert any("head dim 320 > 256: fastcm.ops.attention runs torch SDPA" in why for why in notes)
+    assert not [w for _, w in fastcm.patch(one_head(256)).left_alone if "head dim" in w]  # DDPM CIFAR-10's head
 
 
 def test_ops_selects_what_is_patched():
