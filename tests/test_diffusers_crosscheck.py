@@ -134,3 +134,36 @@ def test_ict_trains_a_diffusers_unet(patched):
     assert list(after) == list(before) and any(not torch.equal(after[k], before[k]) for k in before)
     images = sample(result.ema.module, 3, sigmas=(80.0, 0.821), seeds=0)  # fastcm's two-step sampler
     assert images.shape == (3, 3, 8, 8) and images.abs().max() <= 1
+
+
+def test_fd_stage_fine_tunes_a_diffusers_unet():
+    # fastcm's FD-loss stage (finetune_fd) through the adapter, on the patched model: the logged FD of step 0 is
+    # the Frechet distance of the initial model's one-step samples (checked against scipy's formula) and the
+    # weights move.
+    from scipy import linalg
+
+    from fastcm.train import FDConfig, finetune_fd, reference_stats
+    from fastcm.train.fd import one_step_inputs
+
+    unet = tiny_unet()
+    fastcm.patch(unet)
+    model = ConsistencyModel(DiffusersUNet(unet))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(11)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(32, 6))
+    g = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.rand(64, 3, 8, 8, generator=g) * 2 - 1)
+    ref = reference_stats(net, data)
+    cfg = FDConfig(total_steps=3, batch_size=16, lr=1e-3, ema_beta=0.5, log_every=1, sample_every=0, save_every=0,
+                   s1=8, fd_mode="batch")
+    with torch.no_grad():
+        z, _ = one_step_inputs(cfg.seed, 0, 0, 16, (3, 8, 8), 0, True)
+        feats = net(model(z * 80.0, torch.full((16,), 80.0))).double().numpy()
+    res = finetune_fd(cfg, model, net, ref, progress=False)
+    mu, sigma = feats.mean(0), torch.from_numpy(feats).T.cov().numpy()
+    mu_r, sigma_r = ref.mu.numpy(), ref.sigma.numpy()
+    expected = ((mu - mu_r) ** 2).sum() + sigma.trace() + sigma_r.trace() \
+        - 2 * linalg.sqrtm(sigma @ sigma_r).real.trace()
+    assert res.step == 3 and res.records[0]["fd"] == pytest.approx(float(expected), rel=1e-5)
+    assert any(not torch.equal(res.model.state_dict()[k], v) for k, v in init.items())
