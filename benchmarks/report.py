@@ -26,9 +26,13 @@ GOALS = [
     (r"^fdloss-queue:2048", "queue", "eigvalsh", 1 / 1.5, "FD loss queue step ≤1.5× one eigvalsh (ratio ≥0.67)"),
     (r"^op:attention:B\d+H\d+L(64|256|1024)D64:fwd$", "triton", "sdpa-flash", 1.0,
      "Triton attention fwd not slower than SDPA flash (GPU)"),
+    (r"^pipeline:jvp-step:", "sct:jvp-triton", "plain-triton", 1 / 1.5,
+     "fused-JVP sCT step ≤1.5× a plain fwd+bwd step (GPU; ratio ≥0.67)"),
+    (r"^pipeline:jvp-step:", "meanflow:jvp-triton", "plain-triton", 1 / 1.5,
+     "fused-JVP MeanFlow step ≤1.5× a plain fwd+bwd step (GPU; ratio ≥0.67)"),
 ]
 # The reference path each group's speedups are measured against, in order of preference.
-BASELINES = ("eager", "full", "scipy-sqrtm", "eigvalsh")
+BASELINES = ("eager", "full", "scipy-sqrtm", "eigvalsh", "plain")
 COLUMNS = ["group", "name", "case", "dtype", "mode", "provider", "median_ms", "p20_ms", "p80_ms", "speedup",
            "throughput", "peak_mb", "device", "torch", "triton", "commit"]
 
