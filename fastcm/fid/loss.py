@@ -43,6 +43,12 @@ MODES = ("batch", "queue", "ema")
 F64 = torch.float64
 
 
+def normalize_fd(fd: Tensor) -> Tensor:
+    """FD-loss's scale normalisation FD / (FD.detach() + 0.01): the gradient direction of FD at a step size that
+    does not depend on FD's scale (the value is ~1; log the FD itself)."""
+    return fd / (fd.detach() + 0.01)
+
+
 class FDLoss(nn.Module):
     """Differentiable Frechet distance of feature batches to reference statistics (see the module docstring).
 
@@ -105,7 +111,7 @@ class FDLoss(nn.Module):
             fd = self._queue(x, update)
         else:
             fd = self._ema(x, update)
-        return fd / (fd.detach() + 0.01) if self.normalize else fd
+        return normalize_fd(fd) if self.normalize else fd
 
     @torch.no_grad()
     def enqueue(self, features: Tensor) -> None:

@@ -24,6 +24,7 @@ from fastcm.cm import ICTLoss, method_of_model
 from fastcm.cm.precond import unwrap
 from fastcm.data import BatchLoader, derive_seed
 from fastcm.fid import FDLoss, FeatureStats
+from fastcm.fid.loss import normalize_fd
 from fastcm.nn import SeededDropout
 
 from .config import FDConfig
@@ -81,8 +82,7 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
         feats = feature_net(x)
         with torch.autocast(dev.type, enabled=False):  # the FD is computed in fp64
             fd_value = fd(feats.float())
-        # FD-loss's scale normalisation (FDLoss(normalize=True) computes the same): FD / (FD.detach() + 0.01)
-        objective = fd_value / (fd_value.detach() + 0.01) if cfg.fd_normalize else fd_value
+        objective = normalize_fd(fd_value) if cfg.fd_normalize else fd_value  # what FDLoss(normalize=True) returns
         total, logged, extras = objective * info.world_size, objective.detach(), {"fd": fd_value.detach()}
         if ict_term is not None:
             ict_mean = ict_term(step)
