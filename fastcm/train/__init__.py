@@ -18,7 +18,8 @@ from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .ema import EMA
 from .fd import finetune_fd, reference_stats
 from .ict import train_ict, train_method
-from .loop import DivergenceError, NonFiniteError, NonFiniteGuard, Trainer, TrainingInterrupted, TrainResult
+from .guards import DivergenceError, NonFiniteError, NonFiniteGuard, TrainingInterrupted
+from .loop import Trainer, TrainResult
 from .progress import Callback
 
 __all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "train_method", "finetune_fd", "reference_stats", "EMA",
