@@ -9,6 +9,9 @@ MOVED = [
     ("fastcm.train.loop", "fastcm.train.guards",
      ("NonFiniteError", "DivergenceError", "TrainingInterrupted", "NonFiniteGuard", "grad_norm", "weight_rms",
       "all_finite")),
+    ("fastcm.train.checkpoint", "fastcm.train.checkpoint_file",
+     ("CheckpointError", "CheckpointManager", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+      "set_aside_run", "FORMAT", "VERSION")),
 ]
 
 

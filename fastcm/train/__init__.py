@@ -11,8 +11,8 @@ fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
     ref = reference_stats(feature_net, load_digits("train"))     # fp64 feature statistics of the real data
     tuned = finetune_fd(FDConfig(), model, feature_net, ref, out_dir="runs/digits-fd")
 """
-from .checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, load_model, load_weights,
-                         read_checkpoint_meta, save_checkpoint)
+from .checkpoint import load_model, load_weights
+from .checkpoint_file import CheckpointError, CheckpointManager, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import FDConfig, ICTConfig, TrainConfig
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .ema import EMA

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from fastcm.cm import ConsistencyModel, get_method, method_of_model
 from fastcm.data import derive_seed, save_grid
 
-from .checkpoint import (CheckpointManager, check_resumable, load_checkpoint, model_meta, optimizer_from_flat,
-                         optimizer_to_flat, restore_rng, rng_tensors, set_aside_run, split_state, take)
+from .checkpoint import (check_resumable, model_meta, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_tensors,
+                         split_state, take)
+from .checkpoint_file import CheckpointManager, load_checkpoint, set_aside_run
 from .config import TrainConfig
 from .distributed import all_reduce_sum, any_rank, broadcast_str, init_distributed, wrap_ddp
 from .ema import EMA
