@@ -7,9 +7,10 @@ import pickle
 import pytest
 import torch
 
-from fastcm.train.checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, optimizer_from_flat,
-                                     optimizer_to_flat, read_checkpoint_meta, save_checkpoint)
-from fastcm.train.loop import DivergenceError, NonFiniteError, NonFiniteGuard, grad_norm
+from fastcm.train.checkpoint import optimizer_from_flat, optimizer_to_flat
+from fastcm.train.checkpoint_file import (CheckpointError, CheckpointManager, load_checkpoint, read_checkpoint_meta,
+                                          save_checkpoint)
+from fastcm.train.guards import DivergenceError, NonFiniteError, NonFiniteGuard, grad_norm
 
 
 def _tensors():

@@ -21,7 +21,7 @@ from fastcm.cm import ConsistencyModel
 from fastcm.data import ArrayDataset, load_digits
 from fastcm.models import build_unet
 from fastcm.train import ICTConfig, load_checkpoint, train_ict
-from fastcm.train.checkpoint import CheckpointManager, _digest
+from fastcm.train.checkpoint_file import CheckpointManager, _digest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ from fastcm.cm import ConsistencyModel
 from fastcm.data import ArrayDataset
 from fastcm.models import build_unet
 from fastcm.train import FDConfig, finetune_fd, reference_stats
-from fastcm.train.checkpoint import CheckpointManager, load_checkpoint
+from fastcm.train.checkpoint_file import CheckpointManager, load_checkpoint
 from fastcm.train.fd import one_step_inputs
 
 

@@ -13,7 +13,7 @@ from fastcm.data import ArrayDataset, load_digits
 from fastcm.models import build_unet
 from fastcm.train import (Callback, FDConfig, ICTConfig, NonFiniteError, finetune_fd, load_checkpoint, load_model,
                           reference_stats, train_method)
-from fastcm.train.checkpoint import read_checkpoint_meta
+from fastcm.train.checkpoint_file import read_checkpoint_meta
 from fastcm.train.fd import one_step_generate
 from fastcm.train.loop import sampling_method
 

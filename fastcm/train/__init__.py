@@ -11,14 +11,15 @@ fine-tune stage, EMA, checkpoints, torchrun DDP, torch.compile.
     ref = reference_stats(feature_net, load_digits("train"))     # fp64 feature statistics of the real data
     tuned = finetune_fd(FDConfig(), model, feature_net, ref, out_dir="runs/digits-fd")
 """
-from .checkpoint import (CheckpointError, CheckpointManager, load_checkpoint, load_model, load_weights,
-                         read_checkpoint_meta, save_checkpoint)
+from .checkpoint import load_model, load_weights
+from .checkpoint_file import CheckpointError, CheckpointManager, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import FDConfig, ICTConfig, TrainConfig
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .ema import EMA
 from .fd import finetune_fd, reference_stats
 from .ict import train_ict, train_method
-from .loop import DivergenceError, NonFiniteError, NonFiniteGuard, Trainer, TrainingInterrupted, TrainResult
+from .guards import DivergenceError, NonFiniteError, NonFiniteGuard, TrainingInterrupted
+from .loop import Trainer, TrainResult
 from .progress import Callback
 
 __all__ = ["ICTConfig", "FDConfig", "TrainConfig", "train_ict", "train_method", "finetune_fd", "reference_stats", "EMA",
