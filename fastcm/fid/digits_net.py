@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastcm._checks import as_images, as_labels, check_int
+from fastcm._io import atomic_write
 
 ARCH_VERSION = 1  # bump when SmallCNN or the training recipe changes: old cache entries are then ignored
 DEFAULT_SETTINGS = dict(epochs=30, batch_size=64, lr=1e-3, weight_decay=0.0, seed=0)
@@ -161,13 +162,11 @@ def _load_cached(weights: Path, meta_path: Path, key: str) -> Optional[SmallCNN]
 
 
 def _atomic_save(net: SmallCNN, weights: Path, meta_path: Path, meta: dict) -> None:
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp_w = weights.with_name(f"{weights.name}.tmp{os.getpid()}")
-    tmp_m = meta_path.with_name(f"{meta_path.name}.tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_w))
-    tmp_m.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp_w, weights)  # weights first: a reader finds the JSON only when the weights beside it are whole
-    os.replace(tmp_m, meta_path)
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    text = json.dumps(meta, indent=1)
+    # weights first: a reader finds the JSON only when the weights beside it are whole
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(meta_path, lambda tmp: tmp.write_text(text))
 
 
 def feature_network(x_train, y_train, *, num_classes: int = 10, cache: Optional[str] = None, retrain: bool = False,

@@ -36,6 +36,17 @@ class DigitsFeatures(nn.Module):
         return self.net.features(x)
 
 
+def feature_space_of(net) -> Optional[str]:
+    """The name (one of FEATURES) of the space an extractor of :func:`feature_extractor` maps into, kept in
+    statistics files so that statistics of two spaces are never compared; None for any other callable."""
+    from .inception import FIDInceptionV3
+
+    for cls, name in ((PixelFeatures, "pixels"), (DigitsFeatures, "digits"), (FIDInceptionV3, "inception")):
+        if isinstance(net, cls):
+            return name
+    return None
+
+
 def digits_feature_network(cache: Optional[str] = None, retrain: bool = False):
     """The frozen digits feature CNN trained on the digits *train* split (cached); returns (net, info)."""
     from fastcm.data import load_digits
