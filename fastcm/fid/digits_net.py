@@ -5,6 +5,10 @@ and 64 channels, a 2×2 max-pool, a 64-d feature layer, a linear classifier), th
 Inception pool3 features of FID. It is trained only on the train split (never on the test split, which it is used to
 compare against) and cached as safetensors + JSON in the user cache directory, keyed by a hash of its settings and of
 the training data, so every run of the demo measures in the same space.
+
+The held-out judge (HeldOutCNN, ``arch="heldout"``) is a second digits feature network of another architecture and
+seed, trained on the same split and cached the same way; the demo never trains on it, so it can judge the FD stage,
+which optimises SmallCNN's space.
 """
 import hashlib
 import json
@@ -60,6 +64,44 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
+class HeldOutCNN(nn.Module):
+    """The held-out judge: conv5×5(C→16) → tanh → 2×2 average pool → conv3×3(16→32) → tanh → 2×2 average pool
+    (repeated until ≤ 2×2) → 48-d tanh → logits.
+
+    A second digits feature space that shares nothing with SmallCNN but the training split: other kernels, other
+    non-linearity, average instead of max pooling, another width (48, so its statistics never pass for SmallCNN's)
+    and, as fastcm trains it, another seed. A loss that optimises SmallCNN's space improves that space by
+    construction (the FD-loss authors' warning about Inception FID); this network, never used in training, judges
+    whether the images improved.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int = 10, feature_dim: int = 48):
+        super().__init__()
+        self.input_shape = (in_channels, image_size, image_size)
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.conv1 = nn.Conv2d(in_channels, 16, 5, padding=2)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.num_pools = max(2, math.ceil(math.log2(image_size / 2)))  # 8×8 → 4×4 → 2×2
+        side = image_size
+        for _ in range(self.num_pools):
+            side //= 2
+        self.fc = nn.Linear(32 * side * side, feature_dim)
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.avg_pool2d(torch.tanh(self.conv1(x)), 2)
+        h = torch.tanh(self.conv2(h))
+        for _ in range(self.num_pools - 1):
+            h = F.avg_pool2d(h, 2)
+        return torch.tanh(self.fc(h.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+ARCHS = {"small": SmallCNN, "heldout": HeldOutCNN}
+
 
 @contextmanager
 def _threads(n: int):
@@ -74,8 +116,9 @@ def _threads(n: int):
 
 
 def train_classifier(x, y, *, num_classes: int = 10, epochs: int = 30, batch_size: int = 64, lr: float = 1e-3,
-                     weight_decay: float = 0.0, seed: int = 0, steps: Optional[int] = None) -> SmallCNN:
-    """Train a fresh SmallCNN with Adam on images ``x`` (N, C, H, W) in [-1, 1] and labels ``y``; deterministic
+                     weight_decay: float = 0.0, seed: int = 0, steps: Optional[int] = None,
+                     arch: str = "small") -> nn.Module:
+    """Train a fresh network of ``arch`` (ARCHS: "small" = SmallCNN, "heldout" = HeldOutCNN) with Adam on images ``x`` (N, C, H, W) in [-1, 1] and labels ``y``; deterministic
     for a given ``seed`` on CPU. Returns the network in eval mode.
 
     ``steps`` (optional) trains exactly that many minibatch steps instead of ``epochs`` passes (reshuffling at each
@@ -94,11 +137,13 @@ def train_classifier(x, y, *, num_classes: int = 10, epochs: int = 30, batch_siz
     steps = epochs * per_epoch if steps is None else check_int("steps", steps)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
     small = x.shape[2] <= 16 and x.device.type == "cpu"
     with torch.random.fork_rng(devices=[]), _threads(1 if small else torch.get_num_threads()):
         # own RNG stream: the caller's global RNG state is left untouched
         torch.manual_seed(seed)
-        net = SmallCNN(x.shape[1], x.shape[2], num_classes)
+        net = ARCHS[arch](x.shape[1], x.shape[2], num_classes)
         opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         net.train()
@@ -139,21 +184,22 @@ def cache_dir(path: Optional[str] = None) -> Path:
     return Path(base) / "fastcm"
 
 
-def _cache_key(x: torch.Tensor, y: torch.Tensor, num_classes: int, settings: dict) -> str:
+def _cache_key(x: torch.Tensor, y: torch.Tensor, num_classes: int, settings: dict, arch: str = "small") -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(dict(settings, arch=ARCH_VERSION, num_classes=num_classes), sort_keys=True).encode())
+    named = {} if arch == "small" else {"net": arch}  # SmallCNN's keys predate the held-out network
+    h.update(json.dumps(dict(settings, arch=ARCH_VERSION, num_classes=num_classes, **named), sort_keys=True).encode())
     h.update(str(tuple(x.shape)).encode())
     h.update(x.numpy().astype(np.float32).tobytes())
     h.update(y.numpy().astype(np.int64).tobytes())
     return h.hexdigest()[:20]
 
 
-def _load_cached(weights: Path, meta_path: Path, key: str) -> Optional[SmallCNN]:
+def _load_cached(weights: Path, meta_path: Path, key: str) -> Optional[nn.Module]:
     try:
         meta = json.loads(meta_path.read_text())
         if meta.get("key") != key:
             raise ValueError("the cache entry's key does not match its name")
-        net = SmallCNN(*meta["net"])
+        net = ARCHS[meta.get("net_arch", "small")](*meta["net"])
         net.load_state_dict(load_file(str(weights)))
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
         warnings.warn(f"ignoring the unreadable cached feature network {weights} ({err}); retraining it")
@@ -161,7 +207,7 @@ def _load_cached(weights: Path, meta_path: Path, key: str) -> Optional[SmallCNN]
     return net.eval()
 
 
-def _atomic_save(net: SmallCNN, weights: Path, meta_path: Path, meta: dict) -> None:
+def _atomic_save(net: nn.Module, weights: Path, meta_path: Path, meta: dict) -> None:
     state = {k: v.contiguous() for k, v in net.state_dict().items()}
     text = json.dumps(meta, indent=1)
     # weights first: a reader finds the JSON only when the weights beside it are whole
@@ -170,10 +216,10 @@ def _atomic_save(net: SmallCNN, weights: Path, meta_path: Path, meta: dict) -> N
 
 
 def feature_network(x_train, y_train, *, num_classes: int = 10, cache: Optional[str] = None, retrain: bool = False,
-                    **settings) -> tuple:
+                    arch: str = "small", **settings) -> tuple:
     """The frozen feature/classifier network for a dataset's train split, trained once and cached.
 
-    Returns ``(net, info)``: ``net`` a SmallCNN in eval mode with ``requires_grad`` off (gradients still flow to
+    Returns ``(net, info)``: ``net`` a network of ``arch`` (ARCHS) in eval mode with ``requires_grad`` off (gradients still flow to
     its *inputs*, as the FD loss needs); ``info`` a dict with the cache path, whether it was loaded from the cache,
     the settings and the train accuracy. Pass only the train split: this network defines the space in which samples
     are compared with the test split.
@@ -184,7 +230,9 @@ def feature_network(x_train, y_train, *, num_classes: int = 10, cache: Optional[
     settings = dict(DEFAULT_SETTINGS, **settings)
     x = as_images("x_train", x_train, min_count=2)
     y = as_labels("y_train", y_train, x.shape[0], num_classes)
-    key = _cache_key(x, y, num_classes, settings)
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {tuple(ARCHS)}, got {arch!r}")
+    key = _cache_key(x, y, num_classes, settings, arch)
     root = cache_dir(cache)
     weights, meta_path = root / f"feature-net-{key}.safetensors", root / f"feature-net-{key}.json"
     net = None
@@ -192,8 +240,9 @@ def feature_network(x_train, y_train, *, num_classes: int = 10, cache: Optional[
         net = _load_cached(weights, meta_path, key)
     cached = net is not None
     if net is None:
-        net = train_classifier(x, y, num_classes=num_classes, **settings)
-        meta = dict(key=key, net=[x.shape[1], x.shape[2], num_classes], settings=settings, arch=ARCH_VERSION,
+        net = train_classifier(x, y, num_classes=num_classes, arch=arch, **settings)
+        meta = dict(key=key, net=[x.shape[1], x.shape[2], num_classes], net_arch=arch, settings=settings,
+                    arch=ARCH_VERSION,
                     train_size=int(x.shape[0]), train_accuracy=accuracy(net, x, y), torch=torch.__version__)
         _atomic_save(net, weights, meta_path, meta)
     for p in net.parameters():
