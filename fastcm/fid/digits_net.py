@@ -33,26 +33,33 @@ ARCH_VERSION = 1  # bump when SmallCNN or the training recipe changes: old cache
 DEFAULT_SETTINGS = dict(epochs=30, batch_size=64, lr=1e-3, weight_decay=0.0, seed=0)
 
 
-class SmallCNN(nn.Module):
-    """conv3×3(C→32) → ReLU → conv3×3(32→64) → ReLU → 2×2 max-pool (repeated until ≤ 4×4) → 64-d ReLU → logits.
+class _TwoConvClassifier(nn.Module):
+    """The layout both digits networks share: conv(C→w1) → conv(w1→w2) with ``num_pools`` 2×2 poolings, a
+    ``feature_dim`` feature layer (``features(x)``, differentiable, so it also serves as the FD-loss feature network)
+    and a linear head (``forward(x)``: class logits). Inputs are images in [-1, 1]."""
 
-    ``features(x)`` returns the 64-d layer (differentiable, so it also serves as the FD-loss feature network);
-    ``forward(x)`` the class logits. Inputs are images in [-1, 1].
-    """
-
-    def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int = 10, feature_dim: int = 64):
+    def __init__(self, in_channels: int, image_size: int, num_classes: int, feature_dim: int, widths: tuple,
+                 kernel: int, num_pools: int):
         super().__init__()
         self.input_shape = (in_channels, image_size, image_size)
         self.num_classes = num_classes
         self.feature_dim = feature_dim
-        self.conv1 = nn.Conv2d(in_channels, 32, 3, padding=1)
-        self.conv2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.num_pools = max(1, math.ceil(math.log2(image_size / 4)))  # 8×8 → one pool → 4×4
-        side = image_size
-        for _ in range(self.num_pools):
-            side //= 2
-        self.fc = nn.Linear(64 * side * side, feature_dim)
+        self.num_pools = num_pools
+        self.conv1 = nn.Conv2d(in_channels, widths[0], kernel, padding=kernel // 2)
+        self.conv2 = nn.Conv2d(widths[0], widths[1], 3, padding=1)
+        self.fc = nn.Linear(widths[1] * (image_size >> num_pools) ** 2, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SmallCNN(_TwoConvClassifier):
+    """conv3×3(C→32) → ReLU → conv3×3(32→64) → ReLU → 2×2 max-pool (repeated until ≤ 4×4) → 64-d ReLU → logits."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int = 10, feature_dim: int = 64):
+        pools = max(1, math.ceil(math.log2(image_size / 4)))  # 8×8 → one pool → 4×4
+        super().__init__(in_channels, image_size, num_classes, feature_dim, (32, 64), 3, pools)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu(self.conv2(F.relu(self.conv1(x))))
@@ -60,11 +67,8 @@ class SmallCNN(nn.Module):
             h = F.max_pool2d(h, 2)
         return F.relu(self.fc(h.flatten(1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
-
-class HeldOutCNN(nn.Module):
+class HeldOutCNN(_TwoConvClassifier):
     """The held-out judge: conv5×5(C→16) → tanh → 2×2 average pool → conv3×3(16→32) → tanh → 2×2 average pool
     (repeated until ≤ 2×2) → 48-d tanh → logits.
 
@@ -76,18 +80,8 @@ class HeldOutCNN(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 8, num_classes: int = 10, feature_dim: int = 48):
-        super().__init__()
-        self.input_shape = (in_channels, image_size, image_size)
-        self.num_classes = num_classes
-        self.feature_dim = feature_dim
-        self.conv1 = nn.Conv2d(in_channels, 16, 5, padding=2)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.num_pools = max(2, math.ceil(math.log2(image_size / 2)))  # 8×8 → 4×4 → 2×2
-        side = image_size
-        for _ in range(self.num_pools):
-            side //= 2
-        self.fc = nn.Linear(32 * side * side, feature_dim)
-        self.head = nn.Linear(feature_dim, num_classes)
+        pools = max(2, math.ceil(math.log2(image_size / 2)))  # 8×8 → 4×4 → 2×2
+        super().__init__(in_channels, image_size, num_classes, feature_dim, (16, 32), 5, pools)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         h = F.avg_pool2d(torch.tanh(self.conv1(x)), 2)
@@ -95,9 +89,6 @@ class HeldOutCNN(nn.Module):
         for _ in range(self.num_pools - 1):
             h = F.avg_pool2d(h, 2)
         return torch.tanh(self.fc(h.flatten(1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 ARCHS = {"small": SmallCNN, "heldout": HeldOutCNN}
