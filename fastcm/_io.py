@@ -44,12 +44,13 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     """
     path = Path(path)
     parent = path.parent
+    prefix = f".{path.name}.tmp-{os.getpid()}-"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(parent, path.name)
-        private = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=parent))
+        private = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     except OSError as e:
-        raise write_error(e, path) from e
+        raise write_error(e, path, parent / prefix) from e
     try:
         tmp = private / path.name
         write(tmp)
