@@ -6,9 +6,12 @@ a wrong value).
     is_int, check_int, check_real                   scalar arguments (bool is never an int here)
     check_ascending                                 strictly ascending 1-D grids (noise levels)
     as_images, as_labels                            image batches in [-1, 1] and integer class labels
+    note, FastcmNote                                a one-line note (a warning) for input fastcm accepted but changed
+                                                    or could not verify
 """
 import math
 import numbers
+import warnings
 from typing import Iterable, Optional
 
 import numpy as np
@@ -143,3 +146,13 @@ def as_labels(name: str, y, n: int, num_classes: Optional[int] = None) -> torch.
     if num_classes is not None and n and y.max() >= num_classes:
         raise ValueError(f"{name} must be class indices < {num_classes}, got {int(y.max())}")
     return y.contiguous()
+
+
+class FastcmNote(UserWarning):
+    """Input fastcm accepted but converted or could not verify (an old file without a checksum, mixed image modes).
+    The `fastcm` command prints each as one line ``fastcm <command>: note: …``."""
+
+
+def note(message: str, stacklevel: int = 3) -> None:
+    """Warn with a one-line FastcmNote (newlines are folded, so the note stays one line)."""
+    warnings.warn(" ".join(str(message).split()), FastcmNote, stacklevel=stacklevel)

@@ -1,5 +1,6 @@
 """fastcm.data: every loader against an independent reading of the same files (numpy, pillow, scikit-learn)."""
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -357,3 +358,84 @@ def test_make_and_save_grid(tmp_path):
         make_grid(torch.full((1, 1, 2, 2), float("nan")))
     with pytest.raises(ValueError, match=".png"):
         save_grid(x, tmp_path / "s.jpg")
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    """A 0..63000 16-bit gradient, which pillow's convert("L") clips to 255 almost everywhere: every value must be
+    round(v / 257), the exact 16 -> 8 bit map (65535 -> 255, 257 * k -> k)."""
+    from PIL import Image
+
+    v = np.linspace(0, 63000, 64).astype(np.uint16).reshape(8, 8)
+    v[0, :3] = (0, 257 * 100, 65535)
+    Image.fromarray(v).save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode == "I;16"
+    for channels in (1, 3, None):
+        ds = load_image_folder(tmp_path, channels=channels)
+        want = np.floor(v / 257 + 0.5).astype(np.uint8)
+        assert torch.equal(ds.images[0, 0], torch.from_numpy(want)), channels
+    assert ds.images[0, 0, 0, :3].tolist() == [0, 100, 255] and (ds.images == 255).sum() == 1
+    assert ds.image_shape == (1, 8, 8)  # grey by majority
+    small = load_image_folder(tmp_path, channels=1, resolution=4)  # scaled before the resize, too
+    ref = Image.fromarray(np.floor(v / 257 + 0.5).astype(np.uint8)).resize((4, 4), Image.Resampling.LANCZOS)
+    assert torch.equal(small.images[0, 0], torch.from_numpy(np.array(ref)))
+
+
+def _grey_and_red(root, n_grey, n_red):
+    from PIL import Image
+
+    root.mkdir()
+    for i in range(n_grey):
+        Image.fromarray(np.full((8, 8), 100, np.uint8)).save(root / f"a{i}.png")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    for i in range(n_red):
+        Image.fromarray(red).save(root / f"b{i}.png")
+    return red
+
+
+def test_channels_follow_the_majority_of_the_files_with_a_note_of_the_counts(tmp_path):
+    from fastcm._checks import FastcmNote
+
+    red = _grey_and_red(tmp_path / "mostly-red", 1, 3)  # the first file in sorted order is the grey one
+    with pytest.warns(FastcmNote, match=r"1 grey and 3 colour images; converting the 1 grey one\(s\) to colour"):
+        ds = load_dataset(f"folder:{tmp_path / 'mostly-red'}")
+    assert ds.image_shape == (3, 8, 8)
+    assert all(torch.equal(ds.images[i], torch.from_numpy(red.transpose(2, 0, 1))) for i in (1, 2, 3))
+    assert torch.equal(ds.images[0], torch.full((3, 8, 8), 100, dtype=torch.uint8))
+    _grey_and_red(tmp_path / "mostly-grey", 3, 1)
+    with pytest.warns(FastcmNote, match=r"3 grey and 1 colour images; converting the 1 colour one\(s\) to grey"):
+        assert load_dataset(f"folder:{tmp_path / 'mostly-grey'}").image_shape == (1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an explicit mode is the caller's choice: no note
+        assert load_image_folder(tmp_path / "mostly-red", channels=1).image_shape == (1, 8, 8)
+        assert load_image_folder(tmp_path / "mostly-grey", channels=3).image_shape == (3, 8, 8)
+
+
+def test_dropped_alpha_channels_and_skipped_formats_are_noted(tmp_path):
+    from PIL import Image
+
+    from fastcm._checks import FastcmNote
+
+    Image.fromarray(np.zeros((4, 4, 4), np.uint8), mode="RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "b.bmp")
+    with pytest.warns(FastcmNote) as notes:
+        assert len(load_image_folder(tmp_path)) == 1
+    text = " | ".join(str(n.message) for n in notes)
+    assert "alpha channel of 1 image(s) (1 RGBA)" in text and "skipped 1 image file(s)" in text and "b.bmp" in text
+
+
+def test_images_beside_class_folders_are_refused_not_dropped(tmp_path):
+    from PIL import Image
+
+    for i in range(5):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a" / "1.png")
+    with pytest.raises(ValueError, match=r"holds both images \(5, e.g. 0.png\) and class subfolders \(a\)") as e:
+        load_image_folder(tmp_path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "a" / "deeper").mkdir()
+    for i in range(5):
+        (tmp_path / f"{i}.png").unlink()
+    with pytest.raises(ValueError, match=r"class folder .*a holds subfolders \(deeper\)"):
+        load_image_folder(tmp_path)

@@ -115,3 +115,24 @@ def test_report_writers(tmp_path):
     path = plot_training_curves(tmp_path / "curves.png", ict, fd)
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] > im.size[1] > 200
+
+
+def test_the_held_out_judge_is_another_network_trained_on_the_same_split(digits, tmp_path):
+    """The demo's held-out judge: another architecture and seed (no weight shapes in common with SmallCNN), the
+    same train split, its own cache entry and feature-space name, so its statistics never mix with "digits"."""
+    from fastcm.fid import FeatureStats, feature_extractor, fid
+    from fastcm.fid.features import HELDOUT_SEED, digits_feature_network, feature_space_of
+
+    x, y, xt, yt = digits
+    held, info = digits_feature_network(str(tmp_path), heldout=True)
+    small, small_info = digits_feature_network(str(tmp_path))
+    assert isinstance(held, digits_net.HeldOutCNN) and info["settings"]["seed"] == HELDOUT_SEED != 0
+    assert info["key"] != small_info["key"] and digits_net.accuracy(held, xt, yt) > 0.93
+    weights = lambda net: {tuple(p.shape) for p in net.parameters() if p.dim() > 1}  # noqa: E731
+    assert not weights(small) & weights(held)
+    assert digits_feature_network(str(tmp_path), heldout=True)[1]["cached"]
+    ext = feature_extractor("digits-heldout", cache=str(tmp_path))
+    assert feature_space_of(ext) == "digits-heldout" and ext(xt[:3]).shape == (3, 48)
+    a = FeatureStats.from_features(ext(xt).double(), name="digits-heldout")
+    with pytest.raises(ValueError, match="'digits-heldout' statistics but b holds 'digits'"):
+        fid(a, FeatureStats.from_features(torch.randn(100, 48, dtype=torch.float64), name="digits"))

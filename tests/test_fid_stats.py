@@ -228,7 +228,7 @@ def test_feature_extractors(monkeypatch):
     from fastcm.fid import FEATURES, WEIGHTS_ENV, DigitsFeatures, feature_extractor
     from fastcm.fid.digits_net import SmallCNN
 
-    assert FEATURES == ("digits", "pixels", "inception")
+    assert FEATURES == ("digits", "pixels", "inception", "digits-heldout")
     x = torch.rand(3, 1, 8, 8) * 2 - 1
     assert torch.equal(feature_extractor("pixels")(x), x.flatten(1))
     with pytest.raises(ValueError, match="features must be one of"):

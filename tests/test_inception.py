@@ -117,5 +117,9 @@ def test_missing_or_wrong_weights(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="not the FID Inception-v3 state dict"):
         inception_v3(tmp_path / "other.pth")
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(ValueError, match="neither a PyTorch .pth file nor .safetensors"):
         inception_v3(tmp_path / "junk.pth")
+    (tmp_path / "torn.pth").write_bytes((tmp_path / "other.pth").read_bytes()[:200])
+    with pytest.raises(ValueError, match="could not read") as err:
+        inception_v3(tmp_path / "torn.pth")
+    assert "\n" not in str(err.value)

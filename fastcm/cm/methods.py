@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .hyperparameters import check_hyperparameters
 from .loss import ICTLoss
 from .meanflow import MeanFlowLoss, MeanFlowModel, meanflow_sample
 from .precond import ConsistencyModel, unwrap
@@ -119,6 +120,7 @@ def get_method(name: str, **hyperparameters) -> Method:
     """The method ``name`` of :data:`METHODS` with its loss hyperparameters (iCT needs ``total_steps``)."""
     if name not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {name!r}")
+    check_hyperparameters(name, hyperparameters)  # the documented ranges (fastcm.cm.hyperparameters)
     return METHODS[name](**hyperparameters)
 
 

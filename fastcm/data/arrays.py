@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fastcm._checks import check_int
+from fastcm._io import check_input_file
 
 
 class ArrayDataset(torch.utils.data.Dataset):
@@ -73,9 +74,7 @@ def load_npz(path: Union[str, os.PathLike], num_classes: Optional[int] = None) -
     ``x`` is (N, H, W) grey, (N, C, H, W) or (N, H, W, C) with C in (1, 3, 4) (read as (N, C, H, W) whenever
     x.shape[1] is 1, 3 or 4); uint8 0..255 or float in [-1, 1]. ``y`` holds integer labels (N,).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"npz dataset {str(path)!r} does not exist (expected a .npz file with arrays x, y)")
+    path = check_input_file(path, "npz dataset", "a .npz file with arrays x, y")
     with open(path, "rb") as f:
         if f.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):  # an .npz is a zip archive
             raise ValueError(f"{path} is not a .npz file (expected a zip archive of arrays x, y)")

@@ -1,4 +1,4 @@
-"""Image grids: a batch in [-1, 1] → one uint8 picture (PNG via pillow), written atomically."""
+"""Image grids: a batch in [-1, 1] → one uint8 picture (PNG via pillow), written atomically (fastcm._io)."""
 import math
 import os
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from fastcm._checks import check_int
+from fastcm._io import atomic_write
 
 
 def make_grid(x: torch.Tensor, nrow: Optional[int] = None, padding: int = 1, scale: int = 1) -> np.ndarray:
@@ -57,11 +58,5 @@ def save_grid(x: torch.Tensor, path: Union[str, os.PathLike], nrow: Optional[int
     if scale is None and isinstance(x, torch.Tensor) and x.dim() == 4:
         scale = max(1, 32 // max(x.shape[-2:]))
     a = make_grid(x, nrow, padding, scale or 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    image = Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), overwrite=overwrite)

@@ -1,7 +1,8 @@
 """Run directories and report writers: the --out safety rule, atomic JSON/markdown/npz files, training-curve plots.
 
 Nothing a user saved is ever silently overwritten: an existing, non-empty output directory is refused unless the
-caller passes ``overwrite=True``; each file is written to a temporary name and renamed into place.
+caller passes ``overwrite=True``; each file is written atomically (fastcm._io.atomic_write: a private temporary,
+fsync'ed and renamed into place).
 """
 import datetime
 import json
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from fastcm._io import atomic_write
 
 
 def prepare_out_dir(out: Optional[str], overwrite: bool = False, *, root: str = "runs", prefix: str = "run") -> Path:
@@ -50,18 +53,6 @@ def check_new_file(path, overwrite: bool = False, *, suffix: Optional[str] = Non
     return path
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def to_jsonable(obj):
     """Numbers, arrays and paths as plain JSON values; non-finite floats become null (JSON has no NaN)."""
     if isinstance(obj, dict):
@@ -87,11 +78,11 @@ def to_jsonable(obj):
 
 def write_json(path, obj) -> Path:
     text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    return _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def write_text(path, text: str) -> Path:
-    return _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def save_samples_npz(path, x, y=None, **extra) -> Path:
@@ -112,7 +103,7 @@ def save_samples_npz(path, x, y=None, **extra) -> Path:
         with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a bare temporary name
             np.savez(f, **arrays)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -174,6 +165,6 @@ def plot_training_curves(path, ict_records: Sequence[dict], fd_records: Sequence
             fig.savefig(f, format="png", dpi=110)
 
     try:
-        return _atomic_write(path, write)
+        return atomic_write(path, write)
     finally:
         plt.close(fig)

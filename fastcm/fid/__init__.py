@@ -6,7 +6,8 @@ is 0..255).
     fid, compute_stats, dataset_stats            FID between images, datasets, features, statistics or files
     FeatureStats                                 streaming fp64 mean / covariance; merge, all_reduce; the one
                                                  statistics file format (pytorch-fid's .npz layout, safetensors)
-    feature_extractor, FEATURES                  pixels, digits (small CNN, cached), inception
+    feature_extractor, FEATURES                  pixels, digits (small CNN, cached), inception, digits-heldout
+                                                 (a second digits CNN: the held-out judge)
     inception_v3, FIDInceptionV3                 FID Inception-v3 (pytorch-fid's weight file, local path only)
     FDLoss, fd_loss_full_ref                     differentiable FD against reference statistics (batch/queue/ema)
     all_gather_with_grad                         differentiable all-gather keeping each rank's local gradient (DDP)

@@ -3,6 +3,8 @@
     pixels      raw pixels, C·H·W values (the held-out space no network defines)
     digits      the 64-d layer of the small digits CNN (digits_net.py), trained once on the digits *train* split and
                 cached; 1x8x8 images only
+    digits-heldout  the 48-d layer of the held-out digits CNN (digits_net.HeldOutCNN: another architecture, seed 1,
+                the same split), the judge of a model fine-tuned in the "digits" space
     inception   FID's Inception-v3 pool3, 2048-d (inception.py; local weights, grey images repeated to RGB)
 
 Every extractor is a frozen module, differentiable in its input, so it can also be the FD loss's feature network.
@@ -12,7 +14,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-FEATURES = ("digits", "pixels", "inception")
+FEATURES = ("digits", "pixels", "inception", "digits-heldout")
+HELDOUT_SEED = 1  # the held-out network's seed (SmallCNN's is DEFAULT_SETTINGS["seed"] = 0)
 
 
 class PixelFeatures(nn.Module):
@@ -23,11 +26,13 @@ class PixelFeatures(nn.Module):
 
 
 class DigitsFeatures(nn.Module):
-    """The 64-d feature layer of the cached digits CNN; only for 1x8x8 images in [-1, 1]."""
+    """The feature layer of a cached digits CNN; only for 1x8x8 images in [-1, 1]. ``space`` names the feature space
+    ("digits" for SmallCNN, "digits-heldout" for the held-out judge), kept in statistics files."""
 
-    def __init__(self, net):
+    def __init__(self, net, space: str = "digits"):
         super().__init__()
         self.net = net
+        self.space = space
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != (1, 8, 8):
@@ -36,14 +41,30 @@ class DigitsFeatures(nn.Module):
         return self.net.features(x)
 
 
-def digits_feature_network(cache: Optional[str] = None, retrain: bool = False):
-    """The frozen digits feature CNN trained on the digits *train* split (cached); returns (net, info)."""
+def feature_space_of(net) -> Optional[str]:
+    """The name (one of FEATURES) of the space an extractor of :func:`feature_extractor` maps into, kept in
+    statistics files so that statistics of two spaces are never compared; None for any other callable."""
+    from .inception import FIDInceptionV3
+
+    if isinstance(net, DigitsFeatures):
+        return net.space
+    for cls, name in ((PixelFeatures, "pixels"), (FIDInceptionV3, "inception")):
+        if isinstance(net, cls):
+            return name
+    return None
+
+
+def digits_feature_network(cache: Optional[str] = None, retrain: bool = False, heldout: bool = False):
+    """The frozen digits feature CNN trained on the digits *train* split (cached); returns (net, info). ``heldout``:
+    the held-out judge (HeldOutCNN, seed HELDOUT_SEED) instead of SmallCNN."""
     from fastcm.data import load_digits
 
     from .digits_net import feature_network
 
     train = load_digits("train")
     x, y = train.get_batch(torch.arange(len(train)))
+    if heldout:
+        return feature_network(x, y, num_classes=10, cache=cache, retrain=retrain, arch="heldout", seed=HELDOUT_SEED)
     return feature_network(x, y, num_classes=10, cache=cache, retrain=retrain)
 
 
@@ -58,8 +79,9 @@ def feature_extractor(name: str, *, weights: Optional[str] = None, cache: Option
                          "fastcm itself)")
     if name == "pixels":
         return PixelFeatures()
-    if name == "digits":
-        return DigitsFeatures(digits_feature_network(cache)[0]).to(device).eval()
+    if name in ("digits", "digits-heldout"):
+        heldout = name == "digits-heldout"
+        return DigitsFeatures(digits_feature_network(cache, heldout=heldout)[0], name).to(device).eval()
     from . import inception
 
     try:

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcm._io import check_input_file
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                "pt_inception-2015-12-05-6726825d.pth")
@@ -217,22 +219,13 @@ def inception_v3(weights=None, device=None) -> FIDInceptionV3:
     with the same keys also works); None reads the path from the ``FASTCM_INCEPTION_WEIGHTS`` environment
     variable. Nothing is downloaded. Gradients still flow to the input images (for the FD loss)."""
     path = _weights_path(weights)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read Inception weights from {path} ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} holds a {type(state).__name__}, expected a state dict ({WEIGHTS_FILE})")
+    state = _read_state(path)
     net = FIDInceptionV3()
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not the FID Inception-v3 state dict ({WEIGHTS_FILE}): {e}") from e
+    problem = _state_mismatch(net.state_dict(), state)
+    if problem:
+        raise ValueError(f"Inception weights file {str(path)!r} is not the FID Inception-v3 state dict "
+                         f"({WEIGHTS_FILE}): {problem}")
+    net.load_state_dict(state)
     net.requires_grad_(False).eval()
     return net.to(device) if device is not None else net
 
@@ -248,7 +241,49 @@ def _weights_path(weights) -> Path:
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"weights must be a path or None, got {type(weights).__name__}")
     path = Path(weights).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"Inception weights {path} not found (expected {WEIGHTS_FILE}; {where})")
-    return path
+    return check_input_file(path, "Inception weights file", WEIGHTS_FILE)
 
+
+def _read_state(path: Path) -> dict:
+    """The state dict of a .pth (torch's zip format or its legacy pickle, loaded with weights_only) or .safetensors
+    file; anything else is refused in one line before a loader sees it."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kind = "zip" if head[:4] == b"PK\x03\x04" else "pickle" if head[:1] == b"\x80" else \
+        "safetensors" if len(head) > 9 and head[8:9] == b"{" else None
+    if kind is None:
+        raise ValueError(f"Inception weights file {str(path)!r} is neither a PyTorch .pth file nor .safetensors "
+                         f"(expected {WEIGHTS_FILE})")
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own messages run to several lines: keep the first
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"could not read Inception weights file {str(path)!r} ({type(e).__name__}: {first})") from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"Inception weights file {str(path)!r} holds a {type(state).__name__}, expected a state "
+                         f"dict of tensors ({WEIGHTS_FILE})")
+    return state
+
+
+def _state_mismatch(want: dict, got: dict) -> str:
+    """'' when ``got`` has exactly ``want``'s keys and shapes, else one line saying what differs."""
+    missing = [k for k in want if k not in got]
+    unexpected = [k for k in got if k not in want]
+    shapes = [k for k in want if k in got and tuple(got[k].shape) != tuple(want[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of its {len(want)} tensors missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} of the wrong shape (e.g. {k}: {tuple(got[k].shape)} instead of "
+                     f"{tuple(want[k].shape)})")
+    return "; ".join(parts)

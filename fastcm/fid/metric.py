@@ -8,6 +8,8 @@ grammar (``digits[:train|test|all]``, ``cifar10:DIR[:train|test]``, ``folder:DIR
 computed batch by batch without gradient, accumulated in fp64 (FeatureStats) and compared with the exact fp64
 Fréchet distance (fastcm.ops.frechet_distance).
 """
+import math
+import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -46,9 +48,47 @@ def fid(a: Source, b: Source, features: Optional[Callable] = None, batch_size: i
 
     sa = as_stats(a, net, batch_size, device, "a", image_range)
     sb = as_stats(b, net, batch_size, device, "b", image_range)
+    return stats_distance(sa, sb, (_label("a", a), _label("b", b)))
+
+
+def stats_distance(sa: FeatureStats, sb: FeatureStats, labels=("a", "b")) -> float:
+    """The Fréchet distance of two FeatureStats (what :func:`fid` and `fastcm fid` report), refusing in one line
+    statistics of different widths or of different named feature spaces (``FeatureStats.features``: "digits" vs
+    "pixels" …), and a result that is not finite (statistics that overflow float64), naming the culprit by its
+    label."""
+    for s, label in zip((sa, sb), labels):
+        if not isinstance(s, FeatureStats):
+            raise TypeError(f"{label} must be a FeatureStats, got {type(s).__name__}")
     if sa.dim != sb.dim:
-        raise ValueError(f"a and b have different feature widths ({sa.dim} vs {sb.dim})")
-    return float(frechet_distance(sa.mu, sa.sigma, sb.mu.to(sa.mu.device), sb.sigma.to(sa.mu.device)))
+        raise ValueError(f"{labels[0]} and {labels[1]} have different feature widths ({sa.dim} vs {sb.dim}): "
+                         "compare statistics computed with the same feature network")
+    if sa.features is not None and sb.features is not None and sa.features != sb.features:
+        raise ValueError(f"{labels[0]} holds {sa.features!r} statistics but {labels[1]} holds {sb.features!r} "
+                         "statistics: distances between two feature spaces mean nothing; compute both in one")
+    value = float(frechet_distance(sa.mu, sa.sigma, sb.mu.to(sa.mu.device), sb.sigma.to(sa.mu.device)))
+    if not math.isfinite(value):
+        raise ValueError(_not_finite(value, (sa, sb), labels))
+    return value
+
+
+def _label(name: str, source) -> str:
+    return f"{name} ({os.fspath(source)!r})" if isinstance(source, (str, os.PathLike)) else name
+
+
+def _not_finite(value: float, stats, labels) -> str:
+    """Which statistics make the distance overflow: those whose own ||mu||^2 or tr(sigma) is not finite in fp64
+    (both when neither is, as when only their difference overflows)."""
+    sizes = []
+    for s in stats:
+        mu, var = s.mu.abs().max().item(), s.sigma.diagonal().max().item()
+        own = float((s.mu.square().sum() + s.sigma.diagonal().sum()).item())
+        sizes.append((mu, var, not math.isfinite(own)))
+    culprits = [i for i, (_, _, bad) in enumerate(sizes) if bad] or [0, 1]
+    what = "; ".join(f"{labels[i]}: |mu| up to {sizes[i][0]:.3g}, variances up to {sizes[i][1]:.3g}"
+                     for i in culprits)
+    return (f"the Fréchet distance of {labels[0]} and {labels[1]} is {value} (not finite): the statistics of "
+            f"{' and '.join(labels[i] for i in culprits)} overflow float64 ({what}); they are damaged or in the "
+            "wrong units")
 
 
 def compute_stats(images, features: Callable, batch_size: int = 50, device=None, image_range: tuple = (-1, 1),
@@ -119,7 +159,10 @@ def as_stats(x: Source, features: Callable[[], Callable], batch_size: int, devic
     if not isinstance(x, (Tensor, Iterable)) and not hasattr(x, "get_batch"):
         raise TypeError(f"{name} must be images, a dataset, features, FeatureStats, a statistics file or "
                         f"(mu, sigma); got {type(x).__name__}")
-    return compute_stats(x, features(), batch_size, device, image_range)
+    from .features import feature_space_of
+
+    net = features()
+    return compute_stats(x, net, batch_size, device, image_range, name=feature_space_of(net))
 
 
 def _batches(images, batch_size: int):

@@ -7,21 +7,22 @@ FeatureStats keeps n, S1 = sum (x - c) and S2 = sum (x - c)(x - c)^T about a shi
 Shifting first avoids the catastrophic cancellation of the E[x x^T] - mu mu^T form when features have a large mean
 (Chan, Golub & LeVeque 1983); the sums stay exact to merge (stats of a concatenation) and to all-reduce across
 processes. Files use pytorch-fid's ``.npz`` layout (arrays ``mu`` and ``sigma``, plus ``n`` and the name of the
-feature space, ``features``) or safetensors; FeatureStats is fastcm's only reader and writer of statistics files.
+feature space, ``features``) or safetensors with a SHA-256 (stats_file.py: format, checks, size bound); FeatureStats
+is fastcm's only reader and writer of statistics files.
 """
-import os
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from fastcm._checks import check_int
 from fastcm.ops.frechet import check_gaussian
 
+from .stats_file import MAX_STATS_BYTES, SUFFIXES, check_suffix, is_stats_file, read_stats, write_stats
+
 F64 = torch.float64
-SUFFIXES = (".npz", ".safetensors")
+__all__ = ["FeatureStats", "MAX_STATS_BYTES", "SUFFIXES", "is_stats_file"]
 
 
 class FeatureStats:
@@ -128,54 +129,23 @@ class FeatureStats:
         s = (self._s2 - torch.outer(self._s1, self._s1) / self._n) / (self._n - 1)
         return (s + s.T) * 0.5
 
-    # -- files -------------------------------------------------------------------------------------------------
+    # -- files (format, checks and bounds: stats_file.py) -------------------------------------------------------
     def save(self, path, overwrite: bool = False) -> Path:
         """Write ``mu``, ``sigma``, ``n`` (and ``features``) to ``path`` (.npz, pytorch-fid's layout, or
-        .safetensors), atomically (a temporary file renamed into place). An existing file is never replaced
+        .safetensors with a SHA-256), atomically (fastcm._io.atomic_write). An existing file is never replaced
         unless ``overwrite=True``."""
-        path = _check_suffix(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        mu, sigma = self.mu.cpu(), self.sigma.cpu()
-        n = -1 if self._n is None else self._n
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            if path.suffix == ".npz":
-                extra = {} if self.features is None else {"features": np.array(self.features)}
-                with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to some names
-                    np.savez(f, mu=mu.numpy(), sigma=sigma.numpy(), n=np.int64(n), **extra)
-            else:
-                from safetensors.torch import save_file
-
-                meta = {"format": "fastcm.FeatureStats", "dim": str(self.dim), "features": self.features or ""}
-                save_file({"mu": mu.contiguous(), "sigma": sigma.contiguous(), "n": torch.tensor([n])}, str(tmp),
-                          metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        check_suffix(path)
+        return write_stats(path, self.mu.cpu().numpy(), self.sigma.cpu().numpy(), self._n, self.features,
+                           overwrite=overwrite)
 
     @classmethod
-    def load(cls, path, device=None) -> "FeatureStats":
+    def load(cls, path, device=None, max_bytes: Optional[int] = None) -> "FeatureStats":
         """Read statistics written by :meth:`save`, by pytorch-fid (``--save-stats``) or any ``.npz`` with ``mu``
-        and ``sigma``. Without ``n`` the statistics can be compared but not updated or merged."""
-        path = _check_suffix(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"statistics file {path} does not exist")
-        arrays, features = _read_arrays(path)
-        missing = {"mu", "sigma"} - set(arrays)
-        if missing:
-            raise ValueError(f"{path} is not a statistics file: missing {sorted(missing)}, found {sorted(arrays)}")
-        mu = torch.as_tensor(np.asarray(arrays["mu"]), dtype=F64).reshape(-1)
-        sigma = torch.as_tensor(np.asarray(arrays["sigma"]), dtype=F64)
-        if sigma.shape != (mu.numel(), mu.numel()) or mu.numel() == 0:
-            raise ValueError(f"{path}: mu must be (d,) and sigma (d, d), got {tuple(mu.shape)} and "
-                             f"{tuple(sigma.shape)}")
-        if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
-            raise ValueError(f"{path}: mu or sigma contains NaN or inf")
-        n = int(np.asarray(arrays["n"]).reshape(-1)[0]) if "n" in arrays else -1
+        and ``sigma``. Without ``n`` the statistics can be compared but not updated or merged. Files whose arrays
+        declare more than ``max_bytes`` (default MAX_STATS_BYTES, 512 MiB) are refused before they are read."""
+        mu, sigma, n, features = read_stats(path, max_bytes)
         try:
-            return cls.from_moments(mu, sigma, n=None if n < 0 else n, device=device, features=features)
+            return cls.from_moments(mu, sigma, n=n, device=device, features=features)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
 
@@ -252,43 +222,3 @@ def _comm_device(group, shift: Optional[Tensor]) -> torch.device:
     if "nccl" in str(dist.get_backend(group)).lower():
         return torch.device("cuda", torch.cuda.current_device())
     return shift.device if shift is not None else torch.device("cpu")
-
-
-def _check_suffix(path) -> Path:
-    path = Path(path)
-    if path.suffix not in SUFFIXES:
-        raise ValueError(f"statistics files must end in {' or '.join(SUFFIXES)}, got {path.name!r}")
-    return path
-
-
-def _read_arrays(path: Path):
-    """(arrays, name of the feature space or None) of a statistics file."""
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-            features = str(arrays.pop("features")) if "features" in arrays else None
-            return arrays, features
-        from safetensors import safe_open
-        from safetensors.numpy import load_file
-
-        with safe_open(str(path), framework="numpy") as f:
-            features = (f.metadata() or {}).get("features") or None
-        return load_file(str(path)), features
-    except Exception as e:  # zip, pickle and header errors all mean "not a statistics file"
-        raise ValueError(f"{path} is not a readable {path.suffix} file ({type(e).__name__}: {e})") from e
-
-
-def is_stats_file(path) -> bool:
-    """True when ``path`` is an existing .npz / .safetensors file holding ``mu`` and ``sigma`` (an .npz of images
-    holds ``x`` instead)."""
-    path = Path(os.fspath(path))
-    if path.suffix not in SUFFIXES or not path.is_file():
-        return False
-    if path.suffix == ".safetensors":
-        return True
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {"mu", "sigma"} <= set(f.files)
-    except Exception:  # not a zip archive: load() says what is wrong with it
-        return False

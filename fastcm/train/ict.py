@@ -16,6 +16,7 @@ from torch import nn
 
 from fastcm._checks import is_real
 from fastcm.cm import METHODS, get_method, method_of_model
+from fastcm.cm.hyperparameters import check_unet
 from fastcm.data import BatchLoader
 
 from .config import ICTConfig
@@ -94,10 +95,12 @@ def _method_model(method, model: nn.Module) -> nn.Module:
         if not isinstance(model, nn.Module) or not hasattr(model, "input_shape"):
             raise TypeError(f"model must be a fastcm ConsistencyModel, TrigFlowModel, MeanFlowModel or U-Net, got "
                             f"{type(model).__name__}") from None
+        check_unet(method.name, method.unet_overrides, model)  # e.g. sCT on a U-Net that embeds 1000 t
         return method.make_model(model)
     if name != method.name:
         raise ValueError(f"cfg.method is {method.name!r} but the model is a {type(model).__name__} "
                          f"(a {name!r} model); build it with get_method({method.name!r}).make_model(unet)")
+    check_unet(method.name, method.unet_overrides, model)
     return model
 
 
