@@ -1,5 +1,6 @@
 """FID while training (fastcm.train.evaluate): values against an independent scipy computation, fixed seeds, the
 DDP sharding (2 gloo ranks == 1 process to 1e-9), failures that do not stop training, the best and its resume."""
+import ast
 import math
 import os
 import subprocess
@@ -15,8 +16,9 @@ from torch import nn
 from fastcm.cm import get_method
 from fastcm.fid import FeatureStats, PixelFeatures
 from fastcm.models import build_unet
-from fastcm.train.evaluate import (EVAL_STREAM, FIDEvaluator, build_evaluator, check_eval_steps, default_samples,
-                                   load_reference, metric_name, recoverable)
+from fastcm.train.config import check_eval_steps
+from fastcm.train.evaluate import (EVAL_STREAM, FIDEvaluator, build_evaluator, default_samples, load_reference,
+                                   metric_name, recoverable)
 
 
 def sampler(name):
@@ -179,10 +181,17 @@ WORKER = textwrap.dedent('''
     import torch.distributed as dist
     from safetensors.torch import save_file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fastcm.data import ArrayDataset
     from fastcm.fid import PixelFeatures
-    from fastcm.train import init_distributed
+    from fastcm.train import ICTConfig, init_distributed, train_ict
     from fastcm.train.evaluate import FIDEvaluator
     from case import CASE
+
+    class OOMOnRank1(PixelFeatures):
+        def forward(self, x):
+            if dist.get_rank() == 1:
+                raise torch.OutOfMemoryError("CUDA out of memory on rank 1")
+            return super().forward(x)
 
     def main(out):
         info = init_distributed("cpu")
@@ -191,6 +200,18 @@ WORKER = textwrap.dedent('''
         rec = ev.evaluate(model, 3)
         stats = ev.local_stats(model, 2).all_reduce()
         meta = {k: repr(v) for k, v in rec.items()}
+        # one rank fails: every rank records the failure and nobody waits in a collective
+        flaky = FIDEvaluator(ref, OOMOnRank1(), method, num_samples=11, seed=4, batch_size=4, info=info)
+        meta["flaky"] = flaky.evaluate(model, 3)["eval_error"]
+        # the loop under DDP: every rank evaluates, rank 0 logs and keeps the best
+        g = torch.Generator().manual_seed(0)
+        data = ArrayDataset(torch.rand(32, 1, 8, 8, generator=g) * 2 - 1, torch.arange(32) % 10)
+        cfg = ICTConfig(total_steps=2, batch_size=8, lr=1e-3, s0=2, s1=8, log_every=1, sample_every=0,
+                        save_every=0, eval_every=1, eval_stats=os.path.join(out, "ref.npz"), eval_samples=11,
+                        eval_batch_size=4)
+        res = train_ict(cfg, data, CASE()[0].train(), out_dir=os.path.join(out, "run"), progress=False)
+        meta["loop_evals"] = repr([r.get("fid_1step") for r in res.records if "eval_seconds" in r])
+        meta["loop_best"] = repr(res.best)
         save_file({"mu": stats.mu, "sigma": stats.sigma}, os.path.join(out, f"rank{info.rank}.safetensors"),
                   metadata=meta)
         dist.destroy_process_group()
@@ -222,6 +243,10 @@ def test_two_gloo_ranks_equal_one_process_to_1e_9(tmp_path):
 
     (tmp_path / "worker.py").write_text(WORKER)
     (tmp_path / "case.py").write_text(CASE)
+    ns = {}
+    exec(compile(CASE, "case", "exec"), ns)
+    model, ref, method = ns["CASE"]()
+    ref.save(tmp_path / "ref.npz")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(tmp_path / "worker.py"), str(tmp_path)]
@@ -231,17 +256,43 @@ def test_two_gloo_ranks_equal_one_process_to_1e_9(tmp_path):
     for r in range(2):
         with safe_open(str(tmp_path / f"rank{r}.safetensors"), "pt") as f:
             metas.append(f.metadata())
-    ns = {}
-    exec(compile(CASE, "case", "exec"), ns)
-    model, ref, method = ns["CASE"]()
     single = FIDEvaluator(ref, PixelFeatures(), method, num_samples=11, steps=(1, 2), seed=4, batch_size=4)
     want = single.evaluate(model, 3)
     for key in ("fid_1step", "fid_2step"):
         assert key not in metas[1]  # rank 0 computes the distance; the others only contribute statistics
         got = float(metas[0][key])
         assert math.isfinite(got) and abs(got - want[key]) <= 1e-9 * abs(want[key]), key
+    assert metas[0]["flaky"] == "failed on another rank"
+    assert metas[1]["flaky"] == "OutOfMemoryError: CUDA out of memory on rank 1"
+    evals = ast.literal_eval(metas[0]["loop_evals"])  # rank 0: steps 0, 1, 2, each with a finite FID
+    assert len(evals) == 3 and all(math.isfinite(v) for v in evals)
+    assert ast.literal_eval(metas[0]["loop_best"])["value"] == min(evals) and metas[1]["loop_best"] == "None"
+    assert (tmp_path / "run" / "checkpoints" / "best.safetensors").is_file()
     one = single.local_stats(model, 2)
     for r in range(2):
         t = load_file(str(tmp_path / f"rank{r}.safetensors"))
         for name, ref_t in (("mu", one.mu), ("sigma", one.sigma)):
             assert torch.allclose(t[name], ref_t, rtol=1e-9, atol=1e-9 * float(ref_t.abs().max())), (r, name)
+
+
+def test_training_curves_plot_the_fid_and_the_report_tabulates_it(tmp_path):
+    from PIL import Image
+
+    from fastcm.eval.demo_report import fid_curve_lines
+    from fastcm.eval.report import plot_training_curves
+
+    stage1 = [{"step": s, "loss": 1.0 / (s + 1), "N": 10} for s in range(0, 9, 2)]
+    stage1 += [{"stage": "ict", "step": s, "fid_1step": 100.0 / (s + 1), "fid_2step": 80.0 / (s + 1),
+                "eval_seconds": 0.5, "eval_samples": 450} for s in (0, 4, 8)]
+    fd = [{"step": 1, "loss": 1.0, "fd": 3.0},
+          {"stage": "fd", "step": 1, "eval_error": "OutOfMemoryError: x", "eval_seconds": 0.1, "eval_samples": 450}]
+    path = plot_training_curves(tmp_path / "curves.png", stage1, fd)
+    assert Image.open(path).size[0] == round(3 * 5.5 * 110)  # loss, stage-1 FID and stage-2 panels
+    assert Image.open(plot_training_curves(tmp_path / "plain.png", stage1[:5])).size[0] == round(5.5 * 110)
+    report = {"curves": {"ict": stage1, "fd": fd}, "stage_seconds": {"ict": 10.0},
+              "best": {"ict": {"step": 8, "metric": "fid_1step", "value": 100 / 9}},
+              "evaluation": {"features": "digits", "stats": "digits-test.npz", "samples": 450}}
+    text = "\n".join(fid_curve_lines(report))
+    assert "| ict | 8 | 11.11 | 8.889 | 0.5 |  |" in text and "OutOfMemoryError: x" in text
+    assert "- ict: 3 evaluations, 1.5 s, 15.0 % of the stage's 10 s; best fid_1step 11.11 at step 8" in text
+    assert fid_curve_lines({"curves": {"ict": stage1[:5]}}) == []

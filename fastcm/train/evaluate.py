@@ -27,13 +27,17 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fastcm._checks import check_int, is_int
+from fastcm._checks import check_int
 from fastcm.data import derive_seed
 from fastcm.fid import FeatureStats, compute_stats, feature_extractor, fid, is_stats_file
+
+from .config import check_eval_steps
 
 EVAL_STREAM = 0xE7A1                 # the seed stream of evaluation noise (training streams: fastcm.train.fd)
 INCEPTION_SAMPLES = 10_000           # default samples for Inception FID (the usual FID-10k of training curves)
 INCEPTION_DIM = 2048                 # pytorch-fid's statistics files name no feature space: 2048-d is Inception
+BEST_NAME = "best.safetensors"       # in the run's checkpoints/ (CheckpointManager's keep-last rule never sees it)
+SPEC_KEYS = ("features", "dim", "reference", "samples", "metric")  # what must match to compare with a saved best
 
 
 class EvalError(RuntimeError):
@@ -43,19 +47,6 @@ class EvalError(RuntimeError):
 def metric_name(steps: int) -> str:
     """The metrics.jsonl key of the FID of the ``steps``-step sampler: fid_1step, fid_2step, ..."""
     return f"fid_{steps}step"
-
-
-def check_eval_steps(steps) -> tuple:
-    """``steps`` as a non-empty tuple of distinct positive ints (the first one picks the best checkpoint)."""
-    if isinstance(steps, str):
-        try:
-            steps = [int(s) for s in steps.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(f"eval_steps must be sampler step counts such as '1,2', got {steps!r}") from None
-    steps = tuple(steps) if isinstance(steps, (list, tuple)) else (steps,)
-    if not steps or not all(is_int(s, 1) for s in steps) or len(set(steps)) != len(steps):
-        raise ValueError(f"eval_steps must be distinct positive step counts (e.g. (1, 2)), got {steps!r}")
-    return tuple(int(s) for s in steps)
 
 
 def load_reference(path) -> tuple:
@@ -231,19 +222,47 @@ class FIDEvaluator:
         return {"spec": self.spec(), "best": None if self.best is None else dict(self.best)}
 
     def load_state_dict(self, state: Optional[dict], source: str = "the checkpoint") -> None:
-        """Restore the best of a resumed run; a best measured by a different evaluation (another reference file,
-        feature space, sample count or first sampler) is refused, since comparing with it would be meaningless."""
+        """Restore the best of a resumed run (the lower of the current and the saved one); a best measured by a
+        different evaluation (another reference, feature space, sample count or first sampler) is refused, since
+        comparing with it would be meaningless."""
         if not state or not state.get("best"):
             return
         saved, now = state.get("spec") or {}, self.spec()
-        keys = ("features", "dim", "reference", "samples", "metric")
-        diff = [k for k in keys if saved.get(k) != now.get(k)]
+        diff = [k for k in SPEC_KEYS if saved.get(k) != now.get(k)]
         if diff:
             changes = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
-            raise ValueError(f"cannot resume with a different evaluation ({changes}): {source}'s best checkpoint was "
-                             "chosen by the old one. Resume with the same --eval-stats/--eval-samples/--eval-steps, "
-                             "or move checkpoints/best.safetensors aside and start a new out_dir")
-        self.best = dict(state["best"])
+            raise ValueError(f"cannot resume with a different evaluation ({changes}): the best checkpoint of {source} "
+                             "was chosen by the old one. Resume with the same --eval-stats/--eval-samples/"
+                             "--eval-steps, or start a new out_dir")
+        if self.best is None or state["best"]["value"] < self.best["value"]:
+            self.best = dict(state["best"])
+
+
+def evaluator_options(cfg) -> dict:
+    """build_evaluator's keyword arguments from a TrainConfig's eval_* fields (and its seed)."""
+    return {"num_samples": cfg.eval_samples, "steps": cfg.eval_steps, "seed": cfg.seed,
+            "batch_size": cfg.eval_batch_size, "feature_weights": cfg.eval_feature_weights}
+
+
+def write_best(directory: Path, tensors, meta: dict, best: dict) -> Path:
+    """``directory/best.safetensors``: the full checkpoint of the best step (with ``meta["best"]``), replaced
+    atomically (temporary file, fsync, rename); CheckpointManager's keep-last rule never prunes it."""
+    from .checkpoint import save_checkpoint
+
+    return save_checkpoint(Path(directory) / BEST_NAME, tensors, {**meta, "best": best}, overwrite=True)
+
+
+def adopt_best_file(evaluator: FIDEvaluator, path: Path) -> Optional[Path]:
+    """On (re)start: take the best recorded in an existing ``checkpoints/best.safetensors`` (header only) when it
+    beats the resumed checkpoint's (it may come from steps after that checkpoint); return its path, or None."""
+    from .checkpoint import read_checkpoint_meta
+
+    if not path.is_file():
+        return None
+    meta = read_checkpoint_meta(path)
+    evaluator.load_state_dict({"spec": (meta.get("eval") or {}).get("spec"), "best": meta.get("best")},
+                              source=str(path))
+    return path
 
 
 def recoverable(e: BaseException) -> bool:
