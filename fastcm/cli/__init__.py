@@ -82,6 +82,9 @@ def _add_demo(sub) -> None:
                         "seconds per thread, so other jobs on a shared machine do not shrink it), "
                         "evaluate each one- and two-step and after the FD stage, and write compare.md/compare.json "
                         "(about 25 minutes on 2 CPU cores; the CAS protocol is skipped)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="STEPS",
+                   help="FID while training of stage 1 (digits features vs the test split, one- and two-step) every "
+                        f"STEPS steps, 0 = off; the FD stage evaluates at its log steps (default: {d.eval_every})")
     p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
                    help="time budget of stage 1: it stops early when S seconds are spent (wall clock; CPU seconds "
                         "per thread with --compare) (default: none; 240 per method with --compare)")

@@ -23,7 +23,7 @@ def cmd_demo(args) -> int:
                      fd_batch_size=args.fd_batch_size, fd_lr=args.fd_lr, per_class=args.per_class,
                      judge=args.judge, cas_seeds=args.cas_seeds, cas_epochs=args.cas_epochs, preset=args.preset,
                      seed=args.seed, threads=args.threads, progress=not args.no_progress, method=args.method,
-                     stage1_seconds=args.budget_seconds)
+                     stage1_seconds=args.budget_seconds, eval_every=args.eval_every)
     if args.compare:
         cfg = dataclasses.replace(cfg, stage1_clock="cpu")  # see fastcm.demo_compare.COMPARE_SECONDS
         run_compare(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)

@@ -28,7 +28,7 @@ FD_MODES = ("queue", "batch", "ema")
 RESUMABLE_CHANGES = frozenset({"log_every", "sample_every", "num_samples", "save_every", "save_minutes", "keep_last",
                                "compile", "compile_backend", "num_workers", "max_nonfinite", "max_weight_rms",
                                "precision", "eval_every", "eval_stats", "eval_samples", "eval_steps",
-                               "eval_batch_size", "eval_feature_weights"})
+                               "eval_batch_size", "eval_feature_weights", "eval_cache"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,7 @@ class TrainConfig:
     eval_steps: tuple = (1, 2)         # samplers evaluated (fid_1step, fid_2step); the first picks best.safetensors
     eval_batch_size: int = 250         # images per sampler / feature-network call on each rank
     eval_feature_weights: Optional[str] = None  # Inception weight file for Inception statistics
+    eval_cache: Optional[str] = None   # cache directory of the digits feature CNN (None: $FASTCM_CACHE, ~/.cache)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
@@ -166,7 +167,7 @@ def _validate_eval(c: TrainConfig) -> None:
     if c.eval_samples is not None and not is_int(c.eval_samples, 2):
         raise ValueError(f"eval_samples must be None (the default for the feature space) or an int >= 2, got "
                          f"{c.eval_samples!r}")
-    for name in ("eval_stats", "eval_feature_weights"):
+    for name in ("eval_stats", "eval_feature_weights", "eval_cache"):
         if getattr(c, name) is not None and (not isinstance(getattr(c, name), str) or not getattr(c, name)):
             raise ValueError(f"{name} must be None or a file path (str), got {getattr(c, name)!r}")
     if c.eval_every and c.eval_stats is None:

@@ -241,7 +241,7 @@ class FIDEvaluator:
 def evaluator_options(cfg) -> dict:
     """build_evaluator's keyword arguments from a TrainConfig's eval_* fields (and its seed)."""
     return {"num_samples": cfg.eval_samples, "steps": cfg.eval_steps, "seed": cfg.seed,
-            "batch_size": cfg.eval_batch_size, "feature_weights": cfg.eval_feature_weights}
+            "batch_size": cfg.eval_batch_size, "feature_weights": cfg.eval_feature_weights, "cache": cfg.eval_cache}
 
 
 def write_best(directory: Path, tensors, meta: dict, best: dict) -> Path:
