@@ -218,6 +218,12 @@ class FIDEvaluator:
         """What identifies this evaluation: feature space, dimension, reference digest, samples, metric."""
         return dict(self._spec)
 
+    def config_entries(self, best_checkpoint: Optional[Path], out_dir: Path) -> dict:
+        """config.json's ``evaluation`` (the spec) and ``best`` (with its file relative to the run directory)."""
+        best = None if self.best is None or best_checkpoint is None else \
+            {**self.best, "path": str(Path(best_checkpoint).relative_to(out_dir))}
+        return {"evaluation": self.spec(), "best": best}
+
     def state_dict(self) -> dict:
         return {"spec": self.spec(), "best": None if self.best is None else dict(self.best)}
 

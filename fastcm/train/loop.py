@@ -181,10 +181,7 @@ class Trainer:
         doc = {"stage": self.stage, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
                "world_size": self.info.world_size}
         if self.evaluator is not None:
-            best = self.evaluator.best
-            doc["evaluation"] = self.evaluator.spec()
-            doc["best"] = None if best is None or self.best_checkpoint is None else \
-                {**best, "path": str(self.best_checkpoint.relative_to(self.out_dir))}
+            doc.update(self.evaluator.config_entries(self.best_checkpoint, self.out_dir))
         tmp = self.out_dir / f".config.json.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.out_dir / "config.json")
