@@ -296,3 +296,19 @@ def test_training_curves_plot_the_fid_and_the_report_tabulates_it(tmp_path):
     assert "| ict | 8 | 11.11 | 8.889 | 0.5 |  |" in text and "OutOfMemoryError: x" in text
     assert "- ict: 3 evaluations, 1.5 s, 15.0 % of the stage's 10 s; best fid_1step 11.11 at step 8" in text
     assert fid_curve_lines({"curves": {"ict": stage1[:5]}}) == []
+
+
+def test_progress_bar_shows_the_last_evaluation_beside_the_training_record():
+    from fastcm.train.progress import RunLogger, eval_postfix
+
+    assert eval_postfix({"step": 2, "fid_1step": 12.345678, "fid_2step": 9.5, "eval_seconds": 1.0}) == \
+        {"fid1": "12.35", "fid2": "9.5"}
+    assert eval_postfix({"step": 2, "eval_error": "OutOfMemoryError: x", "eval_seconds": 1.0}) == {"fid": "failed"}
+    log = RunLogger(None, 0, 10, True, True, None, desc="ict")
+    try:
+        log.log({"step": 1, "loss": 0.5, "img_per_s": 3.0})
+        log.log({"step": 1, "fid_1step": 7.0, "eval_seconds": 0.1})
+        log.log({"step": 2, "loss": 0.25, "img_per_s": 3.0})  # a training record keeps the last FID on the bar
+        assert log.bar.postfix == "loss=0.25, img/s=3.0, fid1=7"
+    finally:
+        log.close()
