@@ -67,3 +67,15 @@ def test_eval_option_mistakes_are_one_line(trained, tmp_path, capsys, argv, mess
     rc, _, err = run(capsys, *argv)
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_fd_stage_starts_from_the_best_and_evaluates(trained, tmp_path_factory, monkeypatch, capsys):
+    monkeypatch.setenv("FASTCM_CACHE", str(tmp_path_factory.getbasetemp() / "fastcm-cache"))  # the shared digits CNN
+    out = trained / "fd"
+    rc, stdout, err = run(capsys, "train", "--stage", "fd", "--init", trained / "run" / "best", "--data", "digits",
+                          "--steps", 2, "--batch-size", 20, "--eval-every", 1, "--eval-stats", trained / "ref.npz",
+                          "--eval-samples", 20, "--eval-steps", 2, "--out", out, "--no-progress")
+    assert rc == 0, err
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "eval_seconds" in r]
+    assert [r["step"] for r in evals] == [0, 1, 2] and all("fid_2step" in r and "fid_1step" not in r for r in evals)
+    assert "best: fid_2step" in stdout and (out / "checkpoints" / "best.safetensors").is_file()

@@ -108,7 +108,8 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
                                                   "cifar10, imagenet64 (default: digits for digits data, else "
                                                   "cifar10-small)")
-    p.add_argument("--init", default=None, help="checkpoint to fine-tune (required for --stage fd)")
+    p.add_argument("--init", default=None, help="checkpoint to fine-tune (required for --stage fd): a file, a run "
+                                                "directory (its newest checkpoint) or RUN/best")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the stage config's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage config's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the stage config's)")

@@ -131,9 +131,7 @@ def _train_fd_stage(args, data, common):
         raise UsageError("--stage fd fine-tunes an existing model: pass --init CHECKPOINT (from `fastcm train`)")
     if args.preset is not None:
         raise UsageError("--preset belongs to --stage ict; --stage fd keeps the network of --init")
-    if not os.path.isfile(args.init):
-        raise FileNotFoundError(f"--init {args.init!r} does not exist (a .safetensors checkpoint of `fastcm train`)")
-    model = load_model(args.init, weights="ema")
+    model = load_model(resolve_checkpoint(args.init, "--init"), weights="ema")  # a file, RUN or RUN/best
     if tuple(model.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}")
@@ -159,7 +157,7 @@ def _load_model(args):
     return model
 
 
-def resolve_checkpoint(spec: str) -> Path:
+def resolve_checkpoint(spec: str, option: str = "--checkpoint") -> Path:
     """The checkpoint file of --checkpoint: a file as given; RUN/best (or bare ``best``, the run in the current
     directory) is RUN/checkpoints/best.safetensors; a run directory (or its checkpoints/) is its newest checkpoint."""
     from fastcm.train import CheckpointManager
@@ -173,15 +171,15 @@ def resolve_checkpoint(spec: str) -> Path:
         for best in (run / "checkpoints" / BEST_NAME, run / BEST_NAME):
             if best.is_file():
                 return best
-        raise FileNotFoundError(f"--checkpoint {spec!r}: {run / 'checkpoints' / BEST_NAME} does not exist (a run "
+        raise FileNotFoundError(f"{option} {spec!r}: {run / 'checkpoints' / BEST_NAME} does not exist (a run "
                                 "keeps a best checkpoint only when trained with --eval-every and --eval-stats)")
     if path.is_dir():
         for folder in (path / "checkpoints", path):
             found = CheckpointManager(folder).checkpoints()
             if found:
                 return found[-1][1]
-        raise FileNotFoundError(f"--checkpoint {spec!r} is a directory without checkpoints (ckpt_*.safetensors)")
-    raise FileNotFoundError(f"--checkpoint {spec!r} does not exist (a .safetensors file written by `fastcm train`, "
+        raise FileNotFoundError(f"{option} {spec!r} is a directory without checkpoints (ckpt_*.safetensors)")
+    raise FileNotFoundError(f"{option} {spec!r} does not exist (a .safetensors file written by `fastcm train`, "
                             "under <out>/checkpoints/, a run directory, or RUN/best)")
 
 
