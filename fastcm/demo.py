@@ -8,7 +8,9 @@
    Classification Accuracy Score (a judge trained only on the samples) beside the same judge on the real train split;
 4. a second stage fine-tunes with the FD loss (one-step samples → CNN features → FD to the train-split statistics)
    and the same evaluation runs again; the CAS protocol (real / synthetic / real + synthetic) runs on its samples;
-5. report.json, report.md and training_curves.png go to ``out``.
+5. report.json, report.md and training_curves.png go to ``out``; both stages evaluate FID while training
+   (``eval_every``: digits features of the EMA model's one- and two-step samples against the test split, whose
+   statistics are written to ``out/eval-reference-digits-test.npz``) and keep their best checkpoint.
 ``method`` ("ict" by default, "sct" or "meanflow") picks stage 1's method: sampling, evaluation and the FD stage then
 use that method's one- and two-step samplers and one-step generator. :func:`run_compare` (``fastcm demo --compare``)
 runs stage 1 .. 4 for all three methods at an equal wall-clock budget of stage 1 and writes one table.
@@ -55,11 +57,13 @@ class DemoConfig:
     method: str = "ict"           # stage 1's method: "ict", "sct" or "meanflow" (fastcm.cm.METHODS)
     stage1_seconds: Optional[float] = None  # time budget of stage 1 (stops early); None = all ict_steps
     stage1_clock: str = "wall"    # its clock: "wall", or "cpu" = this process's CPU seconds / torch threads
+    eval_every: int = 500         # FID while training of stage 1 (digits features, test split, 1/2-step); 0 = off
+    fd_eval_every: Optional[int] = None  # the same for the FD stage; None = its log interval, 0 = off
 
     def __post_init__(self):
         for name in ("ict_steps", "batch_size", "fd_batch_size", "per_class", "grid_per_class", "cas_epochs"):
             check_int(name, getattr(self, name), 1)
-        for name in ("fd_steps", "cas_seeds", "seed"):
+        for name in ("fd_steps", "cas_seeds", "seed", "eval_every"):
             check_int(name, getattr(self, name), 0)
         for name in ("lr", "fd_lr", "two_step_sigma"):
             if not getattr(self, name) > 0:
@@ -75,6 +79,8 @@ class DemoConfig:
             raise ValueError(f"stage1_seconds must be None or a positive number, got {self.stage1_seconds!r}")
         if self.stage1_clock not in ("wall", "cpu"):
             raise ValueError(f"stage1_clock must be 'wall' or 'cpu', got {self.stage1_clock!r}")
+        if self.fd_eval_every is not None:
+            check_int("fd_eval_every", self.fd_eval_every, 0)
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
         if self.fd_steps and self.fd_batch_size % 10:
@@ -150,6 +156,11 @@ class _Evaluator:
         self.features, self.pixels = DigitsFeatures(feature_net), PixelFeatures()
         self.test_feat, self.test_pix = self.stats(self.x_test), self.stats(self.x_test, self.pixels)
         self.train_feat = self.stats(self.x_train)
+
+    def save_test_stats(self, out: Path) -> Path:
+        """The test split's digits-feature statistics as the trainers' --eval-stats file (in out)."""
+        self.test_feat.features = "digits"
+        return self.test_feat.save(out / "eval-reference-digits-test.npz", overwrite=True)
 
     def stats(self, x, features=None):
         """FeatureStats of images x in [-1, 1] (digits-CNN features unless ``features`` is given)."""
@@ -237,6 +248,7 @@ def _setup(cfg: DemoConfig, cache, clock: "_Clock"):
     train, test = load_digits("train"), load_digits("test")
     net, net_info = clock.phase("feature network (cached)", digits_feature_network, cache)
     ev = clock.phase("reference statistics", _Evaluator, net, train, test, cfg.judge, cfg.seed)
+    ev.cache = cache  # the trainers' FID-while-training evaluations use the same cached feature network
     real = clock.phase("real-data baseline", ev, ev.x_train, ev.y_train)
     return train, test, net, net_info, ev, real
 
@@ -244,9 +256,11 @@ def _setup(cfg: DemoConfig, cache, clock: "_Clock"):
 def _pipeline(cfg: DemoConfig, out: Path, train, ev, clock: "_Clock", thread_events: list, verbose: bool) -> dict:
     """Stage 1 with cfg.method, one- and two-step samples and their metrics, the FD stage and its metrics."""
     label = METHOD_LABELS[cfg.method]
+    ev.eval_stats = ev.save_test_stats(out) if cfg.eval_every or cfg.fd_eval_every != 0 else None
     cpu0 = time.process_time()
-    model, s1_records, s1_ckpt = clock.phase(f"stage 1: {label} training", _train_stage1, cfg, train, out,
-                                             ThreadGuard(label, thread_events, verbose))
+    s1 = clock.phase(f"stage 1: {label} training", _train_stage1, cfg, train, out, ev,
+                     ThreadGuard(label, thread_events, verbose))
+    model, s1_records, s1_ckpt = s1.ema.module.eval(), s1.records, s1.checkpoint
     s1_cpu = round(time.process_time() - cpu0, 2)
     results, files, samples = {}, {}, {}
     for name, steps in (("one_step", 1), ("two_step", 2)):
@@ -254,17 +268,24 @@ def _pipeline(cfg: DemoConfig, out: Path, train, ev, clock: "_Clock", thread_eve
         files[f"samples_{name}"] = _save_samples(out, f"samples_{name}", x, y, cfg)
         results[name] = clock.phase(f"evaluation {name.replace('_', '-')}", ev, x, y)
         samples[name] = (x, y)
-    fd_records, fd_ckpt = [], None
+    fd_records, fd_ckpt, fd = [], None, None
     if cfg.fd_steps:
-        model, fd_records, fd_ckpt = clock.phase("stage 2: FD-loss fine-tune", _train_fd, cfg, model, ev.net,
-                                                 train, ev, out, ThreadGuard("FD fine-tune", thread_events, verbose))
+        fd = clock.phase("stage 2: FD-loss fine-tune", _train_fd, cfg, model, ev, out,
+                         ThreadGuard("FD fine-tune", thread_events, verbose))
+        model, fd_records, fd_ckpt = fd.ema.module.eval(), fd.records, fd.checkpoint
         x, y = clock.phase("sampling fd-finetuned", _draw, model, cfg, 1)
         files["samples_fd_finetuned"] = _save_samples(out, "samples_fd_finetuned", x, y, cfg)
         results["fd_finetuned"] = clock.phase("evaluation fd-finetuned", ev, x, y)
         samples["fd_finetuned"] = (x, y)
+    stages = {cfg.method: s1, "fd": fd}
     return {"results": results, "files": files, "samples": samples, "stage1_records": s1_records,
             "stage1_cpu_s": s1_cpu, "fd_records": fd_records,
-            "checkpoints": {cfg.method: _rel(s1_ckpt, out), "fd_finetuned": _rel(fd_ckpt, out)}}
+            "checkpoints": {cfg.method: _rel(s1_ckpt, out), "fd_finetuned": _rel(fd_ckpt, out),
+                            **{f"best_{k}": _rel(r.best_checkpoint, out) for k, r in stages.items()
+                               if r is not None and r.best_checkpoint is not None}},
+            "best": {k: r.best for k, r in stages.items() if r is not None and r.best is not None},
+            "stage_seconds": {cfg.method: clock.times[f"stage 1: {label} training"],
+                              "fd": clock.times.get("stage 2: FD-loss fine-tune")}}
 
 
 def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:
@@ -283,7 +304,7 @@ def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: st
     results, files, samples = {"real_train_split": real, **run["results"]}, run["files"], run["samples"]
     protocol = _cas(clock, cfg, ev, samples) if cfg.cas_seeds else None
     clock.phase("training-curve plot", plot_training_curves, out / "training_curves.png", run["stage1_records"],
-                run["fd_records"], fd_key="fd_test")
+                run["fd_records"])
     report = {
         "config": dataclasses.asdict(cfg), "method": cfg.method, "seed": cfg.seed, "out": str(out),
         "environment": dict(_environment(cfg), torch_threads=threads),
@@ -294,6 +315,9 @@ def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: st
         "metrics": results, "cas_protocol": protocol, "files": dict(files, plot="training_curves.png"),
         "checkpoints": run["checkpoints"],
         "curves": {cfg.method: run["stage1_records"], "fd": run["fd_records"]},
+        "best": run["best"], "stage_seconds": run["stage_seconds"],
+        "evaluation": None if ev.eval_stats is None else {"features": "digits", "stats": ev.eval_stats.name,
+                                                          "samples": len(test)},
     }
     report["quality"] = quality_checks(report, QUALITY)
     report["timings_s"] = dict(clock.times, total=clock.total())
@@ -341,7 +365,7 @@ def _rel(path, out: Path):
         return str(path)
 
 
-def _train_stage1(cfg: DemoConfig, train, out: Path, guard: ThreadGuard):
+def _train_stage1(cfg: DemoConfig, train, out: Path, ev: "_Evaluator", guard: ThreadGuard):
     """Stage 1 with cfg.method (iCT's calibrated settings for every method; sCT's tangent warm-up H = 1000,
     ICTConfig's default) into out/<method>/; stops early when cfg.stage1_seconds is spent (on the "cpu" clock:
     that many seconds per torch thread of this process's CPU time)."""
@@ -353,38 +377,27 @@ def _train_stage1(cfg: DemoConfig, train, out: Path, guard: ThreadGuard):
 
     icfg = ICTConfig(total_steps=cfg.ict_steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_beta=cfg.ema_beta,
                      seed=cfg.seed, log_every=max(1, min(10, cfg.ict_steps // 20)), sample_every=0,
-                     num_samples=100, save_every=0, keep_last=1, method=cfg.method)
+                     num_samples=100, save_every=0, keep_last=1, method=cfg.method,
+                     **_eval_fields(cfg.eval_every, ev))
     method = get_method(cfg.method, **icfg.method_hyperparameters())
     model = method.make_model(build_unet(cfg.preset, **METHODS[cfg.method].unet_overrides))
     seconds = cfg.stage1_seconds
     if seconds is not None and cfg.stage1_clock == "cpu":
         seconds = seconds * torch.get_num_threads()
-    res = train_method(icfg, train, model, out_dir=out / cfg.method, callbacks=[guard], progress=cfg.progress,
-                       max_seconds=seconds, budget_clock=cfg.stage1_clock)
-    return res.ema.module.eval(), res.records, res.checkpoint
+    return train_method(icfg, train, model, out_dir=out / cfg.method, callbacks=[guard], progress=cfg.progress,
+                        max_seconds=seconds, budget_clock=cfg.stage1_clock)
 
 
-class _FDCurve:
-    """Training callback of stage 2: at every log step, the feature FD of a fixed set of one-step samples (50 per
-    class, fixed noise) to the real *test* split. The loss itself is the normalised FD of the training batch against
-    the *train* split (≈ 1 by construction), so this is the curve worth plotting."""
-
-    def __init__(self, model, ev: "_Evaluator", seed: int, per_class: int = 50):
-        self.model, self.ev, self.seed, self.records = model, ev, seed, []
-        self.labels = _labels(per_class)
-        self.measure(0)
-
-    def measure(self, step: int) -> None:
-        x = _sample(self.model, self.labels, 1, 2_000_000 + self.seed * 10_000)
-        fd = self.ev.fd_features(x)
-        self.records.append({"step": step, "fd_test": fd})
-
-    def __call__(self, record: dict) -> None:
-        self.measure(int(record["step"]))
-        self.records[-1].update({k: record[k] for k in ("loss", "fd") if k in record})
+def _eval_fields(every: int, ev: "_Evaluator") -> dict:
+    """FID while training (fastcm.train.evaluate) against the test split's digits features, every ``every`` steps:
+    K = its 450 images, the one- and two-step samplers, fixed seeds."""
+    if not every:
+        return {}
+    return {"eval_every": every, "eval_stats": str(ev.eval_stats), "eval_cache": None if ev.cache is None else
+            str(ev.cache)}
 
 
-def _train_fd(cfg: DemoConfig, model, feature_net, train, ev: "_Evaluator", out: Path, guard: ThreadGuard):
+def _train_fd(cfg: DemoConfig, model, ev: "_Evaluator", out: Path, guard: ThreadGuard):
     """Stage 2 as calibrated: exact FD of each batch's features to the train-split statistics (batch mode, B = 250
     > d = 64 so the batch covariance has full rank), normalised by its detached value + 0.01, Adam.
 
@@ -394,12 +407,13 @@ def _train_fd(cfg: DemoConfig, model, feature_net, train, ev: "_Evaluator", out:
     stale features from earlier generator states make the held-out FD oscillate (measured for issue 14)."""
     from fastcm.train import FDConfig, finetune_fd
 
+    log_every = max(1, min(10, cfg.fd_steps // 10))
+    # The curve worth plotting is the FID to the *test* split (eval_every), not the loss: the normalised FD of the
+    # training batch against the *train* split is ≈ 1 by construction.
+    every = log_every if cfg.fd_eval_every is None else cfg.fd_eval_every
     fcfg = FDConfig(total_steps=cfg.fd_steps, batch_size=cfg.fd_batch_size, lr=cfg.fd_lr, ema_beta=cfg.ema_beta,
-                    seed=cfg.seed, fd_mode="batch", fd_normalize=True, balanced_labels=True,
-                    log_every=max(1, min(10, cfg.fd_steps // 10)), sample_every=0, num_samples=100, save_every=0,
-                    keep_last=1)
+                    seed=cfg.seed, fd_mode="batch", fd_normalize=True, balanced_labels=True, log_every=log_every,
+                    sample_every=0, num_samples=100, save_every=0, keep_last=1, **_eval_fields(every, ev))
     model = copy.deepcopy(model).requires_grad_(True)  # stage 1's EMA copy is frozen; stage 1's model stays intact
-    curve = _FDCurve(model, ev, cfg.seed)
-    res = finetune_fd(fcfg, model, ev.features, ev.train_feat, out_dir=out / "fd_finetune",
-                      callbacks=[curve, guard], progress=cfg.progress)
-    return res.ema.module.eval(), curve.records, res.checkpoint
+    return finetune_fd(fcfg, model, ev.features, ev.train_feat, out_dir=out / "fd_finetune", callbacks=[guard],
+                       progress=cfg.progress)

@@ -46,7 +46,7 @@ def test_files_are_written(demo):
 
 
 def test_report_fields(demo):
-    _, report, _ = demo
+    out, report, _ = demo
     assert report["seed"] == 0 and report["config"]["ict_steps"] == 12
     assert report["data"]["train_size"] == 1347 and report["data"]["test_size"] == 450
     for key in ("real_train_split", *STAGES):
@@ -63,7 +63,14 @@ def test_report_fields(demo):
     assert p["seeds"] == [0, 1] and p["real+synthetic"]["train_size"] == 1347 + 10 * PER_CLASS
     assert set(report["timings_s"]) >= {"stage 1: iCT training", "stage 2: FD-loss fine-tune", "total"}
     assert [r["step"] for r in report["curves"]["ict"]][-1] == 12
-    assert [r["step"] for r in report["curves"]["fd"]] == [0, 1, 2, 3]  # held-out FD before and during stage 2
+    # FID while training against the test split: stage 1 at step 0 and its last step, stage 2 at every log step
+    evals = {k: [r for r in v if "eval_seconds" in r] for k, v in report["curves"].items()}
+    assert [r["step"] for r in evals["ict"]] == [0, 12] and [r["step"] for r in evals["fd"]] == [0, 1, 2, 3]
+    assert all(r["fid_1step"] > 0 and r["fid_2step"] > 0 and r["eval_samples"] == 450 for v in evals.values()
+               for r in v)
+    assert report["best"]["fd"]["value"] == min(r["fid_1step"] for r in evals["fd"])
+    assert (out / report["checkpoints"]["best_fd"]).is_file() and (out / report["checkpoints"]["best_ict"]).is_file()
+    assert "## FID while training" in (out / "report.md").read_text()
 
 
 def _fd(a, b):
@@ -134,7 +141,8 @@ def test_a_run_is_a_function_of_its_seed(tmp_path, tmp_path_factory):
         torch.manual_seed(caller_seed)
         reports.append(run_demo(cfg, out=str(tmp_path / str(i)), cache=cache, verbose=False))
     assert reports[0]["metrics"] == reports[1]["metrics"]
-    assert [r["loss"] for r in reports[0]["curves"]["ict"]] == [r["loss"] for r in reports[1]["curves"]["ict"]]
+    curve = lambda rep: [(r.get("loss"), r.get("fid_1step")) for r in rep["curves"]["ict"]]  # noqa: E731
+    assert curve(reports[0]) == curve(reports[1]) and any(f for _, f in curve(reports[0]))
 
 
 @pytest.mark.parametrize("method", ("sct", "meanflow"))
@@ -191,6 +199,8 @@ def test_stage1_budget_stops_early(tmp_path, tmp_path_factory):
                      stage1_seconds=1e-6, stage1_clock="cpu", method="meanflow")
     report = run_demo(cfg, out=str(tmp_path / "r"), cache=str(tmp_path_factory.getbasetemp() / "fastcm-cache"),
                       verbose=False)
-    assert [r["step"] for r in report["curves"]["meanflow"]] == [1]
+    records = report["curves"]["meanflow"]
+    assert [r["step"] for r in records if "eval_seconds" not in r] == [1]
+    assert [r["step"] for r in records if "eval_seconds" in r] == [0, 1]  # FID at the start and where it stopped
     with pytest.raises(ValueError, match="stage1_clock must be"):
         DemoConfig(stage1_clock="gpu")

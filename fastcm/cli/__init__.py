@@ -15,6 +15,9 @@ import fastcm
 
 DATA_HELP = "dataset: digits (embedded), cifar10:DIR (cifar-10-batches-py), folder:DIR (one subfolder per class) " \
             "or FILE.npz (arrays x, y)"
+CHECKPOINT_HELP = "a fastcm checkpoint (.safetensors) written by train, a run directory (its newest checkpoint) or " \
+                  "RUN/best (RUN/checkpoints/best.safetensors, the best evaluation of --eval-every; bare 'best': " \
+                  "the run in the current directory)"
 FEATURES_HELP = "feature space: digits (small CNN trained on the digits train split, cached), pixels, or " \
                 "inception (FID Inception-v3; needs --weights)"
 
@@ -26,7 +29,7 @@ def _out_args(p, what: str, default: str = "a new directory under runs/") -> Non
 
 
 def _sampling_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="a fastcm checkpoint (.safetensors) written by train")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights to load (default: ema)")
     p.add_argument("--steps", type=int, choices=(1, 2), default=None,
                    help="1 = one-step, 2 = two-step with the checkpoint's method (iCT: sigma 80 then 0.821; sCT: "
@@ -79,6 +82,9 @@ def _add_demo(sub) -> None:
                         "seconds per thread, so other jobs on a shared machine do not shrink it), "
                         "evaluate each one- and two-step and after the FD stage, and write compare.md/compare.json "
                         "(about 25 minutes on 2 CPU cores; the CAS protocol is skipped)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="STEPS",
+                   help="FID while training of stage 1 (digits features vs the test split, one- and two-step) every "
+                        f"STEPS steps, 0 = off; the FD stage evaluates at its log steps (default: {d.eval_every})")
     p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
                    help="time budget of stage 1: it stops early when S seconds are spent (wall clock; CPU seconds "
                         "per thread with --compare) (default: none; 240 per method with --compare)")
@@ -102,13 +108,15 @@ def _add_train(sub) -> None:
     p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
                                                   "cifar10, imagenet64 (default: digits for digits data, else "
                                                   "cifar10-small)")
-    p.add_argument("--init", default=None, help="checkpoint to fine-tune (required for --stage fd)")
+    p.add_argument("--init", default=None, help="checkpoint to fine-tune (required for --stage fd): a file, a run "
+                                                "directory (its newest checkpoint) or RUN/best")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the stage config's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage config's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the stage config's)")
     p.add_argument("--features", choices=("digits", "inception"), default=None,
                    help="feature network of the FD loss (--stage fd; default: digits for 1x8x8 data)")
-    p.add_argument("--feature-weights", default=None, help="Inception weights file for --features inception")
+    p.add_argument("--feature-weights", default=None, help="Inception weights file for --features inception and for "
+                                                           "Inception --eval-stats")
     p.add_argument("--fd-mode", choices=("queue", "batch", "ema"), default=None,
                    help="how the FD loss estimates the generated statistics (--stage fd; default: batch for digits "
                         "features, whose covariance is singular, else queue)")
@@ -125,6 +133,18 @@ def _add_train(sub) -> None:
                    help="also save after M minutes of training since the last checkpoint, 0 = off (default: 10). "
                         "Ctrl-C (SIGINT) or SIGTERM saves after the step in flight and exits 130 / 143; a second "
                         "one exits at once")
+    p.add_argument("--eval-every", type=int, default=None, metavar="STEPS",
+                   help="FID of the EMA model every STEPS steps (also at step 0 and the last step), logged as "
+                        "fid_1step / fid_2step in metrics.jsonl; the best is kept as checkpoints/best.safetensors; "
+                        "0 = off (default: 0); needs --eval-stats")
+    p.add_argument("--eval-stats", default=None, metavar="FILE",
+                   help="reference statistics of --eval-every (`fastcm stats` output or a pytorch-fid .npz); the "
+                        "feature space it records picks the extractor (inception: --feature-weights)")
+    p.add_argument("--eval-samples", type=int, default=None, metavar="K",
+                   help="samples per evaluation (default: 10000 for inception, the reference's size for digits or "
+                        "pixels)")
+    p.add_argument("--eval-steps", default=None, metavar="1,2",
+                   help="samplers to evaluate; the first one picks the best checkpoint (default: 1,2)")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out (a damaged one is "
                                                         "refused and left untouched)")
     p.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its files move "
@@ -172,10 +192,20 @@ def _add_metrics(sub) -> None:
                    help="images per feature-network call (default: 50 for inception, else 500)")
     p.add_argument("--device", default="cpu", help="where the feature network runs (default: cpu)")
 
-    p = sub.add_parser("fid", help="Fréchet distance between two image sets or statistics files")
+    p = sub.add_parser("fid", help="Fréchet distance between two image sets or statistics files, or of a checkpoint's "
+                                   "samples (--checkpoint) to one",
+                       description="FID between A and B; with --checkpoint C, between C's one- and two-step samples "
+                                   "(the seeds of fastcm train --eval-every, so --seed = the run's seed reproduces its "
+                                   "curve) and the reference A.")
     p.add_argument("a", help="image folder, FILE.npz (images x, or statistics mu/sigma) or digits[:split]")
-    p.add_argument("b", help="the same kinds as A")
-    p.add_argument("--features", choices=("digits", "pixels", "inception"), default="digits", help=FEATURES_HELP)
+    p.add_argument("b", nargs="?", default=None, help="the same kinds as A (not with --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help=CHECKPOINT_HELP + "; its samples take B's place")
+    p.add_argument("--steps", default="1,2", metavar="1,2", help="--checkpoint's samplers (default: 1,2)")
+    p.add_argument("-n", "--num", type=int, default=None, metavar="K",
+                   help="--checkpoint's samples (default: 10000 for inception, the reference's size otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="--checkpoint's sampling seed (default: 0)")
+    p.add_argument("--features", choices=("digits", "pixels", "inception"), default=None,
+                   help=FEATURES_HELP + " (default: digits; a statistics file's own space with --checkpoint)")
     p.add_argument("--weights", default=None, help="Inception weights file (for --features inception)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per feature-network call (default: 50 for inception, else 500)")

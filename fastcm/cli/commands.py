@@ -23,7 +23,7 @@ def cmd_demo(args) -> int:
                      fd_batch_size=args.fd_batch_size, fd_lr=args.fd_lr, per_class=args.per_class,
                      judge=args.judge, cas_seeds=args.cas_seeds, cas_epochs=args.cas_epochs, preset=args.preset,
                      seed=args.seed, threads=args.threads, progress=not args.no_progress, method=args.method,
-                     stage1_seconds=args.budget_seconds)
+                     stage1_seconds=args.budget_seconds, eval_every=args.eval_every)
     if args.compare:
         cfg = dataclasses.replace(cfg, stage1_clock="cpu")  # see fastcm.demo_compare.COMPARE_SECONDS
         run_compare(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)
@@ -57,17 +57,64 @@ def cmd_stats(args) -> int:
 def cmd_fid(args) -> int:
     from fastcm.fid import dataset_stats, frechet_distance
 
+    if args.checkpoint is not None:
+        return _checkpoint_fid(args)
+    if args.b is None:
+        raise UsageError("fid needs two sources A B (or --checkpoint C and one reference A)")
+    features = args.features or "digits"
     kw = dict(weights=args.weights, batch_size=_batch(args), device=args.device)
-    a, b = dataset_stats(args.a, args.features, **kw), dataset_stats(args.b, args.features, **kw)
+    a, b = dataset_stats(args.a, features, **kw), dataset_stats(args.b, features, **kw)
     if a.dim != b.dim:
         raise UsageError(f"A and B have features of different sizes ({a.dim} vs {b.dim}): compare statistics "
                          "computed with the same --features")
     value = float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
-    name = "FID" if args.features == "inception" else f"FD ({args.features} features)"
+    name = "FID" if features == "inception" else f"FD ({features} features)"
     if args.json:
-        print(json.dumps({"features": args.features, "fd": value, "n_a": a.n, "n_b": b.n}))
+        print(json.dumps({"features": features, "fd": value, "n_a": a.n, "n_b": b.n}))
     else:
         print(f"{name}: {value:.6g}")
+    return 0
+
+
+def _checkpoint_fid(args) -> int:
+    """FID of --checkpoint's samples against the reference A, through the evaluation of ``train --eval-every``
+    (fastcm.train.evaluate.FIDEvaluator: the same per-sample seeds, labels and batches)."""
+    from fastcm.cli.generate import load_checkpoint_model
+    from fastcm.cm import method_of_model
+    from fastcm.fid import dataset_stats, feature_extractor, is_stats_file
+    from fastcm.train.config import check_eval_steps
+    from fastcm.train.evaluate import FIDEvaluator, default_samples, load_reference, metric_name
+    from fastcm.train.loop import sampling_method
+
+    if args.b is not None:
+        raise UsageError("--checkpoint's samples take B's place: give one reference A (a statistics file or dataset)")
+    model, path = load_checkpoint_model(args.checkpoint, "ema", args.device)
+    if is_stats_file(args.a):
+        ref, name = load_reference(args.a)
+        if args.features is not None and args.features != name:
+            raise UsageError(f"{args.a} holds {name} statistics but --features {args.features} was given")
+    else:
+        name = args.features or "digits"
+        ref = dataset_stats(args.a, name, weights=args.weights, batch_size=_batch(args), device=args.device or "cpu")
+    net = feature_extractor(name, weights=args.weights if name == "inception" else None, device=args.device or "cpu")
+    k = default_samples(ref, name) if args.num is None else check_int("--num", args.num, 2)
+    try:
+        steps = check_eval_steps(args.steps)
+    except ValueError:
+        raise UsageError(f"--steps must be sampler step counts such as 1,2; got {args.steps!r}") from None
+    ev = FIDEvaluator(ref, net, sampling_method(method_of_model(model)), num_samples=k, steps=steps,
+                      seed=check_int("--seed", args.seed, 0), batch_size=_batch(args) or 250,
+                      device=args.device or "cpu")
+    rec = ev.evaluate(model, 0)
+    if "eval_error" in rec:
+        raise ValueError(f"the evaluation of {path} failed: {rec['eval_error']}")
+    values = {f"{k}_step": rec[metric_name(k)] for k in ev.steps}
+    if args.json:
+        print(json.dumps({"features": name, "checkpoint": str(path), "samples": k, "seed": args.seed, **values}))
+    else:
+        label = "FID" if name == "inception" else f"FD ({name} features)"
+        print(f"{label} of {path} ({k} samples): " + ", ".join(f"{s.replace('_', '-')} {v:.6g}"
+                                                           for s, v in values.items()))
     return 0
 
 

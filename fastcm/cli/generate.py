@@ -42,7 +42,8 @@ def cmd_train(args) -> int:
         raise UsageError("--resume continues the run in --out and --restart starts it over: pass one of them")
     data = load_dataset(args.data, "train")
     common = dict(_overrides(args, total_steps="steps", batch_size="batch_size", lr="lr", save_every="save_every",
-                             save_minutes="save_minutes"), seed=args.seed, hflip=args.hflip, compile=args.compile)
+                             save_minutes="save_minutes"), seed=args.seed, hflip=args.hflip, compile=args.compile,
+                  **_eval_options(args))
     if args.stage == "fd" and (args.method is not None or args.tangent_warmup is not None):
         raise UsageError("--method and --tangent-warmup belong to --stage ict; --stage fd keeps the method of --init")
     if args.tangent_warmup is not None and (args.method or "ict") != "sct":
@@ -56,9 +57,41 @@ def cmd_train(args) -> int:
           f"trained {result.step} steps (fd stage)", end="")
     print(f"; last loss {last.get('loss')}, skipped steps "
           f"{result.skipped_steps}")
+    if result.best is not None:
+        where = f" -> {result.best_checkpoint}" if result.best_checkpoint is not None else ""
+        print(f"best: {result.best['metric']} {result.best['value']:.6g} at step {result.best['step']}{where}")
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}\nnext: fastcm sample --checkpoint {result.checkpoint}")
     return 0
+
+
+def _eval_options(args) -> dict:
+    """The --eval-* options as config fields (the statistics path made absolute, so a resume from elsewhere finds
+    it); --feature-weights also serves Inception --eval-stats."""
+    from fastcm.train.config import check_eval_steps
+    from fastcm.train.evaluate import load_reference
+
+    given = [f"--eval-{n}" for n in ("stats", "samples", "steps") if getattr(args, f"eval_{n}") is not None]
+    if not args.eval_every:
+        if given:
+            raise UsageError(f"{', '.join(given)} take effect with --eval-every STEPS (> 0)")
+        return {} if args.eval_every is None else {"eval_every": 0}
+    if args.eval_stats is None:
+        raise UsageError("--eval-every needs --eval-stats FILE (reference statistics: `fastcm stats DATA --features "
+                         "F --out FILE.npz`, or a pytorch-fid .npz)")
+    if not os.path.isfile(args.eval_stats):
+        raise FileNotFoundError(f"--eval-stats {args.eval_stats!r} does not exist")
+    out = {"eval_every": check_int("--eval-every", args.eval_every), "eval_stats": os.path.abspath(args.eval_stats)}
+    if args.eval_samples is not None:
+        out["eval_samples"] = check_int("--eval-samples", args.eval_samples, 2)
+    if args.eval_steps is not None:
+        try:
+            out["eval_steps"] = check_eval_steps(args.eval_steps)
+        except ValueError:
+            raise UsageError(f"--eval-steps must be sampler step counts such as 1,2; got {args.eval_steps!r}") from None
+    if args.feature_weights is not None and load_reference(args.eval_stats)[1] == "inception":
+        out["eval_feature_weights"] = os.path.abspath(args.feature_weights)
+    return out
 
 
 def _train_ict_stage(args, data, common):
@@ -70,9 +103,11 @@ def _train_ict_stage(args, data, common):
     from fastcm.models import build_unet
     from fastcm.train import ICTConfig, train_ict
 
-    if any(v not in (None, False) for v in (args.init, args.features, args.feature_weights, args.fd_mode,
-                                            args.fd_normalize)):
-        raise UsageError("--init, --features, --feature-weights, --fd-mode and --fd-normalize belong to --stage fd")
+    if any(v not in (None, False) for v in (args.init, args.features, args.fd_mode, args.fd_normalize)):
+        raise UsageError("--init, --features, --fd-mode and --fd-normalize belong to --stage fd")
+    if args.feature_weights is not None and not args.eval_every:
+        raise UsageError("--feature-weights is the Inception weight file of --stage fd's --features inception or of "
+                         "Inception --eval-stats")
     preset = args.preset or ("digits" if data.image_shape == (1, 8, 8) else "cifar10-small")
     with torch.random.fork_rng(devices=[]):  # the initial weights are a function of --seed (as in the demo)
         torch.manual_seed(args.seed)
@@ -96,9 +131,7 @@ def _train_fd_stage(args, data, common):
         raise UsageError("--stage fd fine-tunes an existing model: pass --init CHECKPOINT (from `fastcm train`)")
     if args.preset is not None:
         raise UsageError("--preset belongs to --stage ict; --stage fd keeps the network of --init")
-    if not os.path.isfile(args.init):
-        raise FileNotFoundError(f"--init {args.init!r} does not exist (a .safetensors checkpoint of `fastcm train`)")
-    model = load_model(args.init, weights="ema")
+    model = load_model(resolve_checkpoint(args.init, "--init"), weights="ema")  # a file, RUN or RUN/best
     if tuple(model.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}")
@@ -119,12 +152,43 @@ def _train_fd_stage(args, data, common):
 
 
 def _load_model(args):
+    model, path = load_checkpoint_model(args.checkpoint, args.weights, args.device)
+    args.checkpoint = str(path)  # the file behind RUN/best or RUN, for the messages that name it
+    return model
+
+
+def resolve_checkpoint(spec: str, option: str = "--checkpoint") -> Path:
+    """The checkpoint file of --checkpoint: a file as given; RUN/best (or bare ``best``, the run in the current
+    directory) is RUN/checkpoints/best.safetensors; a run directory (or its checkpoints/) is its newest checkpoint."""
+    from fastcm.train import CheckpointManager
+    from fastcm.train.evaluate import BEST_NAME
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if path.name == "best" and not path.is_dir():
+        run = path.parent
+        for best in (run / "checkpoints" / BEST_NAME, run / BEST_NAME):
+            if best.is_file():
+                return best
+        raise FileNotFoundError(f"{option} {spec!r}: {run / 'checkpoints' / BEST_NAME} does not exist (a run "
+                                "keeps a best checkpoint only when trained with --eval-every and --eval-stats)")
+    if path.is_dir():
+        for folder in (path / "checkpoints", path):
+            found = CheckpointManager(folder).checkpoints()
+            if found:
+                return found[-1][1]
+        raise FileNotFoundError(f"{option} {spec!r} is a directory without checkpoints (ckpt_*.safetensors)")
+    raise FileNotFoundError(f"{option} {spec!r} does not exist (a .safetensors file written by `fastcm train`, "
+                            "under <out>/checkpoints/, a run directory, or RUN/best)")
+
+
+def load_checkpoint_model(spec: str, weights: str = "ema", device=None):
+    """(model, checkpoint file) of a --checkpoint argument (see resolve_checkpoint)."""
     from fastcm.train import load_model
 
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist (a .safetensors file written by "
-                                "`fastcm train`, under <out>/checkpoints/)")
-    return load_model(args.checkpoint, weights=args.weights, device=args.device or "cpu")
+    path = resolve_checkpoint(spec)
+    return load_model(path, weights=weights, device=device or "cpu"), path
 
 
 def _sigmas(args, model, default_steps: int) -> tuple:

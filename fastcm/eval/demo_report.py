@@ -99,6 +99,7 @@ def render_markdown(report: dict) -> str:
                   _protocol_table(p), "",
                   f"The paper's headline (real + synthetic beats real alone) **{verdict}** here: "
                   f"{100 * p['real_plus_synthetic_minus_real']:+.2f} points; {p['verdict']}."]
+    lines += fid_curve_lines(report)
     env = report["environment"]
     lines += ["", "## Settings", "", markdown_table(["setting", "value"], [[k, v] for k, v in cfg.items()]),
               "", "## Timings (wall clock, seconds)", "",
@@ -114,6 +115,34 @@ def render_markdown(report: dict) -> str:
         if f:
             lines.append(f"- checkpoint ({key}): {f}")
     return "\n".join(lines) + "\n"
+
+
+def fid_curve_lines(report: dict) -> list:
+    """The "FID while training" section: each stage's evaluations (``eval_every``), its best, and the share of the
+    stage's wall time the evaluations took. Empty when no stage evaluated."""
+    rows, shares = [], []
+    for stage, records in (report.get("curves") or {}).items():
+        evals = [r for r in records if "eval_seconds" in r]
+        if not evals:
+            continue
+        for r in evals:
+            rows.append([stage, r["step"], _fmt(r.get("fid_1step")), _fmt(r.get("fid_2step")), r["eval_seconds"],
+                         r.get("eval_error", "")])
+        seconds = sum(r["eval_seconds"] for r in evals)
+        wall = (report.get("stage_seconds") or {}).get(stage)
+        share = f", {100 * seconds / wall:.1f} % of the stage's {wall:.0f} s" if wall else ""
+        best = (report.get("best") or {}).get(stage)
+        found = f"; best {best['metric']} {best['value']:.4g} at step {best['step']}" if best else ""
+        shares.append(f"- {stage}: {len(evals)} evaluations, {seconds:.1f} s{share}{found}")
+    if not rows:
+        return []
+    ev = report.get("evaluation") or {}
+    what = (f"{ev.get('features', '?')} features against {ev.get('stats', 'the reference')}, "
+            f"{ev.get('samples', '?')} samples per sampler") if ev else "the reference statistics"
+    return ["", "## FID while training", "",
+            f"The EMA model's one- and two-step samples (fixed seeds) in {what}; the curves are in "
+            "training_curves.png.", "",
+            markdown_table(["stage", "step", "fid_1step", "fid_2step", "seconds", "error"], rows), "", *shares]
 
 
 def _fmt(v) -> str:

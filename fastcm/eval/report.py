@@ -125,9 +125,36 @@ def _series(records, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _fid_keys(records) -> list:
+    """The ``fid_<k>step`` keys of the evaluation records (FID while training), in sampler order."""
+    keys = {k for r in records for k in r if k.startswith("fid_") and k.endswith("step")}
+    return sorted(keys, key=lambda k: int(k[4:-4]) if k[4:-4].isdigit() else 0)
+
+
+def _plot_fid(ax, records, keys, title: str, xlabel: str) -> None:
+    """FID-while-training curves (log scale), one line per sampler, the lowest point of the first marked."""
+    colors = ("tab:red", "tab:purple", "tab:brown", "tab:gray")
+    for i, key in enumerate(keys):
+        s, v = _series(records, key)
+        ax.plot(s, v, color=colors[i % len(colors)], marker="." if len(s) < 30 else None,
+                label=f"{key[4:-4]}-step")
+        if i == 0 and v:
+            j = min(range(len(v)), key=v.__getitem__)
+            ax.scatter([s[j]], [v[j]], color=colors[0], marker="*", s=90, zorder=3,
+                       label=f"lowest {key[4:-4]}-step")
+    if any(v > 0 for key in keys for v in _series(records, key)[1]):
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID (eval features, EMA model)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+
+
 def plot_training_curves(path, ict_records: Sequence[dict], fd_records: Sequence[dict] = (),
                          fd_key: str = "fd") -> Path:
-    """PNG of the training curves: iCT loss (log scale) and N(k) over steps; FD over the fine-tune steps.
+    """PNG of the training curves: iCT loss (log scale) and N(k) over steps; the FID-while-training curves
+    (``fid_1step``, ``fid_2step`` records of ``eval_every``) of stage 1; FD over the fine-tune steps (its
+    ``fid_<k>step`` evaluations when the stage logged them, else ``fd_key``).
 
     Records are the metrics.jsonl dicts of fastcm.train (``step``, ``loss``, ``N``; ``fd`` for the FD stage).
     """
@@ -136,7 +163,8 @@ def plot_training_curves(path, ict_records: Sequence[dict], fd_records: Sequence
     matplotlib.use("Agg")  # no display needed; must precede pyplot
     import matplotlib.pyplot as plt
 
-    ncols = 2 if fd_records else 1
+    stage1_fid = _fid_keys(ict_records)
+    ncols = 1 + bool(stage1_fid) + bool(fd_records)
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.8), squeeze=False)
     ax = axes[0, 0]
     steps, loss = _series(ict_records, "loss")
@@ -151,13 +179,19 @@ def plot_training_curves(path, ict_records: Sequence[dict], fd_records: Sequence
         ax2.step(n_steps, n_vals, where="post", color="tab:orange", label="N(k)")
         ax2.set_ylabel("N(k) discretization steps", color="tab:orange")
     ax.set_title("stage 1: iCT")
+    if stage1_fid:
+        _plot_fid(axes[0, 1], ict_records, stage1_fid, "stage 1: FID while training", "training step")
     if fd_records:
-        ax = axes[0, 1]
-        s, v = _series(fd_records, fd_key)
-        ax.plot(s, v, color="tab:green", marker="." if len(s) < 30 else None)
-        ax.set_xlabel("fine-tune step")
-        ax.set_ylabel("classifier-feature FD to the test split" if fd_key == "fd_test" else "Fréchet distance")
-        ax.set_title("stage 2: FD-loss fine-tune")
+        ax = axes[0, ncols - 1]
+        fd_fid = _fid_keys(fd_records)
+        if fd_fid:
+            _plot_fid(ax, fd_records, fd_fid, "stage 2: FD-loss fine-tune", "fine-tune step")
+        else:
+            s, v = _series(fd_records, fd_key)
+            ax.plot(s, v, color="tab:green", marker="." if len(s) < 30 else None)
+            ax.set_xlabel("fine-tune step")
+            ax.set_ylabel("classifier-feature FD to the test split" if fd_key == "fd_test" else "Fréchet distance")
+            ax.set_title("stage 2: FD-loss fine-tune")
     fig.tight_layout()
 
     def write(tmp):

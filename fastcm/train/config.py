@@ -24,9 +24,12 @@ FD_MODES = ("queue", "batch", "ema")
 
 # Fields that may differ between a run and its resumption: they change logging, speed or safety margins, not the
 # optimisation trajectory (precision does change rounding; it is allowed so a run can move to other hardware).
+# The evaluation fields never change the trajectory either (it draws from its own generators, in eval mode); a
+# resumed run whose best checkpoint was chosen by another evaluation is refused by fastcm.train.evaluate instead.
 RESUMABLE_CHANGES = frozenset({"log_every", "sample_every", "num_samples", "save_every", "save_minutes", "keep_last",
                                "compile", "compile_backend", "num_workers", "max_nonfinite", "max_weight_rms",
-                               "precision"})
+                               "precision", "eval_every", "eval_stats", "eval_samples", "eval_steps",
+                               "eval_batch_size", "eval_feature_weights", "eval_cache"})
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,18 @@ class TrainConfig:
     keep_last: Optional[int] = 3       # checkpoints kept on disk; None keeps all
     max_nonfinite: int = 10            # K non-finite steps in a row stop training
     max_weight_rms: Optional[float] = 1e3  # divergence: weight RMS above this for K steps in a row stops (None = off)
+    # FID while training (fastcm.train.evaluate): the EMA model's samples against a FeatureStats file
+    eval_every: int = 0                # steps between evaluations (also at step 0 of a fresh run and the last); 0 = off
+    eval_stats: Optional[str] = None   # reference statistics file; its recorded feature space picks the extractor
+    eval_samples: Optional[int] = None  # K samples per evaluation; None: 10,000 (Inception) or the reference's size
+    eval_steps: tuple = (1, 2)         # samplers evaluated (fid_1step, fid_2step); the first picks best.safetensors
+    eval_batch_size: int = 250         # images per sampler / feature-network call on each rank
+    eval_feature_weights: Optional[str] = None  # Inception weight file for Inception statistics
+    eval_cache: Optional[str] = None   # cache directory of the digits feature CNN (None: $FASTCM_CACHE, ~/.cache)
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))  # JSON gives a list
+        object.__setattr__(self, "eval_steps", check_eval_steps(self.eval_steps))
         _validate(self)
 
     def to_dict(self) -> dict:
@@ -142,10 +154,34 @@ class FDConfig(TrainConfig):
     huber_c: Optional[float] = None
 
 
+def check_eval_steps(steps) -> tuple:
+    """``steps`` ("1,2", an int or a sequence) as a non-empty tuple of distinct positive sampler step counts."""
+    if isinstance(steps, str):
+        try:
+            steps = [int(s) for s in steps.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"eval_steps must be sampler step counts such as '1,2', got {steps!r}") from None
+    steps = tuple(steps) if isinstance(steps, (list, tuple)) else (steps,)
+    if not steps or not all(is_int(s, 1) for s in steps) or len(set(steps)) != len(steps):
+        raise ValueError(f"eval_steps must be distinct positive step counts (e.g. (1, 2)), got {steps!r}")
+    return tuple(int(s) for s in steps)
+
+
+def _validate_eval(c: TrainConfig) -> None:
+    if c.eval_samples is not None and not is_int(c.eval_samples, 2):
+        raise ValueError(f"eval_samples must be None (the default for the feature space) or an int >= 2, got "
+                         f"{c.eval_samples!r}")
+    for name in ("eval_stats", "eval_feature_weights", "eval_cache"):
+        if getattr(c, name) is not None and (not isinstance(getattr(c, name), str) or not getattr(c, name)):
+            raise ValueError(f"{name} must be None or a file path (str), got {getattr(c, name)!r}")
+    if c.eval_every and c.eval_stats is None:
+        raise ValueError(f"eval_every={c.eval_every} needs eval_stats (a statistics file written by `fastcm stats`)")
+
+
 def _validate(c: TrainConfig) -> None:
     ints = {"total_steps": 1, "batch_size": 1, "seed": 0, "num_workers": 0, "log_every": 1, "sample_every": 0,
             "num_samples": 1, "save_every": 0, "max_nonfinite": 1, "s0": 1, "s1": 1, "queue_size": 1,
-            "tangent_warmup": 0}
+            "tangent_warmup": 0, "eval_every": 0, "eval_batch_size": 1}
     for name, lo in ints.items():
         if hasattr(c, name) and not is_int(getattr(c, name), lo):
             raise ValueError(f"{name} must be an int >= {lo}, got {getattr(c, name)!r}")
@@ -175,6 +211,7 @@ def _validate(c: TrainConfig) -> None:
             raise ValueError(f"{name} must be a bool, got {getattr(c, name)!r}")
     if not isinstance(c.compile_backend, str) or not c.compile_backend:
         raise ValueError(f"compile_backend must be a backend name, got {c.compile_backend!r}")
+    _validate_eval(c)
     if hasattr(c, "s0") and c.s0 > c.s1:
         raise ValueError(f"s0 must be <= s1, got s0={c.s0}, s1={c.s1}")
     # every method's fields, whichever method runs: the one table of ranges (the FD stage's iCT term included)

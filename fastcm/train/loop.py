@@ -36,6 +36,7 @@ from .ema import EMA
 from .guards import (DivergenceError, NonFiniteError, NonFiniteGuard, StopSignals, TrainingInterrupted,  # noqa: F401
                      all_finite, grad_norm, weight_rms)
 from .progress import RunLogger
+from .evaluate import BEST_NAME, adopt_best_file, build_evaluator, evaluator_options, write_best
 
 
 @dataclass
@@ -48,6 +49,8 @@ class TrainResult:
     records: List[dict] = field(default_factory=list)  # metrics records (rank 0)
     checkpoint: Optional[Path] = None                    # the last checkpoint written (rank 0)
     skipped_steps: int = 0                               # steps thrown away by the NaN/inf guard
+    best: Optional[dict] = None                          # the best evaluation {"step", "metric", "value"} (eval_every)
+    best_checkpoint: Optional[Path] = None               # checkpoints/best.safetensors once written (rank 0)
 
 
 def as_consistency_model(model: nn.Module) -> nn.Module:
@@ -109,6 +112,11 @@ class Trainer:
         self.budget_clock: Callable[[], float] = time.monotonic  # its clock (time.process_time: CPU seconds)
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
+        # FID while training: built before start() writes anything, so a bad eval_stats file stops here
+        self.evaluator = None if not cfg.eval_every else build_evaluator(
+            cfg.eval_stats, sampling_method(self.method), **evaluator_options(cfg), info=info, device=self.device,
+            input_shape=self.cm.input_shape)
+        self.best_checkpoint: Optional[Path] = None
 
     # -- set-up ---------------------------------------------------------------------------------------------------
 
@@ -141,14 +149,23 @@ class Trainer:
             found = None
         if found is not None:
             self._load(*found)
-        if self.out_dir is not None and self.info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            doc = {"stage": self.stage, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
-                   "world_size": self.info.world_size}
-            tmp = self.out_dir / f".config.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-            os.replace(tmp, self.out_dir / "config.json")
+        if self.evaluator is not None and self.ckpt is not None:
+            self.best_checkpoint = adopt_best_file(self.evaluator, self.ckpt.directory / BEST_NAME)
+        self._write_config()
         return self
+
+    def _write_config(self) -> None:
+        """config.json (rank 0): the stage, config, model and, with evaluations, their spec and the best so far."""
+        if self.out_dir is None or not self.info.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        doc = {"stage": self.stage, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
+               "world_size": self.info.world_size}
+        if self.evaluator is not None:
+            doc.update(self.evaluator.config_entries(self.best_checkpoint, self.out_dir))
+        tmp = self.out_dir / f".config.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.out_dir / "config.json")
 
     def _find_resume(self, resume: bool, restart: bool):
         """Rank 0 decides (it alone writes the run directory) and tells the others: "" fresh start, "\\0" refuse,
@@ -183,6 +200,8 @@ class Trainer:
         for name, obj in self.extra.items():
             obj.load_state_dict({**meta["extra"][name], **take(tensors, f"extra/{name}/")})
         restore_rng(tensors)
+        if self.evaluator is not None:
+            self.evaluator.load_state_dict(meta.get("eval"), source=str(path))
         self.step = int(meta["step"])
         self.last_checkpoint = path
 
@@ -203,7 +222,8 @@ class Trainer:
                 "curriculum": self.curriculum(self.step) if self.curriculum is not None else None,
                 "rng": {"seed": self.cfg.seed, "per_step": "generators seeded by blake2b(seed, step, rank, stream)",
                         "global": "rng/cpu (rank 0)"},
-                "world_size": self.info.world_size}
+                "world_size": self.info.world_size,
+                "eval": self.evaluator.state_dict() if self.evaluator is not None else None}
         return tensors, meta
 
     # -- loop -----------------------------------------------------------------------------------------------------
@@ -219,7 +239,9 @@ class Trainer:
                         self.callbacks, desc=self.stage)
         interval = _Interval()
         self._saved_at, self._save_clock = self.step, time.monotonic()
-        t_run = self.budget_clock()
+        t_run, self._eval_budget = self.budget_clock(), 0.0
+        if self.evaluator is not None and self.step == 0:  # the curve's starting point (fresh runs only)
+            self._evaluate(log, interval)
         try:
             with StopSignals() as signals:
                 while self.step < cfg.total_steps:
@@ -236,7 +258,8 @@ class Trainer:
                                                   saved_elsewhere=self.ckpt is not None and not self.info.is_main)
         finally:
             log.close()
-        result = TrainResult(self.cm, self.ema, self.step, log.records, self.last_checkpoint, self.guard.skipped)
+        result = TrainResult(self.cm, self.ema, self.step, log.records, self.last_checkpoint, self.guard.skipped,
+                             self.evaluator.best if self.evaluator is not None else None, self.best_checkpoint)
         log.event("on_end", result)
         return result
 
@@ -244,7 +267,8 @@ class Trainer:
         """Whether ``max_seconds`` of run() have passed on ``budget_clock`` (agreed by every rank)."""
         if self.max_seconds is None:
             return False
-        return any_rank([self.budget_clock() - t_run >= self.max_seconds], self.info)[0]
+        spent = self.budget_clock() - t_run - self._eval_budget  # evaluations do not count against the budget
+        return any_rank([spent >= self.max_seconds], self.info)[0]
 
     def _after_step(self, log: RunLogger, interval: "_Interval", stop: int, final: bool = False) -> None:
         """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says; a
@@ -255,6 +279,8 @@ class Trainer:
             log.log(self._record(interval))
         if done or (cfg.sample_every and step % cfg.sample_every == 0):
             self._samples(log)
+        if self.evaluator is not None and (done or step % cfg.eval_every == 0):
+            self._evaluate(log, interval)
         due_by_time = cfg.save_minutes and time.monotonic() - self._save_clock >= 60.0 * cfg.save_minutes
         if done or stop or (cfg.save_every and step % cfg.save_every == 0) or (due_by_time and self.info.is_main):
             self._save(log)
@@ -320,6 +346,21 @@ class Trainer:
             nrow = classes if classes and n % classes == 0 and classes <= 32 else None
             save_grid(images, self.out_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow, overwrite=True)
         log.event("on_sample", self.step, images)
+
+    def _evaluate(self, log: RunLogger, interval: "_Interval") -> None:
+        """FID of the EMA model now (every rank takes part); rank 0 logs it and keeps checkpoints/best.safetensors.
+        A failed evaluation is one metrics record with ``eval_error`` and one line on stderr; training goes on. Its
+        time is left out of the next record's img_per_s and of the ``max_seconds`` budget."""
+        start = self.budget_clock()
+        record = {"stage": self.stage, **self.evaluator.evaluate(self.ema.module, self.step)}
+        self._eval_budget += self.budget_clock() - start
+        interval.t_start += record["eval_seconds"]
+        log.log(record)
+        if "eval_error" in record:
+            log.warn(f"evaluation at step {self.step} failed, training goes on: {record['eval_error']}")
+        elif self.evaluator.update_best(record) and self.ckpt is not None and self.info.is_main:
+            self.best_checkpoint = write_best(self.ckpt.directory, *self.checkpoint_state(), self.evaluator.best)
+            self._write_config()
 
     def _save(self, log: RunLogger) -> None:
         if self.ckpt is None or self._saved_at == self.step:

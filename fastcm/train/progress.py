@@ -7,6 +7,7 @@ curves with ``records.append``), or an object with some of :class:`Callback`'s m
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -69,6 +70,7 @@ class RunLogger:
         self.callbacks = _as_callbacks(callbacks) if enabled else []
         self.path = out_dir / "metrics.jsonl" if (out_dir is not None and enabled) else None
         self.records = []
+        self.postfix, self.eval_postfix = {}, {}  # the bar shows the last training record and the last evaluation
         if self.path is not None:
             _truncate_after(self.path, start_step)
         self.bar = None
@@ -90,9 +92,22 @@ class RunLogger:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=False) + "\n")
         if self.bar is not None:
-            self.bar.set_postfix(bar_postfix(record), refresh=False)
+            if "eval_seconds" in record:
+                self.eval_postfix = eval_postfix(record)
+            else:
+                self.postfix = bar_postfix(record)
+            self.bar.set_postfix({**self.postfix, **self.eval_postfix}, refresh=False)
         for cb in self.callbacks:
             cb.on_log(record)
+
+    def warn(self, message: str) -> None:
+        """One line on stderr (above the bar), rank 0 only."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def event(self, name: str, *args) -> None:
         for cb in self.callbacks:
@@ -117,6 +132,14 @@ def bar_postfix(record: dict) -> dict:
             post["N"] = record["N"]
     post["img/s"] = f"{record.get('img_per_s', 0):.1f}"
     return post
+
+
+def eval_postfix(record: dict) -> dict:
+    """The last evaluation on the bar: fid1 / fid2 ... (``fid_<k>step``), or "failed"."""
+    if "eval_error" in record:
+        return {"fid": "failed"}
+    return {f"fid{k[4:-4]}": f"{v:.4g}" for k, v in record.items()
+            if k.startswith("fid_") and k.endswith("step") and v is not None}
 
 
 def _truncate_after(path: Path, step: int) -> None:
