@@ -108,3 +108,12 @@ def test_eager_reference_moves_several_times_the_fused_minimum():
 def test_min_work_names_the_directions_it_has(op):
     with pytest.raises(ValueError, match="direction must be one of"):
         REGISTRY[op].min_work("sideways", **CASES[op]())
+
+
+@pytest.mark.parametrize("op", ["qkv_attention", "group_norm", "pseudo_huber_loss"])
+def test_bf16_counts_equal_fp16_counts(op):
+    """The report measures fp16 and fp32 and states bf16's counts are fp16's: the launchers pick the same blocks
+    for both 2-byte types, so every kernel moves the same bytes and does the same dot FLOPs."""
+    half, bf16 = (_ratios(op, "fwd+bwd", dtype=dt)[2] for dt in (torch.float16, torch.bfloat16))
+    assert {k: (v.loaded, v.stored, v.dot_flops) for k, v in half.kernels.items()} == \
+        {k: (v.loaded, v.stored, v.dot_flops) for k, v in bf16.kernels.items()}
