@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo compare bench clean gpu-compile gpu-check
+.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ bench: $(STAMP)
 # needed): writes benchmarks/results/gpu-compile.md. `make test` runs a representative subset (tests/test_gpu_compile.py).
 gpu-compile: $(STAMP)
 	$(PY) benchmarks/gpu_compile.py
+
+# Bytes and FLOPs of every op's Triton route at the presets' shapes (interpreter probe, no GPU) against the op's
+# declared minimum, with H100/H200 floor times and the eager reference's traffic: benchmarks/results/kernel-work.md
+# and .csv. KERNEL_REPORT_ARGS="--dtypes fp16,bf16,fp32" adds bf16 (counts equal fp16's, tests/test_kernel_work.py).
+kernel-report: $(STAMP)
+	$(PY) benchmarks/kernel_report.py $(KERNEL_REPORT_ARGS)
 
 # The first command to run on a GPU (with your CUDA torch: make gpu-check VENV=/path/to/env CPU_STACK=0): the compile
 # gate, the gpu-marked tests, every op vs its reference in fp16/bf16/fp32, a cifar10-small training step Triton vs

@@ -49,6 +49,9 @@ def accumulate_dtype(x: torch.Tensor) -> torch.dtype:
 # ahead-of-time compile gate, kernels/_aot.py, to the limit of the architecture it compiles for).
 TARGET_SHARED_MEMORY: contextvars.ContextVar = contextvars.ContextVar("TARGET_SHARED_MEMORY", default=None)
 _DEVICE_SHARED_MEMORY = {}
+# Streaming multiprocessors the launchers plan for when no CUDA device answers (set by the compile gate's GroupNorm
+# scenarios, fastcm/ops/group_norm.aot_jobs, to the SM count of the GPU it plans for; None: the device's own).
+TARGET_SMS: contextvars.ContextVar = contextvars.ContextVar("TARGET_SMS", default=None)
 
 
 def shared_memory_limit(device: torch.device):

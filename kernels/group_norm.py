@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _utils
 from ._utils import MAX_FUSED_SIZE, accumulate_dtype, num_warps
 
 MAX_TILE_BWD = MAX_FUSED_SIZE // 2  # the backward keeps x, dy, du and xhat live: half the forward's tile
@@ -464,7 +465,10 @@ _SM_COUNT = {}
 
 
 def _target_programs(device: torch.device) -> int:
-    """Programs needed to fill the device: two per SM on CUDA; one on CPU (the interpreter runs them serially)."""
+    """Programs needed to fill the device: two per SM on CUDA (or on the compile target, _utils.TARGET_SMS); one on
+    CPU (the interpreter runs them serially)."""
+    if _utils.TARGET_SMS.get() is not None:
+        return 2 * _utils.TARGET_SMS.get()
     if device.type != "cuda":
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()

@@ -1,6 +1,9 @@
 """Test set-up: Triton kernels run under the interpreter (TRITON_INTERPRET=1) when there is no CUDA device.
 
 The interpreter is an import-time switch of triton, so it is set here, before anything imports triton.
+Every interpreted launch of every test runs under the sanitizer of kernels/_probe.py (out-of-bounds accesses and
+races between programs, which the interpreter itself tolerates): a test whose launches produce a finding fails
+with the kernel, the kind and the first offending program. FASTCM_SANITIZE=0 switches it off (to time its cost).
 """
 import os
 import sys
@@ -13,6 +16,7 @@ if not HAS_CUDA:
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+SANITIZE = not HAS_CUDA and os.environ.get("FASTCM_SANITIZE", "1") != "0"
 
 # One intra-op thread for torch and for the BLAS/LAPACK behind numpy/scipy: the test tensors are small, results do
 # not depend on it, and on a 2-core machine shared with other processes a second OpenMP/LAPACK thread only adds
@@ -29,6 +33,25 @@ def _one_blas_thread():
         return
     with threadpool_limits(1):
         yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """The test's call inside a sanitizing probe; findings that the test did not claim with a probe of its own
+    fail it (after its own outcome: a test that already failed keeps its error, with the findings appended)."""
+    if not SANITIZE:
+        return (yield)
+    from fastcm.kernels import _probe
+
+    with _probe.probe(sanitize=True, count=False) as sanitizer:
+        try:
+            result = yield
+        except BaseException as e:
+            if sanitizer.findings:
+                e.add_note(_probe.format_findings(sanitizer.findings))
+            raise
+    sanitizer.check()
+    return result
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""The compile gate (benchmarks/gpu_compile.py --subset): every Triton kernel compiled for sm_80 and sm_90 at the
+"""The compile gate (fastcm.perf.gate --subset, generic over the ops registry): every Triton kernel compiled for sm_80 and sm_90 at the
 launch configs its launcher picks, without a GPU.
 
 The interpreter that runs the other kernel tests never type-checks loop-carried variables and never sees shared
@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-GATE = ROOT / "benchmarks" / "gpu_compile.py"
 LIMIT = {80: 166_912, 90: 232_448}
 
 
@@ -27,8 +26,8 @@ def gate(tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "rows.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(GATE), "--subset", "--json", str(out)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "fastcm.perf.gate", "--subset", "--json", str(out)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.exists(), f"the gate did not finish:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 

@@ -10,6 +10,7 @@ L >= 1 and any D <= 256 work (masked tails, padded head-dim block), which the Tr
 ``qkv_attention`` takes the packed output of a 1x1 convolution, (N, 3*C, H, W), and reads q, k, v through strides,
 so the U-Net needs no permute/contiguous copies around attention.
 """
+import functools
 import numbers
 import warnings
 from typing import Optional
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from . import _describe
 from ._jvp import JvpRule, has_tangent
 from ._utils import check_same_device, check_tensor, resolve_impl
 
@@ -168,7 +170,7 @@ def _validate_qkv(qkv, num_heads) -> int:
 def _autocast(*tensors: Tensor):
     """Inside torch.autocast, fp32 inputs run in the autocast dtype (custom ops are not autocast by themselves)."""
     device = tensors[0].device.type
-    if tensors[0].dtype != torch.float32 or not torch.is_autocast_enabled(device):
+    if tensors[0].dtype != torch.float32 or device == "meta" or not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) for t in tensors)
@@ -412,3 +414,67 @@ def make_qkv_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad:
 
 
 make_qkv_inputs.cases = tuple(_QKV_CASES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast-ops contract declarations (fastcm/ops/_describe.py): minimum work per call and the compile gate's launches.
+# FLOPs in matmul units of 2*B*H*Lq*Lk*D: forward 2 (S = QK^T, O = PV), backward 4 (dV, dP, dQ, dK), forward and
+# tangent in one pass 6. Bytes: read q, k, v, write out; the backward also reads d_out, out and the log-sum-exp.
+
+def min_work(direction: str, q: Tensor, k: Tensor, v: Tensor, **_) -> "_describe.Work":
+    B, H, Lq, D = q.shape
+    unit = 2 * B * H * Lq * k.shape[2] * D
+    out = B * H * Lq * v.shape[-1] * q.element_size()
+    lse = B * H * Lq * (8 if q.dtype == torch.float64 else 4)
+    qkv = _describe.nbytes(q, k, v)
+    fwd = _describe.Work(qkv + out, 2 * unit)
+    bwd = _describe.Work(2 * lse + qkv + 2 * out + qkv, 4 * unit)  # lse written by fwd; read q,k,v,out,dO; write dq,dk,dv
+    return _describe.fwd_bwd(direction, fwd, bwd, _describe.Work(2 * qkv + 2 * out, 6 * unit))
+
+
+def qkv_min_work(direction: str, qkv: Tensor, num_heads: int, **_) -> "_describe.Work":
+    return min_work(direction, *_qkv_views(qkv, num_heads))
+
+
+def qkv_aot_jobs(call: dict, dtypes, sm_counts=()):
+    """Forward, backward and forward-with-tangent launches through the packed-qkv views the U-Net passes."""
+    from fastcm.kernels import attention as kernels
+    N, C3, Hs, Ws = call["qkv"].shape
+    heads = call["num_heads"]
+    for dtype in (d for d in dtypes if d in TRITON_CUDA_DTYPES):
+        for precision in _describe.fp32_precisions(dtype):
+            def run(dtype=dtype, precision=precision):
+                qkv, out = _describe.meta(N, C3, Hs, Ws, dtype=dtype), _describe.meta(N, C3 // 3, Hs, Ws, dtype=dtype)
+                q, k, v = _qkv_views(qkv, heads)
+                o = _out_view(out, heads)
+                with _describe.fp32_matmul(precision):
+                    lse = kernels.attention_fwd(q, k, v, o, 0.125)
+                    kernels.attention_bwd(o, q, k, v, o, lse, *_qkv_views(torch.empty_like(qkv), heads), 0.125)
+                    kernels.attention_fwd_jvp(q, k, v, *_qkv_views(torch.empty_like(qkv), heads), o,
+                                              _out_view(torch.empty_like(out), heads), 0.125)
+            yield _describe.Job("attention", f"qkv {N}x{C3}x{Hs}x{Ws} heads={heads} D={C3 // 3 // heads}"
+                                + (f" fp32 matmuls {precision}" if precision else ""), dtype, "attention", run,
+                                functools.partial(_aot_check, dtype))
+
+
+_AOT_KINDS = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq",
+              "_attn_fwd_jvp_kernel": "jvp"}
+
+
+def _aot_check(dtype, c) -> dict:
+    """fp16/bf16/tf32 dots on tensor cores; shared memory within kernels.attention.shared_bytes, the bound the
+    autotuner's prune hook assumed for this config."""
+    import triton
+
+    from fastcm.kernels import attention as kernels
+    problems, bound, kw = [], None, c.kwargs
+    if (dtype in (torch.float16, torch.bfloat16) or kw.get("PRECISION") == "tf32") and not c.mma \
+            and "_preprocess_" not in c.kernel:
+        problems.append("fp16/bf16/tf32 dots did not lower to MMA")
+    if c.kernel in _AOT_KINDS:
+        config = triton.Config({"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"]}, num_stages=kw["num_stages"])
+        bound = kernels.shared_bytes(_AOT_KINDS[c.kernel], config, kw["BLOCK_D"],
+                                     max(2, kw["DOT"].primitive_bitwidth // 8))
+        if c.shared > bound:
+            problems.append(f"shared memory {c.shared} B above the prune hook's bound {bound} B")
+    return dict(problems=problems, bound=bound)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _describe
 from ._jvp import JvpRule, has_tangent
 from ._utils import check_choice, check_int, check_same_device, check_tensor, resolve_impl
 
@@ -335,3 +336,42 @@ def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: boo
 
 
 make_inputs.cases = tuple(_CASES)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast-ops contract declarations (fastcm/ops/_describe.py): minimum work per call and the compile gate's launches.
+# Bytes: forward reads x and the parameters, writes y (and the (N, G) statistics the backward reads); backward
+# reads dy and x, writes dx and the parameter gradients: 5 passes over x for fwd+bwd; the tangent in one pass reads
+# x and x', writes y and y'. No matmul FLOPs.
+
+def min_work(direction: str, x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
+             bias: Optional[Tensor] = None, eps: float = 1e-5, scale: Optional[Tensor] = None,
+             shift: Optional[Tensor] = None, **_) -> "_describe.Work":
+    params = _describe.nbytes(weight, bias, scale, shift)
+    stats = 2 * x.shape[0] * num_groups * (8 if x.dtype == torch.float64 else 4)
+    xb = _describe.nbytes(x)
+    fwd, bwd = _describe.Work(2 * xb + params), _describe.Work(2 * stats + 3 * xb + 2 * params)
+    return _describe.fwd_bwd(direction, fwd, bwd, _describe.Work(4 * xb + 2 * params))
+
+
+def aot_jobs(call: dict, dtypes, sm_counts):
+    """Forward, backward and forward-with-tangent, NCHW and channels_last, with the plan (fused / split) a GPU of
+    each SM count picks."""
+    from fastcm.kernels import group_norm as kernels
+    (N, C, H, W), G = call["x"].shape, call["num_groups"]
+    has_mod, silu = call.get("scale") is not None, call.get("act") == "silu"
+    for dtype in (d for d in dtypes if d in _describe.GPU_DTYPES):
+        for layout in ("nchw", "nhwc"):
+            for sms in sm_counts:
+                def run(dtype=dtype, layout=layout, sms=sms):
+                    x = _describe.meta(N, C, H, W, dtype=dtype, channels_last=layout == "nhwc")
+                    w, b = _describe.meta(C, dtype=dtype), _describe.meta(C, dtype=dtype)
+                    mod = _describe.meta(N, C, dtype=dtype) if has_mod else None
+                    with _describe.target_sms(sms):
+                        y, mean, rstd = kernels.group_norm_fwd(x, G, w, b, 1e-5, mod, mod, silu)
+                        kernels.group_norm_bwd(torch.empty_like(y), x, mean, rstd, w, b, mod, mod, silu)
+                        if kernels.jvp_fits(x, G):  # the one-pass tangent (sCT / MeanFlow's JVP), all tangents
+                            kernels.group_norm_jvp(x, torch.empty_like(x), G, w, b, 1e-5, mod, mod, w, b, mod, mod,
+                                                   silu, True)
+                yield _describe.Job("group_norm", f"{layout} {N}x{C}x{H}x{W} G={G} mod={int(has_mod)} "
+                                    f"silu={int(silu)} sms={sms}", dtype, "group_norm", run)

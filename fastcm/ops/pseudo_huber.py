@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _describe
 from ._jvp import JvpRule, has_tangent
 from ._utils import check_choice, check_same_device, check_tensor, resolve_impl
 
@@ -151,3 +152,40 @@ def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: boo
 
 
 make_inputs.cases = ("tiny", "digits", "cifar10", "imagenet64")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast-ops contract declarations (fastcm/ops/_describe.py): minimum work per call and the compile gate's launches.
+# Bytes: read pred and target once, write the loss; the backward writes d pred (and d target when it needs one);
+# the tangent reads pred' (and target'), writes the loss' tangent. The forward of a training step computes the
+# gradient with the loss (one pass), so fwd+bwd is not fwd plus a separate backward pass.
+
+def min_work(direction: str, pred: Tensor, target: Tensor, c: float = 0.0, weight: Optional[Tensor] = None,
+             reduction: str = "mean", per: str = "sample", **_) -> "_describe.Work":
+    acc = 8 if pred.dtype == torch.float64 else 4
+    loss = acc * (pred.shape[0] if per == "sample" else pred.numel())
+    inputs = _describe.nbytes(pred, target)
+    grads = _describe.nbytes(pred if pred.requires_grad else None, target if target.requires_grad else None)
+    fwd = _describe.Work(inputs + loss)
+    bwd = _describe.Work(loss + grads)  # read d loss, write the input gradients (pred and target read by fwd)
+    return _describe.fwd_bwd(direction, fwd, bwd, _describe.Work(inputs + grads + 2 * loss))
+
+
+def aot_calls(image_shape) -> list:
+    """The loss on the image batch, per sample (iCT) and per element."""
+    pred, target = _describe.meta(*image_shape).requires_grad_(), _describe.meta(*image_shape)
+    return [dict(pred=pred, target=target, c=0.03, per=per) for per in PERS]
+
+
+def aot_jobs(call: dict, dtypes, sm_counts=()):
+    """The loss alone and the loss with its gradient."""
+    from fastcm.kernels import pseudo_huber as kernels
+    N, C, H, W = call["pred"].shape
+    per_sample = call.get("per", "sample") == "sample"
+    for dtype in (d for d in dtypes if d in _describe.GPU_DTYPES):
+        def run(dtype=dtype):
+            x = _describe.meta(N, C, H, W, dtype=dtype)
+            kernels.pseudo_huber_fwd(x, x, call["c"], per_sample, True)
+            kernels.pseudo_huber_fwd(x, x, call["c"], per_sample, False)
+        yield _describe.Job("pseudo_huber", f"{N}x{C}x{H}x{W} per={'sample' if per_sample else 'element'}", dtype,
+                            "pseudo_huber", run)

@@ -18,6 +18,7 @@ because d sqrt(lambda) / d lambda is unbounded at 0.
 import torch
 from torch import Tensor
 
+from . import _describe
 from ._jvp import JvpRule, has_tangent
 from ._utils import check_tensor, resolve_impl
 
@@ -257,3 +258,38 @@ def make_inputs(case: str, device="cpu", dtype=torch.float32, requires_grad: boo
 
 
 make_inputs.cases = ("tiny", "cov64", "cov256", "cov512")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fast-ops contract declarations (fastcm/ops/_describe.py): minimum work per call and the compile gate's launches.
+# The Triton route is the forward; its backward and tangent solve the Lyapunov equation with torch matmuls.
+# Minimum: read a, write sqrt(a); the coupled Newton-Schulz iteration's 3 n x n matmuls per step (the last step
+# skips Z's), 2 n^3 FLOPs each (Higham 2008, eq. 6.35).
+
+AOT_DTYPES = (torch.float32, torch.float64)
+
+
+def min_work(direction: str, a: Tensor, num_iters: int = NUM_ITERS, **_) -> "_describe.Work":
+    if direction != "fwd":
+        raise ValueError(f"direction must be one of ['fwd'] (the backward and tangent run torch matmuls), "
+                         f"got {direction!r}")
+    G, n = a.shape[0], a.shape[-1]
+    return _describe.Work(2 * _describe.nbytes(a), 2 * n ** 3 * G * (3 * num_iters - 1))
+
+
+def aot_calls(image_shape=None) -> list:
+    """Covariance-pooling batches and the FID feature covariance (2048)."""
+    return [dict(a=_describe.meta(G, n, n)) for G, n in ((8, 64), (1, 512), (1, 2048))]
+
+
+def aot_jobs(call: dict, dtypes, sm_counts=()):
+    """The Newton-Schulz forward, fp32 under both of torch's matmul settings (IEEE FMA and TF32 tiles)."""
+    from fastcm.kernels import sqrtm as kernels
+    G, n = call["a"].shape[0], call["a"].shape[-1]
+    for dtype in (d for d in dtypes if d in AOT_DTYPES):
+        for precision in _describe.fp32_precisions(dtype):
+            def run(dtype=dtype, precision=precision):
+                with _describe.fp32_matmul(precision):
+                    kernels.sqrtm_fwd(_describe.meta(G, n, n, dtype=dtype), 2)
+            yield _describe.Job("sqrtm", f"{G}x{n}x{n}" + (f" fp32 matmuls {precision}" if precision else ""), dtype,
+                                "sqrtm", run)
