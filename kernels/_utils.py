@@ -9,7 +9,9 @@ import triton.language as tl
 # Under TRITON_INTERPRET=1 kernels run on the CPU through numpy, one program after another (~1 ms per program).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Largest block one program keeps in registers, in elements (Triton tutorials / Liger: 64 KB of fp32).
+# Largest block one program keeps in registers, in elements: 16,384 fp32 = 64 KB, the cap of Triton's layer-norm
+# tutorial (65536 // element_size elements, i.e. 64 KB). Liger's MAX_FUSED_SIZE = 65,536 counts elements, not bytes
+# (256 KB of fp32), four times this one.
 MAX_FUSED_SIZE = 16384
 
 

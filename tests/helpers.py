@@ -26,3 +26,18 @@ def assert_close(actual, expected, dtype=None, reduce_len: int = 1, msg: str = "
     atol, rtol = tolerances(dtype, reduce_len)
     torch.testing.assert_close(actual.to(torch.float64).cpu(), expected.to(torch.float64).cpu(),
                                atol=atol, rtol=rtol, msg=lambda m: f"{msg}\n{m}" if msg else m)
+
+
+def torchrun(script, *args, nproc: int = 2, timeout: float = 300):
+    """Run ``script`` under the real launcher (``python -m torch.distributed.run --standalone``) with ``nproc``
+    CPU ranks of one thread each; fail with the tail of its output unless every rank exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
+           *map(str, args)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -3,15 +3,13 @@
 The test launches the real launcher (``python -m torch.distributed.run --standalone --nproc_per_node=2``), so the
 environment-variable path of fastcm.train.init_distributed is exercised, as users run it.
 """
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from fastcm.train import finetune_fd, reference_stats
+from helpers import torchrun
 
 WORKER = textwrap.dedent('''
     import os, sys
@@ -68,6 +66,10 @@ WORKER = textwrap.dedent('''
         net = feature_net()
         ref = reference_stats(net, data(), batch_size=8)
         state.update({"ref/mu": ref.mu, "ref/sigma": ref.sigma})
+        # one image for two ranks: rank 1's shard is empty and still joins the all-reduce
+        from fastcm.fid import compute_stats
+        one = compute_stats(data().images[:1], net, batch_size=8, distributed=True)
+        state["one/mu"], meta["one/n"] = one.mu, str(one.n)
         fd = finetune_fd(FD_CFG, model(7), net, ref, progress=False)
         state.update(flat("fd", fd.model))
         both = finetune_fd(FD_CFG.replace(total_steps=1, ict_weight=0.5), model(7), net, ref, dataset=data(),
@@ -92,12 +94,7 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
     threads = torch.get_num_threads()
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    (tmp_path / "log.txt").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(script, tmp_path, timeout=180)
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
     keys = [k for k in a if k.startswith(("model/", "ema/"))]
     assert keys and all(torch.equal(a[k], b[k]) for k in keys), "ranks diverged"
@@ -129,6 +126,11 @@ def test_torchrun_two_cpu_ranks_hold_identical_weights(tmp_path):
         torch.set_num_threads(threads)
     torch.testing.assert_close(a["ref/mu"], ref.mu, rtol=0, atol=1e-12)
     torch.testing.assert_close(a["ref/sigma"], ref.sigma, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        first = net.eval()(ns["data"]().images[:1]).double()[0]
+    assert [m["one/n"] for m in metas] == ["1", "1"]
+    for r in (a, b):
+        torch.testing.assert_close(r["one/mu"], first, rtol=0, atol=1e-6)
     fd_ddp = [float(v) for v in metas[0]["fd_records"].strip("[]").split(",")]
     assert fd_ddp == pytest.approx([r["fd"] for r in single.records], rel=1e-6)
     # Compare each tensor's motion from the initial weights, not the weights: the ranks must move every tensor like

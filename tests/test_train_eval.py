@@ -2,9 +2,6 @@
 DDP sharding (2 gloo ranks == 1 process to 1e-9), failures that do not stop training, the best and its resume."""
 import ast
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -16,6 +13,7 @@ from torch import nn
 from fastcm.cm import get_method
 from fastcm.fid import FeatureStats, PixelFeatures
 from fastcm.models import build_unet
+from helpers import torchrun
 from fastcm.train.config import check_eval_steps
 from fastcm.train.evaluate import (EVAL_STREAM, FIDEvaluator, build_evaluator, default_samples, load_reference,
                                    metric_name, recoverable)
@@ -247,11 +245,7 @@ def test_two_gloo_ranks_equal_one_process_to_1e_9(tmp_path):
     exec(compile(CASE, "case", "exec"), ns)
     model, ref, method = ns["CASE"]()
     ref.save(tmp_path / "ref.npz")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(tmp_path / "worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(tmp_path / "worker.py", tmp_path, timeout=240)
     metas = []
     for r in range(2):
         with safe_open(str(tmp_path / f"rank{r}.safetensors"), "pt") as f:

@@ -16,6 +16,7 @@ from fastcm.train import (Callback, FDConfig, ICTConfig, NonFiniteError, finetun
 from fastcm.train.checkpoint_file import read_checkpoint_meta
 from fastcm.train.fd import one_step_generate
 from fastcm.train.loop import sampling_method
+from helpers import torchrun
 
 JVP_METHODS = ("sct", "meanflow")
 CLASSES = {"ict": "ConsistencyModel", "sct": "TrigFlowModel", "meanflow": "MeanFlowModel"}
@@ -210,19 +211,11 @@ save_file(state, os.path.join(sys.argv[1], f"rank{rank}.safetensors"))
 def test_ddp_two_cpu_ranks_train_sct_and_meanflow_in_sync(tmp_path):
     """Each rank draws its own batch and times; identical weights after two steps mean DDP averaged the gradients
     of the trainable pass (the JVP runs on the unwrapped module, outside DDP)."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     script = tmp_path / "worker.py"
     script.write_text(DDP_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(script, tmp_path, timeout=300)
     a, b = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2))
     for name in ("sct", "meanflow"):
         keys = [k for k in a if k.startswith(f"{name}/model/")]

@@ -92,17 +92,44 @@ def _not_finite(value: float, stats, labels) -> str:
 
 
 def compute_stats(images, features: Callable, batch_size: int = 50, device=None, image_range: tuple = (-1, 1),
-                  name: Optional[str] = None) -> FeatureStats:
+                  name: Optional[str] = None, distributed: bool = False) -> FeatureStats:
     """FeatureStats of ``features(batch)`` over images (a tensor, split into ``batch_size`` batches; a dataset with
-    ``get_batch``; or an iterable of batches), without gradient. ``name`` labels the feature space in files."""
+    ``get_batch``; or an iterable of batches), without gradient and with a feature module in eval mode (its mode is
+    restored after). ``name`` labels the feature space in files.
+
+    ``distributed=True`` under an initialized torch.distributed group: each rank reads a disjoint shard (items
+    rank, rank + W, ...) of a tensor or dataset and the fp64 sums are all-reduced, so every rank returns the
+    statistics of all images (a rank with an empty shard still joins). Without a group of more than one process
+    it is the single-process computation."""
     if not callable(features):
         raise TypeError(f"features must be callable (images -> (B, d) features), got {type(features).__name__}")
     batch_size = check_int("batch_size", batch_size)
     _check_range(image_range)
+    rank, world = _world() if distributed else (0, 1)
+    if world > 1:
+        images = _shard(images, rank, world)
     device = device if device is not None else _module_device(features)
+    training = isinstance(features, nn.Module) and features.training
+    if training:
+        features.eval()
+    try:
+        stats = _accumulate(_batches(images, batch_size), features, device, image_range, name)
+        if world > 1:
+            if stats is None:  # an empty shard: the width from one image of the whole set
+                stats = FeatureStats(_probe_dim(features, images, device, image_range), features=name)
+            stats = stats.all_reduce()
+    finally:
+        if training:
+            features.train()
+    if stats is None or stats.n == 0:
+        raise ValueError("no images were given")
+    return stats
+
+
+def _accumulate(batches, features, device, image_range, name) -> Optional[FeatureStats]:
     stats = None
     with torch.no_grad():
-        for batch in _batches(images, batch_size):
+        for batch in batches:
             x = _as_images(batch, image_range)
             f = features(x.to(device) if device is not None else x)
             if not isinstance(f, Tensor) or f.dim() != 2:
@@ -110,9 +137,46 @@ def compute_stats(images, features: Callable, batch_size: int = 50, device=None,
             if stats is None:
                 stats = FeatureStats(f.shape[1], features=name)
             stats.update(f)
-    if stats is None:
-        raise ValueError("no images were given")
     return stats
+
+
+def _world() -> tuple:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Shard:
+    """Items rank, rank + world, ... of a tensor or of a dataset with ``get_batch`` (read batch by batch)."""
+
+    def __init__(self, images, rank: int, world: int):
+        self.images, self.index = images, torch.arange(rank, len(images), world)
+        self.whole = images  # for the width probe of an empty shard
+
+    def __len__(self):
+        return len(self.index)
+
+    def get_batch(self, index: Tensor):
+        if isinstance(self.images, Tensor):
+            return (self.images[self.index[index]],)
+        return self.images.get_batch(self.index[index])
+
+
+def _shard(images, rank: int, world: int) -> _Shard:
+    if not (isinstance(images, Tensor) or hasattr(images, "get_batch")):
+        raise TypeError("distributed=True shards a tensor or a dataset with get_batch; got an iterable of "
+                        f"{type(images).__name__}: give each rank its own batches and all_reduce the FeatureStats")
+    return _Shard(images, rank, world)
+
+
+@torch.no_grad()
+def _probe_dim(features, shard: _Shard, device, image_range) -> int:
+    whole = shard.whole
+    first = whole[:1] if isinstance(whole, Tensor) else whole.get_batch(torch.tensor([0]))[0]
+    x = _as_images(first, image_range)
+    return int(features(x.to(device) if device is not None else x).shape[1])
 
 
 def dataset_stats(spec, features: str = "digits", *, weights=None, cache=None, batch_size: Optional[int] = None,

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from fastcm.cm import ICTLoss, method_of_model
 from fastcm.cm.precond import unwrap
 from fastcm.data import BatchLoader, derive_seed
-from fastcm.fid import FDLoss, FeatureStats
+from fastcm.fid import FDLoss, FeatureStats, compute_stats
 from fastcm.fid.loss import normalize_fd
 from fastcm.nn import SeededDropout
 
@@ -151,33 +151,14 @@ def dropout_off(module: nn.Module):
 
 @torch.no_grad()
 def reference_stats(feature_net: nn.Module, dataset, batch_size: int = 256, device=None) -> FeatureStats:
-    """fp64 feature statistics of every image of ``dataset`` (the FD stage's reference).
-
-    Under torch.distributed each rank reads a disjoint shard (indices rank, rank + W, …) and the sums are
-    all-reduced in fp64, so every rank returns the statistics of the whole dataset.
-    """
-    import torch.distributed as dist
-
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    """fp64 feature statistics of every image of ``dataset`` (the FD stage's reference): ``fid.compute_stats``
+    with ``distributed=True``, so under torch.distributed each rank reads a disjoint shard and every rank returns
+    the statistics of the whole dataset."""
     if len(dataset) < 2:
         raise ValueError(f"reference statistics need at least 2 images, got {len(dataset)}")
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    dev = torch.device(device) if device is not None else next(
-        (p.device for p in feature_net.parameters()), torch.device("cpu"))
-    was_training = feature_net.training
-    feature_net.eval()
-    stats = None
-    for chunk in torch.arange(rank, len(dataset), world).split(batch_size):
-        feats = feature_net(_images(dataset, chunk).to(dev))
-        if stats is None:
-            stats = FeatureStats(feats.shape[1], device=dev)
-        stats.update(feats)
-    feature_net.train(was_training)
-    if stats is None:  # an empty shard still joins the all-reduce
-        stats = FeatureStats(_probe_dim(feature_net, dataset, dev), device=dev)
-    return stats.all_reduce() if distributed else stats
+    if not hasattr(dataset, "get_batch"):
+        dataset = _Items(dataset)
+    return compute_stats(dataset, feature_net, batch_size, device, distributed=True)
 
 
 class FDLossState:
@@ -261,12 +242,17 @@ def _check_features(feature_net: nn.Module, cm, dim: int, dev) -> None:
                          f"features to match ref_stats, got {got} for B = 2")
 
 
-def _images(dataset, index: Tensor) -> Tensor:
-    if hasattr(dataset, "get_batch"):
-        return dataset.get_batch(index)[0]
-    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in index]).float()
+class _Items:
+    """A map-style dataset (``dataset[i] = (image, label)``) read in batches, as compute_stats reads datasets."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def get_batch(self, index: Tensor):
+        return (torch.stack([torch.as_tensor(self.dataset[int(i)][0]) for i in index]).float(),)
 
 
-@torch.no_grad()
-def _probe_dim(feature_net: nn.Module, dataset, dev) -> int:
-    return int(feature_net(_images(dataset, torch.tensor([0])).to(dev)).shape[1])
+
