@@ -10,6 +10,7 @@ from torch import nn
 
 from fastcm.cm import ConsistencyModel
 from fastcm.cm.jvp import ops_impl
+from fastcm.ops import current_impl
 from fastcm.cm.sct import (SCTLoss, TrigFlowModel, sct_adaptive_loss, normalize_tangent, sct_sample,
                            sct_sample_t, sct_tangent, tangent_warmup, trigflow_interpolate, trigflow_sigma,
                            trigflow_time)
@@ -196,13 +197,13 @@ def test_jvp_runs_on_the_reference_ops_and_restores_the_route():
     model = _model()
     assert model.unet.config.impl == "torch"
     model.unet.set_impl("triton")
+    config = model.unet.config
     with ops_impl(model, "torch"):
-        assert model.unet.config.impl == "torch"
-        assert all(b.impl == "torch" for b in model.unet.enc)
-    assert model.unet.config.impl == "triton"
+        assert current_impl() == "torch" and model.unet.config is config  # the model itself is untouched
+    assert current_impl() is None and model.unet.config.impl == "triton"
     with pytest.raises(RuntimeError, match="boom"), ops_impl(model, "torch"):
         raise RuntimeError("boom")
-    assert model.unet.config.impl == "triton" and model.unet.norm_out.impl == "triton"
+    assert current_impl() is None and model.unet.config is config
 
 
 def test_samplers_follow_the_trigflow_multistep_rule():

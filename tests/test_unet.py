@@ -146,18 +146,43 @@ def test_noise_embedding_frequencies():
         assert lo <= (feats[0] - feats[1]).norm().item() <= hi, scale
 
 
-def test_impl_reaches_every_op(monkeypatch):
+def test_impl_reaches_every_op_from_the_config_alone(monkeypatch):
+    """config.impl is the one place the net reads its backend from (no per-module copies), every GroupNorm and
+    attention call gets it, set_impl switches them all, and fastcm.ops.use_impl overrides it for a block."""
+    import importlib
+
+    from fastcm.ops import use_impl
+
+    gn_mod = importlib.import_module("fastcm.ops.group_norm")  # the module (fastcm.ops.group_norm is the function)
+
     net = build_unet("tiny", impl="torch")
-    norms = [m for m in net.modules() if isinstance(m, GroupNorm)]
-    assert norms and all(m.impl == "torch" for m in norms)
-    seen = []
-    real = unet_mod.qkv_attention
-    monkeypatch.setattr(unet_mod, "qkv_attention", lambda qkv, h, impl: seen.append(impl) or real(qkv, h, impl=impl))
-    net(torch.randn(2, 1, 8, 8), torch.randn(2))
+    assert not any(hasattr(m, "impl") for m in net.modules() if isinstance(m, Block))
+    assert {m.impl for m in net.modules() if isinstance(m, GroupNorm)} == {"auto"}  # the standalone default
+    seen = {"attention": [], "group_norm": []}
+    real_attn, real_gn = unet_mod.qkv_attention, gn_mod.group_norm
+    monkeypatch.setattr(unet_mod, "qkv_attention",
+                        lambda qkv, h, impl: seen["attention"].append(impl) or real_attn(qkv, h, impl=impl))
+    monkeypatch.setattr(gn_mod, "group_norm", lambda *a: seen["group_norm"].append(a[-1]) or real_gn(*a))
+    resolved = []
+    real_resolve = gn_mod.resolve_impl
+    monkeypatch.setattr(gn_mod, "resolve_impl", lambda impl, x: resolved.append(real_resolve(impl, x)) or resolved[-1])
+    x, sigma = torch.randn(2, 1, 8, 8), torch.randn(2)
+    net(x, sigma)
     n_attn = sum(1 for m in net.modules() if isinstance(m, Block) and m.num_heads)
-    assert seen == ["torch"] * n_attn and n_attn == 4  # level-4x4 enc block, middle, two 4x4 dec blocks
+    n_norm = sum(1 for m in net.modules() if isinstance(m, GroupNorm))
+    assert seen["attention"] == ["torch"] * n_attn and n_attn == 4  # level-4x4 enc block, middle, two 4x4 dec
+    assert seen["group_norm"] == ["torch"] * n_norm and n_norm > n_attn
     net.set_impl("auto")
-    assert net.config.impl == "auto" and all(m.impl == "auto" for m in norms)
+    seen["attention"].clear()
+    net(x, sigma)
+    assert net.config.impl == "auto" and seen["attention"] == ["auto"] * n_attn
+    resolved.clear()
+    with use_impl("torch"):
+        net.set_impl("triton")  # the block wins over the config: no kernel runs (none could, without the interpreter
+        net(x, sigma)          # flag this test does not need)
+    assert resolved == ["torch"] * n_norm and net.config.impl == "triton"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        net.set_impl("cuda")
 
 
 def test_bfloat16_weights_forward():

@@ -8,8 +8,8 @@ GroupNorm(+scale/shift+SiLU) and attention compute the output and its tangent in
 (fastcm.ops._jvp; before those rules, ``torch.func.jvp`` through a ``custom_op`` silently returned a zero tangent).
 Where a U-Net's ops resolve to Triton, the route is first probed once per device (:func:`check_triton_tangents`:
 the ops' JVP against the reference's), so a route that does not carry the right tangent raises instead of training
-on a silently wrong one. ``impl="torch"`` switches every fastcm U-Net inside the model to the reference ops
-(explicit group norm and softmax attention) for the duration of the JVP and back afterwards.
+on a silently wrong one. ``impl="torch"`` runs the JVP's ops on the reference (explicit group norm and softmax attention)
+inside a ``fastcm.ops.use_impl`` block, which leaves the model untouched.
 The JVP runs eagerly on the unwrapped module (``torch.func.jvp`` of a DDP module fails, pytorch#102197; a custom
 ``jvp`` rule is dropped inside a compiled JVP, pytorch#192985).
 """
@@ -21,32 +21,21 @@ from torch import Tensor, nn
 
 from fastcm.models.unet import UNet
 from fastcm.ops import group_norm, group_norm_ref, qkv_attention, qkv_attention_ref
-from fastcm.ops._utils import IMPLS, check_choice, resolve_impl
+from fastcm.ops._utils import resolve_impl, use_impl
 
 _PROBED = {}  # device -> None (the Triton route carries tangents) or the reason it does not
 
 
 @contextlib.contextmanager
 def ops_impl(model: nn.Module, impl: Optional[str]):
-    """Run every fastcm UNet inside ``model`` with ops backend ``impl`` (None: leave them), restoring it after.
-
-    The restore puts back the very config object and per-module ``impl`` strings, so a torch.compile'd forward of
-    the model sees unchanged attributes afterwards (no recompilation).
-    """
-    if impl is not None:
-        check_choice("impl", impl, IMPLS)
-    nets = [m for m in model.modules() if isinstance(m, UNet)] if impl is not None else []
-    saved = [(net, net.config, [(m, m.impl) for m in net.modules() if hasattr(m, "impl")]) for net in nets]
-    try:
-        for net in nets:
-            if net.config.impl != impl:
-                net.set_impl(impl)
+    """Run the fastcm ops of ``model``'s forward on backend ``impl`` (None: the model's own route): a
+    ``fastcm.ops.use_impl`` block, which changes nothing on the model, so a torch.compile'd forward of it sees the
+    same attributes afterwards (no recompilation)."""
+    if impl is None:
         yield
-    finally:
-        for net, config, impls in saved:
-            net.config = config
-            for m, old in impls:
-                m.impl = old
+        return
+    with use_impl(impl):
+        yield
 
 
 def _probe_cases(device):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fastcm.nn import SeededDropout
 from fastcm.ops import GroupNorm, qkv_attention
-from fastcm._checks import IMPLS, check_tensor, is_int
+from fastcm._checks import IMPLS, check_choice, check_tensor, is_int
 
 EMBEDDINGS = ("fourier", "positional")
 
@@ -134,7 +134,7 @@ class Block(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, cfg: UNetConfig, layer_id: int, dropout: float,
                  resample: Optional[str] = None, attention: bool = False):
         super().__init__()
-        self.in_ch, self.out_ch, self.resample, self.impl = in_ch, out_ch, resample, cfg.impl
+        self.in_ch, self.out_ch, self.resample = in_ch, out_ch, resample
         self.norm0 = GroupNorm(cfg.num_groups, in_ch, act="silu")
         self.conv0 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.affine = nn.Linear(emb_ch, 2 * out_ch)  # -> (scale, shift) of the second GroupNorm
@@ -148,9 +148,6 @@ class Block(nn.Module):
             self.norm2 = GroupNorm(cfg.num_groups, out_ch)
             self.qkv = nn.Conv2d(out_ch, 3 * out_ch, 1)  # channels ordered (3, heads, head_dim): qkv_attention
             self.proj = _zero(nn.Conv2d(out_ch, out_ch, 1))
-        for m in self.modules():
-            if isinstance(m, GroupNorm):
-                m.impl = cfg.impl
 
     def _resample(self, x: Tensor) -> Tensor:
         if self.resample == "down":
@@ -159,15 +156,16 @@ class Block(nn.Module):
             return F.interpolate(x, scale_factor=2, mode="nearest")
         return x
 
-    def forward(self, x: Tensor, emb: Tensor, dropout_seed=None) -> Tensor:
-        h = self.conv0(self._resample(self.norm0(x)))
+    def forward(self, x: Tensor, emb: Tensor, dropout_seed=None, impl: str = "auto") -> Tensor:
+        """``impl``: the ops backend, which the owning UNet passes from its config (the one place it lives)."""
+        h = self.conv0(self._resample(self.norm0(x, impl=impl)))
         scale, shift = self.affine(emb).to(h.dtype).chunk(2, dim=1)
-        h = self.norm1(h, scale.contiguous(), shift.contiguous())
+        h = self.norm1(h, scale.contiguous(), shift.contiguous(), impl=impl)
         h = self.conv1(self.dropout(h, dropout_seed))
         x = self._resample(x)
         x = (h + (self.skip(x) if self.skip is not None else x)) * (1 / math.sqrt(2))
         if self.num_heads:
-            a = qkv_attention(self.qkv(self.norm2(x)), self.num_heads, impl=self.impl)
+            a = qkv_attention(self.qkv(self.norm2(x, impl=impl)), self.num_heads, impl=impl)
             x = (x + self.proj(a)) * (1 / math.sqrt(2))
         return x
 
@@ -226,7 +224,6 @@ class UNet(nn.Module):
                 self.dec.append(block(ch + skips.pop(), width, res, attention=res in cfg.attn_resolutions))
                 ch = width
         self.norm_out = GroupNorm(cfg.num_groups, ch, act="silu")
-        self.norm_out.impl = cfg.impl
         self.conv_out = _zero(nn.Conv2d(ch, cfg.in_channels, 3, padding=1))
 
     @property
@@ -238,11 +235,10 @@ class UNet(nn.Module):
         return self.config.num_classes
 
     def set_impl(self, impl: str) -> "UNet":
-        """Switch the backend of every op in place (the config is updated to match)."""
+        """Switch the backend of every op in place: ``config.impl`` is the one place the net reads it from (each
+        forward passes it to its blocks). ``fastcm.ops.use_impl`` overrides it for a block of code."""
+        check_choice("impl", impl, IMPLS)
         self.config = dataclasses.replace(self.config, impl=impl)
-        for m in self.modules():
-            if isinstance(m, (GroupNorm, Block)):
-                m.impl = impl
         return self
 
     @property
@@ -276,14 +272,15 @@ class UNet(nn.Module):
         emb = self.embed(noise_labels, class_labels)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))
         skips = [h]
+        impl = self.config.impl
         for blk in self.enc:
-            h = blk(h, emb, dropout_seed)
+            h = blk(h, emb, dropout_seed, impl)
             skips.append(h)
         for blk in self.dec:
             if blk.in_ch != h.shape[1]:
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = blk(h, emb, dropout_seed)
-        return self.conv_out(self.norm_out(h))
+            h = blk(h, emb, dropout_seed, impl)
+        return self.conv_out(self.norm_out(h, impl=impl))
 
 
 def build_unet(preset_or_config: Union[str, UNetConfig, Mapping] = "cifar10", **overrides) -> UNet:

@@ -149,10 +149,13 @@ class GroupNorm(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                impl: Optional[str] = None) -> Tensor:
+        """``impl`` (None: the module's own ``self.impl``) is how an owning model passes its backend."""
         if isinstance(x, Tensor) and (x.dim() < 2 or x.shape[1] != self.num_channels):
             raise ValueError(f"x must have shape (N, {self.num_channels}, ...), got {tuple(x.shape)}")
-        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, self.act, self.impl)
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift, self.act,
+                          self.impl if impl is None else impl)
 
     def extra_repr(self) -> str:
         act = f", act={self.act!r}" if self.act else ""
