@@ -17,11 +17,12 @@ import argparse
 import dataclasses
 import importlib
 import json
+import multiprocessing
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -102,24 +103,58 @@ def _module(job):
     return importlib.import_module(f"fastcm.kernels.{job.module}")
 
 
-def compile_jobs(jobs, archs=ARCHS, every_config=True) -> List[dict]:
-    """Rows (one per distinct compiled kernel, target and config) with resources and the check verdict."""
+def compile_jobs(jobs, archs=ARCHS, every_config=True, workers: Optional[int] = None) -> List[dict]:
+    """Rows (one per distinct compiled kernel, target and config) with resources and the check verdict.
+
+    The launches are recorded first (cheap: meta tensors), then compiled in ``workers`` forked processes
+    (default: FASTCM_GATE_WORKERS or the CPU count), since each compile is one single-threaded LLVM + ptxas run."""
+    tasks = _tasks(jobs, archs, every_config)
+    compiled = _compile_all(tasks, workers)
+    return _dedupe([_row(job, arch, c) for (job, arch, _, _), c in zip(tasks, compiled)])
+
+
+def _tasks(jobs, archs, every_config) -> list:
+    """(job, arch, launch, config keywords) of every distinct launch of the jobs."""
     from fastcm.kernels import _aot
-    rows, done = [], {}
+    tasks, done = [], set()
     for job in jobs:
         for arch in archs:
             with _aot.recording(_module(job), arch) as launches:
                 job.run()
             for launch in launches:
                 key = (arch, launch.name, tuple(map(_tensor_key, launch.args)), repr(sorted(launch.kwargs.items())))
-                if key in done:
-                    continue
-                done[key] = True
-                for kwargs in _aot.configs_of(launch, arch, None if every_config else _extremes):
-                    rows.append(_row(job, arch, _aot.compile_launch(launch, kwargs, arch)))
-                    if len(rows) % 200 == 0:
-                        print(f"  {len(rows)} compiled ({job.label})", file=sys.stderr, flush=True)
-    return _dedupe(rows)
+                if key not in done:
+                    done.add(key)
+                    tasks += [(job, arch, launch, kw)
+                              for kw in _aot.configs_of(launch, arch, None if every_config else _extremes)]
+    return tasks
+
+
+_TASKS: list = []  # the tasks a forked worker compiles, by index (inherited, never pickled)
+
+
+def _compile_one(i: int):
+    from fastcm.kernels import _aot
+    _, arch, launch, kwargs = _TASKS[i]
+    return _aot.compile_launch(launch, kwargs, arch)
+
+
+def _compile_all(tasks, workers: Optional[int]) -> list:
+    global _TASKS
+    workers = workers or int(os.environ.get("FASTCM_GATE_WORKERS", 0)) or os.cpu_count() or 1
+    _TASKS = tasks
+    try:
+        if workers <= 1 or len(tasks) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+            return [_compile_one(i) for i in range(len(tasks))]
+        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            out = []
+            for c in pool.imap(_compile_one, range(len(tasks)), chunksize=4):
+                out.append(c)
+                if len(out) % 200 == 0:
+                    print(f"  {len(out)} of {len(tasks)} compiled", file=sys.stderr, flush=True)
+            return out
+    finally:
+        _TASKS = []
 
 
 def _row(job, arch: int, c) -> dict:
