@@ -47,7 +47,6 @@ class DemoConfig:
     fd_lr: float = 5e-5           # Adam; 150 steps from one iCT model: 2e-5 → FD -22 %, 5e-5 → -29 %, 1e-4 → -17 %
     per_class: int = 200          # evaluation samples per class (and the .npz files)
     grid_per_class: int = 16      # samples per class in the PNG grids (one row per class)
-    two_step_sigma: float = 0.821  # iCT's σ_mid for two-step sampling
     judge: str = "logreg"         # CAS judge of the stage metrics: "logreg" (pixels) or "cnn"
     cas_seeds: int = 3            # seeds of the real / synthetic / real+synthetic protocol; 0 skips it
     cas_judge: str = "cnn"        # judge of that protocol (a classifier trained from scratch, as in the paper)
@@ -65,7 +64,7 @@ class DemoConfig:
             check_int(name, getattr(self, name), 1)
         for name in ("fd_steps", "cas_seeds", "seed", "eval_every"):
             check_int(name, getattr(self, name), 0)
-        for name in ("lr", "fd_lr", "two_step_sigma"):
+        for name in ("lr", "fd_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         for name, choices in (("judge", ("logreg", "cnn")), ("cas_judge", ("logreg", "cnn"))):
@@ -116,10 +115,9 @@ def _sample(model, y, steps: int, seed: int, chunk: int = 500):
     the chunking does not change them (iCT: σ 80, then 0.821; sCT: t_max, then 1.1; MeanFlow: t = 1, 0.5, 0)."""
     import torch
 
-    from fastcm.cm import method_of_model
-    from fastcm.train.loop import sampling_method
+    from fastcm.cm import get_method, method_of_model
 
-    method = sampling_method(method_of_model(model))
+    method = get_method(method_of_model(model))
     return torch.cat([method.sample(model, len(part), steps, part, seeds=seed + i)
                       for i, part in zip(range(0, len(y), chunk), y.split(chunk))])
 

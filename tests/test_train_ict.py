@@ -192,7 +192,7 @@ def test_dataset_and_config_validation(digits):
             _cfg(**bad)
     cfg = _cfg(betas=[0.8, 0.9])
     assert ICTConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="unknown ICTConfig field"):
+    with pytest.raises(ValueError, match="unknown MethodConfig field"):
         ICTConfig.from_dict({"steps": 3})
     with pytest.raises(ValueError, match="precision='bf16' needs a CUDA device"):
         Trainer("ict", _cfg(precision="bf16"), _model(), progress=False)

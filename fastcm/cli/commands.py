@@ -80,11 +80,10 @@ def _checkpoint_fid(args) -> int:
     """FID of --checkpoint's samples against the reference A, through the evaluation of ``train --eval-every``
     (fastcm.train.evaluate.FIDEvaluator: the same per-sample seeds, labels and batches)."""
     from fastcm.cli.generate import load_checkpoint_model
-    from fastcm.cm import method_of_model
+    from fastcm.cm import get_method, method_of_model
     from fastcm.fid import dataset_stats, feature_extractor, is_stats_file
     from fastcm.train.config import check_eval_steps
     from fastcm.train.evaluate import FIDEvaluator, default_samples, load_reference, metric_name
-    from fastcm.train.loop import sampling_method
 
     if args.b is not None:
         raise UsageError("--checkpoint's samples take B's place: give one reference A (a statistics file or dataset)")
@@ -102,7 +101,7 @@ def _checkpoint_fid(args) -> int:
         steps = check_eval_steps(args.steps)
     except ValueError:
         raise UsageError(f"--steps must be sampler step counts such as 1,2; got {args.steps!r}") from None
-    ev = FIDEvaluator(ref, net, sampling_method(method_of_model(model)), num_samples=k, steps=steps,
+    ev = FIDEvaluator(ref, net, get_method(method_of_model(model)), num_samples=k, steps=steps,
                       seed=check_int("--seed", args.seed, 0), batch_size=_batch(args) or 250,
                       device=args.device or "cpu")
     rec = ev.evaluate(model, 0)

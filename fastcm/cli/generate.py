@@ -195,16 +195,17 @@ def _sigmas(args, model, default_steps: int) -> tuple:
     if args.sigmas:
         return tuple(args.sigmas)
     steps = args.steps or default_steps
-    return (float(model.sigma_max),) if steps == 1 else (float(model.sigma_max), 0.821)
+    from fastcm.cm.sampling import ICT_TWO_STEP_SIGMA
+
+    return (float(model.sigma_max),) if steps == 1 else (float(model.sigma_max), ICT_TWO_STEP_SIGMA)
 
 
 def cmd_sample(args) -> int:
     import torch
 
-    from fastcm.cm import method_of_model, sample
+    from fastcm.cm import get_method, method_of_model, sample
     from fastcm.data import save_grid
     from fastcm.eval.report import save_samples_npz
-    from fastcm.train.loop import sampling_method
 
     model = _load_model(args)  # refuses non-finite weights
     classes = model.num_classes
@@ -215,16 +216,17 @@ def cmd_sample(args) -> int:
         labels, per = None, None
     n = len(labels) if labels is not None else check_int("--num", args.num or 64)
     method = method_of_model(model)
-    if method == "ict":
-        sigmas = _sigmas(args, model, 1)
+    if args.sigmas:  # explicit noise levels: the multistep CM sampler, which only iCT's parameterisation has
+        if method != "ict":
+            raise UsageError(f"--sigmas are iCT noise levels; this is a {method} checkpoint: use --steps 1 or 2")
+        sigmas = tuple(args.sigmas)
         draw = lambda: sample(model, n, labels, sigmas=sigmas, seeds=args.seed, batch_size=256)  # noqa: E731
         how = f"{len(sigmas)} step(s), sigmas {list(sigmas)}"
     else:
-        if args.sigmas:
-            raise UsageError(f"--sigmas are iCT noise levels; this is a {method} checkpoint: use --steps 1 or 2")
         steps = args.steps or 1
-        draw = lambda: sampling_method(method).sample(model, n, steps, labels, seeds=args.seed)  # noqa: E731
-        how = f"{steps} step(s), {method} sampler"
+        draw = lambda: get_method(method).sample(model, n, steps, labels, seeds=args.seed, batch_size=256)  # noqa: E731
+        how = f"{steps} step(s), {method} sampler" + (f", sigmas {list(_sigmas(args, model, 1))}"
+                                                      if method == "ict" else "")
     with _output_dir(args.out, args.overwrite, "samples") as out:
         x = _finite(draw().cpu(), args)
         save_samples_npz(out / "samples.npz", x, labels)

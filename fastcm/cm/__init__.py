@@ -9,14 +9,14 @@ from .meanflow import (MeanFlowLoss, MeanFlowModel, meanflow_adaptive_loss, mean
                        meanflow_target)
 from .methods import METHOD_KEY, METHODS, Method, get_method, method_from_metadata, method_of_model
 from .precond import ConsistencyModel, cm_coefficients
-from .sampling import resolve_seeds, sample
+from .sampling import ICT_SIGMA_MAX, ICT_TWO_STEP_SIGMA, resolve_seeds, sample
 from .schedule import ict_num_scales, ict_weights, karras_sigmas, lognormal_pair_probs, pseudo_huber_c
 from .sct import (AdaptiveWeight, SCTLoss, TrigFlowModel, normalize_tangent, sct_adaptive_loss, sct_sample,
                   sct_sample_t, sct_tangent, tangent_warmup, trigflow_interpolate, trigflow_sigma, trigflow_time)
 
 __all__ = [
     "ConsistencyModel", "cm_coefficients", "karras_sigmas", "ict_num_scales", "lognormal_pair_probs", "ict_weights",
-    "pseudo_huber_c", "ICTLoss", "sample", "resolve_seeds", "inpaint", "colorize", "super_resolution",
+    "pseudo_huber_c", "ICTLoss", "sample", "resolve_seeds", "ICT_SIGMA_MAX", "ICT_TWO_STEP_SIGMA", "inpaint", "colorize", "super_resolution",
     "denoise", "luminance", "block_average",
     "TrigFlowModel", "AdaptiveWeight", "SCTLoss", "sct_sample", "sct_sample_t", "sct_tangent", "normalize_tangent",
     "tangent_warmup", "sct_adaptive_loss", "trigflow_time", "trigflow_sigma", "trigflow_interpolate",

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastcm._checks import check_tensor, is_int
 
-from .sampling import (PerSampleNoise, Seeds, check_sigmas, eval_mode, model_device, model_info, resolve_labels,
+from .sampling import (ICT_SIGMA_MAX, ICT_TWO_STEP_SIGMA, PerSampleNoise, Seeds, check_sigmas, eval_mode, model_device, model_info, resolve_labels,
                        resolve_seeds)
 
 LUMA = (0.2989, 0.5870, 0.1140)  # ITU-R BT.601 luma weights, as CM's colourisation uses
@@ -71,7 +71,7 @@ def _check_images(name: str, y: Tensor, shape) -> None:
         raise ValueError(f"{name} contains NaN or inf")
 
 
-def inpaint(model, images: Tensor, mask: Tensor, sigmas: Sequence[float] = (80.0, 0.821), class_labels=None,
+def inpaint(model, images: Tensor, mask: Tensor, sigmas: Sequence[float] = (ICT_SIGMA_MAX, ICT_TWO_STEP_SIGMA), class_labels=None,
             generator: Optional[torch.Generator] = None, *, seeds: Seeds = None, clip_denoised: bool = True) -> Tensor:
     """Fill the pixels where ``mask`` is 0; pixels where it is 1 are kept exactly.
 
@@ -96,7 +96,7 @@ def inpaint(model, images: Tensor, mask: Tensor, sigmas: Sequence[float] = (80.0
                  clip_denoised)
 
 
-def colorize(model, grey: Tensor, sigmas: Sequence[float] = (80.0, 0.821), class_labels=None,
+def colorize(model, grey: Tensor, sigmas: Sequence[float] = (ICT_SIGMA_MAX, ICT_TWO_STEP_SIGMA), class_labels=None,
              generator: Optional[torch.Generator] = None, *, seeds: Seeds = None, clip_denoised: bool = True) -> Tensor:
     """Colour images whose BT.601 luminance (see :func:`luminance`) is ``grey`` (B, 1, H, W); the result's
     luminance equals ``grey``. The model must generate 3-channel images."""
@@ -113,7 +113,7 @@ def colorize(model, grey: Tensor, sigmas: Sequence[float] = (80.0, 0.821), class
     return _edit(model, known, omega, A, A_inv, sigmas, class_labels, generator, seeds, clip_denoised)
 
 
-def super_resolution(model, low_res: Tensor, factor: int, sigmas: Sequence[float] = (80.0, 0.821),
+def super_resolution(model, low_res: Tensor, factor: int, sigmas: Sequence[float] = (ICT_SIGMA_MAX, ICT_TWO_STEP_SIGMA),
                      class_labels=None, generator: Optional[torch.Generator] = None, *, seeds: Seeds = None,
                      clip_denoised: bool = True) -> Tensor:
     """Upsample ``low_res`` (B, C, H/f, W/f) by ``factor`` f; the result's f x f block averages equal low_res."""

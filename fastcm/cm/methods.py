@@ -1,6 +1,7 @@
 """One training/sampling API for every consistency method: ``get_method(name, **hyperparameters)``.
 
     method = get_method("sct", warmup_steps=1000)           # "ict" | "sct" | "meanflow" (METHODS)
+    sampler = get_method("ict")                              # no loss settings: for sampling only
     unet = build_unet("digits", **method.unet_overrides)     # what the method needs from the U-Net config
     model = method.make_model(unet)                          # ConsistencyModel | TrigFlowModel | MeanFlowModel
     per_sample = method.loss(model, x0, labels, step, generator)   # (B,); the trainer takes .mean()
@@ -13,23 +14,25 @@ The model classes differ in their extra parameters (TrigFlowModel adds the adapt
 checkpoint's state_dict loads into ``get_method(meta["method"]).make_model(unet)``.
 
 Costs per step (network passes on the batch): iCT 2 forwards + 1 backward; sCT and MeanFlow 1 JVP (a forward
-with tangents, no graph) + 1 forward + 1 backward. The JVP runs on the reference ops by default (fastcm.cm.jvp).
+with tangents, no graph) + 1 forward + 1 backward. The JVP runs on the model's own ops route by default
+(fastcm.cm.jvp; ``impl="torch"`` for the reference ops).
 """
 from typing import Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import check_int
+
 from .hyperparameters import check_hyperparameters
 from .loss import ICTLoss
 from .meanflow import MeanFlowLoss, MeanFlowModel, meanflow_sample
 from .precond import ConsistencyModel, unwrap
-from .sampling import sample as ict_sample
+from .sampling import ICT_TWO_STEP_SIGMA, resolve_seeds, sample as ict_sample  # noqa: F401 (re-exported)
 from .sct import SCTLoss, TrigFlowModel, sct_sample
 
 METHOD_KEY = "method"
 DEFAULT_METHOD = "ict"
-ICT_TWO_STEP_SIGMA = 0.821  # iCT's second noise level for two-step sampling (CIFAR-10)
 
 
 class Method:
@@ -48,7 +51,22 @@ class Method:
         return self.loss_fn(model, x0, step, labels, generator=generator)
 
     def sample(self, model, n: int, steps: int = 1, class_labels=None, seeds=None,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, batch_size: Optional[int] = None) -> Tensor:
+        """n samples (n, C, H, W) in [-1, 1] with the method's ``steps``-step sampler. Sample j is a function of
+        its seed alone (fastcm.cm.resolve_seeds: an int base gives base + j; None draws a base from
+        ``generator``), so ``batch_size`` (model calls of at most that many samples) never changes a sample."""
+        n = check_int("n", n)
+        seeds = resolve_seeds(n, seeds, generator)
+        if batch_size is None or n <= check_int("batch_size", batch_size):
+            return self._sample(model, n, steps, class_labels, seeds)
+        parts = []
+        for start in range(0, n, batch_size):
+            k = min(batch_size, n - start)
+            labels = class_labels[start:start + k] if isinstance(class_labels, Tensor) else class_labels
+            parts.append(self._sample(model, k, steps, labels, seeds[start:start + k]))
+        return torch.cat(parts)
+
+    def _sample(self, model, n: int, steps: int, class_labels, seeds: list) -> Tensor:
         raise NotImplementedError
 
     def metadata(self) -> dict:
@@ -63,19 +81,27 @@ class ICTMethod(Method):
 
     name, model_class, unet_overrides = "ict", ConsistencyModel, {}
 
-    def __init__(self, total_steps: int, sigma_data: float = 0.5, **loss_kwargs):
-        self.loss_fn = ICTLoss(total_steps, **loss_kwargs)
+    def __init__(self, total_steps: Optional[int] = None, sigma_data: float = 0.5, **loss_kwargs):
+        # total_steps=None: built for sampling (get_method("ict")); the loss needs the curriculum's length
+        if total_steps is None and loss_kwargs:
+            raise ValueError(f"iCT's loss settings {sorted(loss_kwargs)} need total_steps (the curriculum's K)")
+        self.loss_fn = ICTLoss(total_steps, **loss_kwargs) if total_steps is not None else None
         self.sigma_data = sigma_data
+
+    def loss(self, model, x0, labels, step, generator=None):
+        if self.loss_fn is None:
+            raise ValueError("this iCT method was built for sampling; get_method('ict', total_steps=K) trains")
+        return super().loss(model, x0, labels, step, generator)
 
     def make_model(self, unet: nn.Module) -> ConsistencyModel:
         return ConsistencyModel(unet, sigma_data=self.sigma_data)
 
-    def sample(self, model, n, steps=1, class_labels=None, seeds=None, generator=None):
+    def _sample(self, model, n, steps, class_labels, seeds):
         if steps not in (1, 2):
             raise ValueError(f"steps must be 1 or 2 for iCT (fastcm.cm.sample takes any sigmas), got {steps!r}")
         sigma_max = float(unwrap(model).sigma_max)
         sigmas = (sigma_max,) if steps == 1 else (sigma_max, ICT_TWO_STEP_SIGMA)
-        return ict_sample(model, n, class_labels, sigmas=sigmas, generator=generator, seeds=seeds)
+        return ict_sample(model, n, class_labels, sigmas=sigmas, seeds=seeds)
 
 
 class SCTMethod(Method):
@@ -92,8 +118,8 @@ class SCTMethod(Method):
     def make_model(self, unet: nn.Module) -> TrigFlowModel:
         return TrigFlowModel(unet, sigma_data=self.sigma_data, weight_channels=self.weight_channels)
 
-    def sample(self, model, n, steps=1, class_labels=None, seeds=None, generator=None):
-        return sct_sample(model, n, class_labels, generator=generator, seeds=seeds, steps=steps)
+    def _sample(self, model, n, steps, class_labels, seeds):
+        return sct_sample(model, n, class_labels, seeds=seeds, steps=steps)
 
 
 class MeanFlowMethod(Method):
@@ -109,15 +135,16 @@ class MeanFlowMethod(Method):
     def make_model(self, unet: nn.Module) -> MeanFlowModel:
         return MeanFlowModel(unet)
 
-    def sample(self, model, n, steps=1, class_labels=None, seeds=None, generator=None):
-        return meanflow_sample(model, n, class_labels, steps=steps, generator=generator, seeds=seeds)
+    def _sample(self, model, n, steps, class_labels, seeds):
+        return meanflow_sample(model, n, class_labels, steps=steps, seeds=seeds)
 
 
 METHODS = {"ict": ICTMethod, "sct": SCTMethod, "meanflow": MeanFlowMethod}
 
 
 def get_method(name: str, **hyperparameters) -> Method:
-    """The method ``name`` of :data:`METHODS` with its loss hyperparameters (iCT needs ``total_steps``)."""
+    """The method ``name`` of :data:`METHODS` with its loss hyperparameters; without any, a method for sampling
+    (iCT's loss needs ``total_steps``)."""
     if name not in METHODS:
         raise ValueError(f"method must be one of {tuple(METHODS)}, got {name!r}")
     check_hyperparameters(name, hyperparameters)  # the documented ranges (fastcm.cm.hyperparameters)

@@ -16,6 +16,10 @@ from fastcm._checks import check_int, is_int
 
 from .precond import unwrap
 
+# iCT's noise levels for one- and two-step sampling on CIFAR-10 (Song & Dhariwal 2023, Sec. 6): 80, then 0.821.
+ICT_SIGMA_MAX = 80.0
+ICT_TWO_STEP_SIGMA = 0.821
+
 Seeds = Union[None, int, Sequence[int], Tensor]
 
 
@@ -127,7 +131,7 @@ class eval_mode:
 
 
 @torch.no_grad()
-def sample(model, n: int, class_labels=None, sigmas: Sequence[float] = (80.0,),
+def sample(model, n: int, class_labels=None, sigmas: Sequence[float] = (ICT_SIGMA_MAX,),
            generator: Optional[torch.Generator] = None, *, seeds: Seeds = None, batch_size: Optional[int] = None,
            clip_denoised: bool = True) -> Tensor:
     """Draw n samples (n, C, H, W) in [-1, 1] with the consistency model (in eval mode, restored afterwards).

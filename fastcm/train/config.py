@@ -91,8 +91,10 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ICTConfig(TrainConfig):
-    """Stage 1, improved consistency training (iCT). Pseudo-Huber c = None uses 0.00054 * sqrt(C*H*W)."""
+class MethodConfig(TrainConfig):
+    """Stage 1, consistency training with ``method`` ("ict", "sct" or "meanflow"; fastcm.cm.get_method) and each
+    method's hyper-parameters (iCT's unprefixed, sCT's ``sct_``/``tangent_``, MeanFlow's ``mf_``). iCT: Pseudo-Huber
+    c = None uses 0.00054 * sqrt(C*H*W). ``ICTConfig`` is the same class under its first name."""
 
     s0: int = 10                       # initial discretization intervals of N(k)
     s1: int = 1280                     # final discretization intervals (N is capped at s1 + 1)
@@ -117,7 +119,10 @@ class ICTConfig(TrainConfig):
         return {kw: getattr(self, field) for field, kw in METHOD_FIELDS[method or self.method].items()}
 
 
-# ICTConfig field -> the method's keyword (fastcm.cm.get_method); their ranges: fastcm.cm.hyperparameters
+ICTConfig = MethodConfig  # the first name, kept: existing code and checkpoints' config.json keep working
+
+
+# MethodConfig field -> the method's keyword (fastcm.cm.get_method); their ranges: fastcm.cm.hyperparameters
 METHOD_FIELDS = {
     "ict": {"total_steps": "total_steps", "s0": "s0", "s1": "s1", "P_mean": "P_mean", "P_std": "P_std",
             "rho": "rho", "huber_c": "c"},

@@ -86,7 +86,7 @@ class FIDEvaluator:
     Args:
         reference: the reference FeatureStats (e.g. of the training or test split).
         features: the feature network (images in [-1, 1] -> (B, d)), matching the reference's space.
-        method: the fastcm.cm Method whose ``sample`` generates (fastcm.train.loop.sampling_method(name)).
+        method: the fastcm.cm Method whose ``sample`` generates (fastcm.cm.get_method(name)).
         num_samples: K, samples per evaluation (split across ranks).
         steps: the samplers' step counts; the first one picks the best checkpoint.
         seed: the run's seed (the evaluation noise is a function of it and the sample index only).

@@ -19,21 +19,21 @@ from fastcm.cm import METHODS, get_method, method_of_model
 from fastcm.cm.hyperparameters import check_unet
 from fastcm.data import BatchLoader
 
-from .config import ICTConfig
+from .config import MethodConfig
 from .loop import Trainer, TrainResult
 from .progress import CallbackLike
 
 
-def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, restart: bool = False,
+def train_method(cfg: MethodConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, restart: bool = False,
               device=None, callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True,
               max_seconds: Optional[float] = None, budget_clock: str = "wall") -> TrainResult:
     """Train ``model`` with ``cfg.method``: a ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel, or a
     bare fastcm U-Net (wrapped by ``get_method(cfg.method).make_model``; it must have been built with the method's
-    ``unet_overrides``). ``train_method`` is the same function under a method-neutral name.
+    ``unet_overrides``). ``train_ict`` is the same function under its first name.
 
     Args:
-        cfg: the stage's ICTConfig (total_steps sets the iCT curriculum N(k); ``method`` and the method's
-            hyper-parameters, see ICTConfig).
+        cfg: the stage's MethodConfig (total_steps sets the iCT curriculum N(k); ``method`` and the method's
+            hyper-parameters, see MethodConfig).
         dataset: an ArrayDataset from fastcm.data (or any map-style dataset of (image in [-1, 1], label)).
         out_dir: run directory for config.json, metrics.jsonl, samples/ and checkpoints/; None writes nothing.
         resume: True continues the newest checkpoint in out_dir (a fresh start if there is none; CheckpointError
@@ -51,9 +51,9 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
     Returns a TrainResult (model, ema, step, records, checkpoint, skipped_steps). SIGINT / SIGTERM save a checkpoint
     after the step in flight and raise TrainingInterrupted; see fastcm.train.loop for the other ways to stop.
     """
-    if not isinstance(cfg, ICTConfig):
-        raise TypeError(f"cfg must be an ICTConfig, got {type(cfg).__name__}")
-    assert tuple(METHODS) == ("ict", "sct", "meanflow"), "ICTConfig.method's choices must follow fastcm.cm.METHODS"
+    if not isinstance(cfg, MethodConfig):
+        raise TypeError(f"cfg must be a MethodConfig (ICTConfig), got {type(cfg).__name__}")
+    assert tuple(METHODS) == ("ict", "sct", "meanflow"), "MethodConfig.method's choices must follow fastcm.cm.METHODS"
     method = get_method(cfg.method, **cfg.method_hyperparameters())
     model = _method_model(method, model)
     trainer = Trainer(cfg.method, cfg, model, out_dir=out_dir, device=device, callbacks=callbacks,
@@ -83,7 +83,7 @@ def train_ict(cfg: ICTConfig, dataset, model: nn.Module, *, out_dir=None, resume
     return trainer.run(loss_fn)
 
 
-train_method = train_ict
+train_ict = train_method  # the first name, kept for existing code
 BUDGET_CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
 
@@ -104,7 +104,7 @@ def _method_model(method, model: nn.Module) -> nn.Module:
     return model
 
 
-def _curriculum(method, cfg: ICTConfig):
+def _curriculum(method, cfg: MethodConfig):
     """step -> the JSON description of the method's schedule at that step (logged and saved in checkpoints)."""
     if method.name == "ict":
         ict = method.loss_fn

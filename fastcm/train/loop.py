@@ -68,8 +68,8 @@ def as_consistency_model(model: nn.Module) -> nn.Module:
 
 
 def sampling_method(name: str):
-    """The registry's Method ``name`` for sampling only (its loss hyper-parameters are irrelevant there)."""
-    return get_method(name, **({"total_steps": 1} if name == "ict" else {}))
+    """``fastcm.cm.get_method(name)``, the Method for sampling (kept: its first name)."""
+    return get_method(name)
 
 
 class Trainer:
@@ -114,7 +114,7 @@ class Trainer:
         self.ckpt = None if self.out_dir is None else CheckpointManager(self.out_dir / "checkpoints", cfg.keep_last)
         # FID while training: built before start() writes anything, so a bad eval_stats file stops here
         self.evaluator = None if not cfg.eval_every else build_evaluator(
-            cfg.eval_stats, sampling_method(self.method), **evaluator_options(cfg), info=info, device=self.device,
+            cfg.eval_stats, get_method(self.method), **evaluator_options(cfg), info=info, device=self.device,
             input_shape=self.cm.input_shape)
         self.best_checkpoint: Optional[Path] = None
 
@@ -341,7 +341,7 @@ class Trainer:
         n, classes = self.cfg.num_samples, self.cm.num_classes
         labels = torch.arange(n) % classes if classes else None  # one column per class
         # One call for the whole grid: a fixed shape, so a compiled sampler never recompiles for a remainder.
-        images = sampling_method(self.method).sample(self.ema.module, n, 1, labels, seeds=self.cfg.seed)
+        images = get_method(self.method).sample(self.ema.module, n, 1, labels, seeds=self.cfg.seed)
         if self.out_dir is not None:
             nrow = classes if classes and n % classes == 0 and classes <= 32 else None
             save_grid(images, self.out_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow, overwrite=True)
