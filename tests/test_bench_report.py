@@ -1,13 +1,7 @@
-"""benchmarks/report.py: percentiles, speedups, throughput and goal checks from a synthetic pytest-benchmark run."""
-import importlib.util
-from pathlib import Path
-
+"""fastcm.perf.bench_report (benchmarks/report.py): percentiles, speedups, throughput and goal checks from a synthetic pytest-benchmark run."""
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+from fastcm.perf import bench_report as report
 
 
 def _entry(group, provider, data, **info):

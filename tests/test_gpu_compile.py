@@ -81,12 +81,9 @@ def test_gate_rows_hold_ptxas_figures(gate):
 
 
 def _gpu_check():
-    import importlib.util
+    from fastcm.perf import gpu_check
 
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return gpu_check
 
 
 def test_gpu_check_compares_ops_and_a_training_step_on_this_device(device, tmp_path):

@@ -4,6 +4,7 @@ fastcm.cm.sct) and MeanFlow (Geng et al. 2025, fastcm.cm.meanflow); one API over
 The networks live in :mod:`fastcm.models`; they never see sigma (EMA lives in fastcm.train).
 """
 from .editing import block_average, colorize, denoise, inpaint, luminance, super_resolution
+from .ict import ict_sample
 from .loss import ICTLoss
 from .meanflow import (MeanFlowLoss, MeanFlowModel, meanflow_adaptive_loss, meanflow_sample, meanflow_sample_times,
                        meanflow_target)
@@ -16,7 +17,7 @@ from .sct import (AdaptiveWeight, SCTLoss, TrigFlowModel, normalize_tangent, sct
 
 __all__ = [
     "ConsistencyModel", "cm_coefficients", "karras_sigmas", "ict_num_scales", "lognormal_pair_probs", "ict_weights",
-    "pseudo_huber_c", "ICTLoss", "sample", "resolve_seeds", "ICT_SIGMA_MAX", "ICT_TWO_STEP_SIGMA", "inpaint", "colorize", "super_resolution",
+    "pseudo_huber_c", "ICTLoss", "ict_sample", "sample", "resolve_seeds", "ICT_SIGMA_MAX", "ICT_TWO_STEP_SIGMA", "inpaint", "colorize", "super_resolution",
     "denoise", "luminance", "block_average",
     "TrigFlowModel", "AdaptiveWeight", "SCTLoss", "sct_sample", "sct_sample_t", "sct_tangent", "normalize_tangent",
     "tangent_warmup", "sct_adaptive_loss", "trigflow_time", "trigflow_sigma", "trigflow_interpolate",

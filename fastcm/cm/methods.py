@@ -28,7 +28,8 @@ from .hyperparameters import check_hyperparameters
 from .loss import ICTLoss
 from .meanflow import MeanFlowLoss, MeanFlowModel, meanflow_sample
 from .precond import ConsistencyModel, unwrap
-from .sampling import ICT_TWO_STEP_SIGMA, resolve_seeds, sample as ict_sample  # noqa: F401 (re-exported)
+from .ict import ict_sample
+from .sampling import ICT_TWO_STEP_SIGMA, resolve_seeds  # noqa: F401 (re-exported)
 from .sct import SCTLoss, TrigFlowModel, sct_sample
 
 METHOD_KEY = "method"
@@ -97,11 +98,7 @@ class ICTMethod(Method):
         return ConsistencyModel(unet, sigma_data=self.sigma_data)
 
     def _sample(self, model, n, steps, class_labels, seeds):
-        if steps not in (1, 2):
-            raise ValueError(f"steps must be 1 or 2 for iCT (fastcm.cm.sample takes any sigmas), got {steps!r}")
-        sigma_max = float(unwrap(model).sigma_max)
-        sigmas = (sigma_max,) if steps == 1 else (sigma_max, ICT_TWO_STEP_SIGMA)
-        return ict_sample(model, n, class_labels, sigmas=sigmas, seeds=seeds)
+        return ict_sample(model, n, class_labels, steps=steps, seeds=seeds)
 
 
 class SCTMethod(Method):
