@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcm.models.unet import UNet
-from fastcm.ops import group_norm, group_norm_ref, qkv_attention, qkv_attention_ref
-from fastcm.ops._utils import resolve_impl, use_impl
+from fastcm.ops import group_norm, group_norm_ref, qkv_attention, qkv_attention_ref, resolve_impl, use_impl
 
 _PROBED = {}  # device -> None (the Triton route carries tangents) or the reason it does not
 

@@ -21,7 +21,7 @@ from .pseudo_huber import pseudo_huber_loss, pseudo_huber_loss_ref
 from .pseudo_huber import make_inputs as _pseudo_huber_inputs
 from .sqrtm import sqrtm, sqrtm_newton_schulz, sqrtm_ref
 from .sqrtm import make_inputs as _sqrtm_inputs
-from ._utils import current_impl, use_impl
+from ._utils import current_impl, resolve_impl, use_impl
 
 
 class OpSpec(NamedTuple):
@@ -55,4 +55,4 @@ REGISTRY = {
 __all__ = ["REGISTRY", "OpSpec", "pseudo_huber_loss", "pseudo_huber_loss_ref", "attention", "attention_ref",
            "qkv_attention", "qkv_attention_ref", "GroupNorm", "group_norm", "group_norm_ref",
            "sqrtm", "sqrtm_ref", "sqrtm_newton_schulz", "frechet_distance", "frechet_distance_ref", "trace_sqrt_product",
-           "FrechetReference", "use_impl", "current_impl"]
+           "FrechetReference", "use_impl", "current_impl", "resolve_impl"]
