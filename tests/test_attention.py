@@ -301,6 +301,24 @@ def test_deterministic_switch_picks_the_dq_kernel(device):
         attention(q, k, v, deterministic="yes")
 
 
+def test_the_one_pass_jvp_route_keeps_the_backward_schedule(device):
+    """Under forward-mode duals with autograd on (the one-pass sCT/MeanFlow step), the call's deterministic still
+    picks the backward's schedule: the dQ kernel for True, the atomic one for False."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 1, 20, 32), (1, 1, 24, 32), torch.float32, device))
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    for det in (False, True):
+        def step(det=det):
+            with fwAD.dual_level():
+                out = attention(*(fwAD.make_dual(t, dt) for t, dt in zip((q, k, v), tangents)), impl="triton",
+                                deterministic=det)
+                assert fwAD.unpack_dual(out).tangent is not None
+                torch.autograd.grad(fwAD.unpack_dual(out).primal.square().sum(), [q, k, v])
+        kernels, atomic = _bwd_launches(step)
+        assert ("_attn_bwd_dq_kernel" in kernels) == det and (atomic > 0) == (not det), det
+
+
 def test_cifar10_preset_head_dim_256_uses_the_triton_kernels(device):
     # iCT's NCSN++ (cifar10 preset): one 256-channel head at 16x16; here at 4x4 tokens to keep the interpreter fast.
     qkv = torch.randn(1, 3 * 256, 4, 4, device=device, dtype=torch.float64)

@@ -22,7 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import _describe
-from ._jvp import JvpRule, has_tangent
+from ._jvp import FusedJvpRule, has_tangent
 from ._utils import check_same_device, check_tensor, resolve_impl
 
 # FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
@@ -249,8 +249,8 @@ def _(d_out, q, k, v, out, lse, scale, deterministic):
 
 
 def _deterministic_setup(ctx, inputs, n_args: int) -> None:
-    """The backward's schedule: the call's ``deterministic`` (absent from a JvpRule's inputs) or torch's switch,
-    read when the backward runs (as torch's own ops read it)."""
+    """The backward's schedule: the call's ``deterministic`` (the custom op's and the forward-AD rule's last
+    input) or torch's switch, read when the backward runs (as torch's own ops read it)."""
     ctx.n_inputs = len(inputs)
     ctx.deterministic = bool(inputs[n_args]) if len(inputs) > n_args else False
 
@@ -332,77 +332,79 @@ _qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Forward-mode AD through the one mechanism of fastcm.ops._jvp: a custom_op has no forward-AD hook (torch.func.jvp
-# over one silently returns a zero tangent), so a call whose inputs carry a tangent goes through a JvpRule (an
-# autograd.Function in split form whose backward is the custom op's own) and its tangent comes from the one-pass
-# forward-with-tangent kernel (kernels.attention.attention_fwd_jvp, sCM App. F). Calls without a tangent, and so
-# torch.compile of a forward/backward, see the plain custom ops; a tangent under torch.compile raises
-# (pytorch#192985 would drop the rule and return a wrong tangent).
+# Forward-mode AD through fastcm.ops._jvp: a custom_op has no forward-AD hook (torch.func.jvp over one silently
+# returns a zero tangent), so a call whose inputs carry a tangent goes through a FusedJvpRule: ONE launch of the
+# forward-with-tangent kernel (kernels.attention.attention_fwd_jvp, sCM App. F) gives the output, its tangent and the
+# log-sum-exp, and the output's backward is the custom op's own on (out, lse). No plain forward kernel runs first,
+# so sCT / MeanFlow's one-pass step (autograd on) and torch.func.jvp (no graph) both cost one launch per layer.
+# Calls without a tangent, and so torch.compile of a forward/backward, see the plain custom ops; a tangent under
+# torch.compile raises (pytorch#192985 would drop the rule and return a wrong tangent).
 
 @torch.library.custom_op("fastcm::attention_fwd_jvp", mutates_args=())
 def _attention_fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
-                       scale: float) -> tuple[Tensor, Tensor]:
+                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastcm.kernels.attention import attention_fwd_jvp
 
     out, tout = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
-    attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
-    return out, tout
+    lse = attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
+    return out, tout, lse
 
 
 @_attention_fwd_jvp.register_fake
 def _(q, k, v, tq, tk, tv, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fastcm::qkv_attention_fwd_jvp", mutates_args=())
-def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int,
+                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastcm.kernels.attention import attention_fwd_jvp
 
     N, C3, Hs, Ws = qkv.shape
     out, tout = (torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
-    attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
-                      _out_view(tout, num_heads), scale)
-    return out, tout
+    lse = attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
+                            _out_view(tout, num_heads), scale)
+    return out, tout, lse
 
 
 @_qkv_attention_fwd_jvp.register_fake
 def _(qkv, t_qkv, num_heads, scale):
     N, C3, Hs, Ws = qkv.shape
-    return qkv.new_empty((N, C3 // 3, Hs, Ws)), qkv.new_empty((N, C3 // 3, Hs, Ws))
+    out = qkv.new_empty((N, C3 // 3, Hs, Ws))
+    return out, torch.empty_like(out), qkv.new_empty((N, num_heads, Hs * Ws), dtype=_lse_dtype(qkv))
 
 
 def _tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A missing tangent (input not being differentiated) is zero; tangents never carry autograd history."""
-    return torch.zeros_like(like) if t is None else t.detach()
+    """A missing tangent (input not being differentiated) is zero."""
+    return torch.zeros_like(like) if t is None else t
 
 
-def _attention_tangent(inputs, output, tangents):
-    (q, k, v, scale), (tq, tk, tv, _) = inputs, tangents
-    _, t_out = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k), _tangent(tv, v), scale)
-    return t_out, None  # the log-sum-exp is marked non-differentiable
+def _attention_fused(args, tangents):
+    (q, k, v, scale, *_), (tq, tk, tv, *_) = args, tangents  # the rest: the backward's schedule (no tangent)
+    out, t_out, lse = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k),
+                                                         _tangent(tv, v), scale)
+    return (out, lse), t_out
 
 
-def _qkv_attention_tangent(inputs, output, tangents):
-    (qkv, num_heads, scale), t_qkv = inputs, tangents[0]
-    _, t_out = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), num_heads, scale)
-    return t_out, None  # the log-sum-exp is marked non-differentiable
+def _qkv_attention_fused(args, tangents):
+    (qkv, num_heads, scale, *_), t_qkv = args, tangents[0]
+    out, t_out, lse = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), num_heads, scale)
+    return (out, lse), t_out
 
 
-_ATTENTION_JVP = JvpRule("attention", lambda q, k, v, scale: torch.ops.fastcm.attention_fwd(q, k, v, scale),
-                         _attention_setup, _attention_backward, _attention_tangent)
-_QKV_ATTENTION_JVP = JvpRule("qkv_attention", lambda qkv, heads, scale: torch.ops.fastcm.qkv_attention_fwd(
-    qkv, heads, scale), _qkv_setup, _qkv_backward, _qkv_attention_tangent)
+_ATTENTION_JVP = FusedJvpRule("attention", _attention_fused, _attention_setup, _attention_backward)
+_QKV_ATTENTION_JVP = FusedJvpRule("qkv_attention", _qkv_attention_fused, _qkv_setup, _qkv_backward)
 
 
 def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False) -> Tensor:
     if has_tangent(q, k, v):
-        return _ATTENTION_JVP.apply(q, k, v, scale)[0]
+        return _ATTENTION_JVP.apply(q, k, v, scale, deterministic)
     return torch.ops.fastcm.attention_fwd(q, k, v, scale, deterministic)[0]
 
 
 def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float, deterministic: bool = False) -> Tensor:
     if has_tangent(qkv):
-        return _QKV_ATTENTION_JVP.apply(qkv, num_heads, scale)[0]
+        return _QKV_ATTENTION_JVP.apply(qkv, num_heads, scale, deterministic)
     return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale, deterministic)[0]
 
 
