@@ -4,9 +4,11 @@ Forward, per (batch*head, block of BLOCK_M queries): stream keys/values in block
 (running max m and sum l, FA2 Alg. 1), never materialising the L x L matrix, and save the row log-sum-exp. When all
 keys fit one block (L <= BLOCK_N, e.g. the 8x8 = 64-token level) a single-tile path skips the rescaling.
 Backward (FA2 Alg. 2): a preprocess kernel computes delta_i = sum_d dO_id O_id; a dK/dV kernel per key block loops
-over query blocks; a dQ kernel per query block loops over key blocks. Every output element is written by exactly
-one program: no atomics, bit-deterministic run to run. A forward-with-tangent kernel (sCM App. F) serves forward-mode
-AD (``attention_fwd_jvp``).
+over query blocks. Two schedules for dQ: the fast one (FA2's, 5 matmuls) adds each key block's share dS K to an
+fp32 (fp64) dQ buffer with atomics from the dK/dV kernel (the preprocess zeroes it); the deterministic one runs a
+separate dQ kernel per query block that recomputes P and dP (7 matmuls), every output element written by exactly
+one program, bit-identical run to run. A forward-with-tangent kernel (sCM App. F) serves forward-mode AD
+(``attention_fwd_jvp``).
 
 Conventions shared by the kernels:
 - Softmax in base 2: s2 = (q.k) * scale * log2(e), p = 2^(s2 - lse2), so exp2 replaces exp (cheaper on GPUs).
@@ -51,16 +53,20 @@ def _configs(blocks, interpret_block):
 
 
 def shared_bytes(kernel: str, config: triton.Config, block_d: int, dot_bytes: int) -> int:
-    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dq", "jvp") at ``config``: the tiles a
+    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dkdv_atomic", "dq", "jvp") at ``config``: the tiles a
     program keeps for its whole life once, the tiles it streams per loop step once per pipeline stage, plus one
     fp32 (BLOCK_M x BLOCK_N) layout-conversion scratch. The compile gate checks that it bounds what Triton allocates
     for every config on sm_80 and sm_90 (tests/test_gpu_compile.py), so pruning by it happens before compiling."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dq": (2 * m, 2 * n), "jvp": (2 * m, 4 * n)}
+    # "dkdv_atomic" (the fast schedule's dK/dV kernel) also keeps k in the dS^T-operand layout of dQ += dS K and
+    # converts the dS tile through shared memory once more.
+    tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dkdv_atomic": (3 * n, 2 * m), "dq": (2 * m, 2 * n),
+             "jvp": (2 * m, 4 * n)}
     resident, streamed = tiles[kernel]
-    if kernel == "dkdv":  # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy even unpipelined
+    if kernel.startswith("dkdv"):  # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy unpipelined
         stages = max(stages, 2)
-    return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n
+    extra = dot_bytes * m * n if kernel == "dkdv_atomic" else 0
+    return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n + extra
 
 
 def _pruner(kernel: str):
@@ -69,9 +75,10 @@ def _pruner(kernel: str):
         compile gate's target), configs whose shared memory cannot fit one block; keep the smallest if none fit
         the sequence, raise if none fits the shared memory."""
         limit = shared_memory_limit(named_args["Q"].device)
+        kind = kernel + ("_atomic" if kwargs.get("ATOMIC_DQ") else "")
         if limit is not None:
             dot_bytes = max(2, kwargs["DOT"].primitive_bitwidth // 8) if "DOT" in kwargs else 4
-            fits = [c for c in configs if shared_bytes(kernel, c, kwargs["BLOCK_D"], dot_bytes) <= limit]
+            fits = [c for c in configs if shared_bytes(kind, c, kwargs["BLOCK_D"], dot_bytes) <= limit]
             if not fits:
                 raise ValueError(f"no attention config fits {limit} B of shared memory at head dim "
                                  f"{kwargs['BLOCK_D']}")
@@ -228,9 +235,10 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     O, DO,             # (B, H, Lq, D) views, any strides
     DELTA,             # (B, H, Lq) contiguous: delta_i = sum_d dO_id * O_id (FA2 Alg. 2 line 4)
-    sob, soh, sol, sod, sdb, sdh, sdl, sdd,
+    DQ,                # (B, H, Lq, D) view of the fast schedule's dQ accumulator, zeroed here (unused unless ZERO_DQ)
+    sob, soh, sol, sod, sdb, sdh, sdl, sdd, sdqb, sdqh, sdql, sdqd,
     H, Lq, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, ZERO_DQ: tl.constexpr,
 ):
     bh, b, h, offs_m = _block(Lq, H, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -238,31 +246,38 @@ def _attn_bwd_preprocess_kernel(
     o = tl.load(_tile_ptrs(O + b * sob + h * soh, offs_m, offs_d, sol, sod), mask=mask, other=0).to(ACC)
     do = tl.load(_tile_ptrs(DO + b * sdb + h * sdh, offs_m, offs_d, sdl, sdd), mask=mask, other=0).to(ACC)
     tl.store(DELTA + bh * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
+    if ZERO_DQ:
+        _store_tile(DQ + b * sdqb + h * sdqh, tl.zeros([BLOCK_M, BLOCK_D], ACC), offs_m, offs_d, sdql, sdqd, mask)
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _pruner("dkdv")})
+@triton.autotune(configs=_DKDV_CONFIGS, key=_KEY + ["ATOMIC_DQ"],
+                 prune_configs_by={"early_config_prune": _pruner("dkdv")})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV,  # (B, H, L, D) views, any strides (DK, DV written in K's and V's dtype)
+    DQ,                   # (B, H, Lq, D) view of the zeroed dQ accumulator, ACC dtype (unused unless ATOMIC_DQ)
     LSE, DELTA,           # (B, H, Lq) contiguous, from the forward and the preprocess kernel
     sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd,
-    sdob, sdoh, sdol, sdod, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd,
+    sdob, sdoh, sdol, sdod, sdkb, sdkh, sdkl, sdkd, sdvb, sdvh, sdvl, sdvd, sdqb, sdqh, sdql, sdqd,
     H, Lq, Lk, D,
     qk_scale_hi, qk_scale_lo,  # scale * log2(e) as fp32 hi + lo
     scale_hi, scale_lo,        # scale as fp32 hi + lo
     Lq_key, Lk_key,            # autotune key only (see the forward)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, ACC: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,   # the fast schedule: also add scale * dS K of this key block to DQ with atomics
 ):
     # One program per block of BLOCK_N keys: dV = P^T dO, dK = scale * dS^T Q with dS = P * (dP - delta),
-    # dP = dO V^T (FA2 Alg. 2), accumulated over all query blocks in registers and stored once.
+    # dP = dO V^T (FA2 Alg. 2), accumulated over all query blocks in registers and stored once. With ATOMIC_DQ,
+    # dQ_i += scale * dS_ij K_j for every query block i (FA2 Alg. 2 line 21, atomic across key blocks).
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    scale = _join(scale_hi, scale_lo, ACC)
     bh, b, h, offs_n = _block(Lk, H, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    k, v, _mask_n, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
-                                       skl, skd, svl, svd, Lk, DOT)
+    k, v, mask_n, mask_nd = _key_rows(K + b * skb + h * skh, V + b * svb + h * svh, offs_n, offs_d, mask_d,
+                                      skl, skd, svl, svd, Lk, DOT)
     qk_scale = _join(qk_scale_hi, qk_scale_lo, ACC)
     Q += b * sqb + h * sqh
     DO += b * sdob + h * sdoh
@@ -272,14 +287,22 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     for start_m in range(0, Lq, BLOCK_M):
         # (Distinct names for unused results: Triton refuses a loop-carried name whose type changes in the loop.)
-        q, do, lse, delta, _mask_md = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
-                                                  sql, sqd, sdol, sdod, Lq, DOT)
+        q, do, lse, delta, mask_md = _query_rows(Q, DO, LSE, DELTA, start_m + offs_m, offs_d, mask_d,
+                                                 sql, sqd, sdol, sdod, Lq, DOT)
         # Transposed (BLOCK_N, BLOCK_M) tiles. No mask needed: padded query rows load q = dO = lse = delta = 0, so
         # p = 1 and dS = 0 there and they add nothing; padded key rows only reach rows of dK/dV never stored.
         p_t, dpd_t = _probs_ds(k, q, v, do, lse[None, :], delta[None, :], qk_scale, PRECISION, ACC)
+        if ATOMIC_DQ:
+            # dQ does read padded key rows: their 2^(0 - lse) may overflow (see the dQ kernel), so zero them.
+            p_t = tl.where(mask_n[:, None], p_t, 0.0)
+        ds_t = p_t * dpd_t
         dv = tl.dot(p_t.to(DOT), do, dv, input_precision=PRECISION, out_dtype=ACC)
-        dk = tl.dot((p_t * dpd_t).to(DOT), q, dk, input_precision=PRECISION, out_dtype=ACC)
-    dk = dk * _join(scale_hi, scale_lo, ACC)
+        dk = tl.dot(ds_t.to(DOT), q, dk, input_precision=PRECISION, out_dtype=ACC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(DOT)), k, input_precision=PRECISION, out_dtype=ACC) * scale
+            tl.atomic_add(_tile_ptrs(DQ + b * sdqb + h * sdqh, start_m + offs_m, offs_d, sdql, sdqd), dq,
+                          mask=mask_md, sem="relaxed")
+    dk = dk * scale
     _store_tile(DK + b * sdkb + h * sdkh, dk, offs_n, offs_d, sdkl, sdkd, mask_nd)
     _store_tile(DV + b * sdvb + h * sdvh, dv, offs_n, offs_d, sdvl, sdvd, mask_nd)
 
@@ -438,23 +461,32 @@ def attention_fwd(q, k, v, out, scale: float) -> torch.Tensor:
     return lse
 
 
-def attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale: float) -> None:
+def attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale: float, deterministic: bool = False) -> None:
     """Write the gradients of attention into ``dq``, ``dk``, ``dv`` given d_out (any strides, including the
-    expanded stride-0 gradient of ``.sum()``), the forward's ``out`` and ``lse``."""
+    expanded stride-0 gradient of ``.sum()``), the forward's ``out`` and ``lse``. ``deterministic=False``: the fast
+    schedule (5 matmuls; dQ accumulated with atomics, so its last bits vary run to run on a GPU); True: the separate
+    dQ kernel (7 matmuls, bit-identical run to run)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     meta = _meta(q)
     delta = torch.empty((B, H, Lq), dtype=lse.dtype, device=q.device)
+    # The fast schedule accumulates dQ in the compute dtype: in dq itself when it has that dtype, else in a buffer.
+    dq_acc = dq if deterministic or dq.dtype == lse.dtype else torch.empty(dq.shape, dtype=lse.dtype,
+                                                                            device=q.device)
     block_m = max(16, min(64, 4096 // meta["BLOCK_D"]))  # an O and a dO tile of <= 4096 elements each
     _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, block_m) * B * H,)](
-        out, d_out, delta, *out.stride(), *d_out.stride(), H, Lq, D,
-        BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], ACC=meta["ACC"])
+        out, d_out, delta, dq_acc, *out.stride(), *d_out.stride(), *dq_acc.stride(), H, Lq, D,
+        BLOCK_M=block_m, BLOCK_D=meta["BLOCK_D"], ACC=meta["ACC"], ZERO_DQ=not deterministic)
     scales = (*_split_fp32(scale * LOG2E), *_split_fp32(scale), *_keys(Lq, Lk))
     strides = (*q.stride(), *k.stride(), *v.stride(), *d_out.stride())
     _attn_bwd_dkdv_kernel[_grid(Lk, B * H, "BLOCK_N")](
-        q, k, v, d_out, dk, dv, lse, delta, *strides, *dk.stride(), *dv.stride(), H, Lq, Lk, D, *scales, **meta)
-    _attn_bwd_dq_kernel[_grid(Lq, B * H, "BLOCK_M")](
-        q, k, v, d_out, dq, lse, delta, *strides, *dq.stride(), H, Lq, Lk, D, *scales, **meta)
+        q, k, v, d_out, dk, dv, dq_acc, lse, delta, *strides, *dk.stride(), *dv.stride(), *dq_acc.stride(),
+        H, Lq, Lk, D, *scales, ATOMIC_DQ=not deterministic, **meta)
+    if deterministic:
+        _attn_bwd_dq_kernel[_grid(Lq, B * H, "BLOCK_M")](
+            q, k, v, d_out, dq, lse, delta, *strides, *dq.stride(), H, Lq, Lk, D, *scales, **meta)
+    elif dq_acc is not dq:
+        dq.copy_(dq_acc)  # fp16/bf16: one rounding of the fp32 sum
 
 
 def attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale: float) -> torch.Tensor:

@@ -332,12 +332,14 @@ def _group_norm_bwd_dx_kernel(
 #     h = gamma xhat + beta,  h' = gamma xhat' + gamma' xhat + beta',  a = h (1 + s) + t,  a' = h' (1 + s) + h s' + t',
 #     y' = a' silu'(a)  (silu'(a) = sig(a) (1 + a (1 - sig(a)))).
 # One read of x and x' gives the four sums (sum x, sum (x - mu)^2, sum x', sum (x - mu) x'), the centred forms
-# being exact two-pass values in registers (no E[x^2] - E[x]^2 cancellation); y is written too when WRITE_Y.
+# being exact two-pass values in registers (no E[x^2] - E[x]^2 cancellation); y is written too when WRITE_Y, and
+# mean / rstd always, so that with WRITE_Y this one launch is also the op's forward for its backward.
 @triton.jit
 def _group_norm_jvp_fused_kernel(
     x_ptr, xd_ptr, y_ptr, yd_ptr,              # (N, C, S) input, its tangent, output (if WRITE_Y), tangent out
     w_ptr, b_ptr, scale_ptr, shift_ptr,        # as in the forward
     wd_ptr, bd_ptr, scaled_ptr, shiftd_ptr,    # their tangents: (C,), (C,), (N, C), (N, C); unused unless HAS_*D
+    mean_ptr, rstd_ptr,                        # (N * G,) statistics out, as the forward's (the backward reads them)
     eps, G, C, S,
     sxn, sxc, sxs, sdn, sdc, sds, syn, syc, sys, sen, sec, ses,  # strides of x, x', y, y'
     CPG: tl.constexpr,
@@ -352,6 +354,8 @@ def _group_norm_jvp_fused_kernel(
     x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, CL, ACC)
     mean, m2 = _tile_stats(x, mask, (CPG * S).to(ACC), ACC)
     rstd = 1.0 / tl.sqrt(m2 / (CPG * S) + eps)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
     xhat = tl.where(mask, x - mean, 0.0) * rstd
     xhat_dot = tl.zeros_like(xhat)
     if HAS_XD:
@@ -561,9 +565,9 @@ def group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, silu: bool, ch
 
 def group_norm_jvp(x, x_dot, num_groups: int, weight, bias, eps: float, scale, shift, weight_dot, bias_dot,
                    scale_dot, shift_dot, silu: bool, write_y: bool):
-    """One pass over x and its tangent x_dot (None: zero) giving (y, y_dot) of
-    y = act((GN(x) * weight + bias) * (1 + scale) + shift); y is an empty tensor unless ``write_y``. Groups must
-    fit the fused tangent kernel (``jvp_fits``)."""
+    """One pass over x and its tangent x_dot (None: zero) giving (y, y_dot, mean, rstd) of
+    y = act((GN(x) * weight + bias) * (1 + scale) + shift); y is an empty tensor unless ``write_y``; mean, rstd
+    are the (N, G) statistics of ``group_norm_fwd``. Groups must fit the fused tangent kernel (``jvp_fits``)."""
     N, C = x.shape[:2]
     x3 = x.reshape(N, C, -1)
     S = x3.shape[2]
@@ -579,10 +583,12 @@ def group_norm_jvp(x, x_dot, num_groups: int, weight, bias, eps: float, scale, s
     y, y_dot = (empty_out(x) if write_y else x.new_empty(0)), empty_out(x)
     y3, yd3 = (y.view(N, C, S) if write_y else x3), y_dot.view(N, C, S)
     dot_params = [t.contiguous() if t is not None else x3 for t in dots]
+    mean = torch.empty((N, num_groups), dtype=accumulate_dtype(x), device=x.device)
+    rstd = torch.empty_like(mean)
     (launch,) = plan.launches
-    launch.kernel[launch.grid](x3, xd3, y3, yd3, *params, *dot_params, eps, num_groups, C, S, *x3.stride(),
-                               *xd3.stride(), *y3.stride(), *yd3.stride(), **launch.meta)
-    return y, y_dot
+    launch.kernel[launch.grid](x3, xd3, y3, yd3, *params, *dot_params, mean, rstd, eps, num_groups, C, S,
+                               *x3.stride(), *xd3.stride(), *y3.stride(), *yd3.stride(), **launch.meta)
+    return y, y_dot, mean, rstd
 
 
 def jvp_fits(x: torch.Tensor, num_groups: int) -> bool:

@@ -193,8 +193,9 @@ def test_opcheck(device):
     q, k, v = _qkv((1, 2, 20, 32), (1, 2, 20, 32), torch.float32, device)
     torch.library.opcheck(torch.ops.fastcm.attention_fwd.default, (q.requires_grad_(), k, v, 0.2))
     out, lse = torch.ops.fastcm.attention_fwd(q.detach(), k, v, 0.2)
-    torch.library.opcheck(torch.ops.fastcm.attention_bwd.default, (torch.randn_like(out), q.detach(), k, v, out,
-                                                                   lse, 0.2))
+    for deterministic in (False, True):
+        torch.library.opcheck(torch.ops.fastcm.attention_bwd.default, (torch.randn_like(out), q.detach(), k, v,
+                                                                       out, lse, 0.2, deterministic))
     qkv = torch.randn(1, 3 * 32, 3, 4, device=device)
     torch.library.opcheck(torch.ops.fastcm.qkv_attention_fwd.default, (qkv.requires_grad_(), 2, 0.25))
 
@@ -245,6 +246,77 @@ def test_different_strides_per_input_and_head_dims_to_256(Lq, Lk, D, device):
         warnings.simplefilter("error")
         _check_against_fp64(_triton, attention_ref, [q, k, v], torch.float32,
                             torch.randn(B, H, Lq, D, generator=g).to(device))
+
+
+# Both backward schedules (FA2's atomic dQ, the default, and the deterministic dQ kernel) against the fp64 reference:
+# several query blocks receiving atomic adds from several key blocks (Lq 70, Lk 130 at the interpreter's 64-blocks),
+# a tail of a single key block, per-input strides, head dims above 64, fp32 and fp64.
+SCHEDULE_CASES = [(70, 130, 96, torch.float32), (9, 20, 256, torch.float64), (70, 9, 40, torch.float64)]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("Lq, Lk, D, dtype", SCHEDULE_CASES, ids=[f"Lq{a}Lk{b}D{d}" for a, b, d, _ in SCHEDULE_CASES])
+def test_both_backward_schedules_match_fp64_reference(Lq, Lk, D, dtype, deterministic, device):
+    g = torch.Generator().manual_seed(Lq + D)
+    q, k, v = (_strided(shape, g, dtype, kind).to(device) for shape, kind in
+               (((1, 2, Lq, D), "sliced"), ((1, 2, Lk, D), "contiguous"), ((1, 2, Lk, D), "transposed")))
+    grad_out = torch.randn(1, 2, Lq, D, generator=g).to(device)
+    _check_against_fp64(lambda *x: attention(*x, impl="triton", deterministic=deterministic), attention_ref,
+                        [q, k, v], dtype, grad_out)
+
+
+def _bwd_launches(fn):
+    """Kernel names launched by fn() and the bytes its launches touched with atomics."""
+    from fastcm.kernels import _probe
+
+    with _probe.probe(sanitize=False) as p:
+        fn()
+    return {r.kernel for r in p.launches}, sum(r.atomic for r in p.launches)
+
+
+def test_deterministic_switch_picks_the_dq_kernel(device):
+    """Default: the atomic schedule (no dQ kernel); deterministic=True or torch.use_deterministic_algorithms (read
+    at backward time): the separate dQ kernel and no atomics, for attention and qkv_attention alike, with gradients
+    equal to fp32 rounding."""
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 1, 20, 32), (1, 1, 24, 32), torch.float32, device))
+    qkv = torch.randn(1, 96, 4, 4, device=device, requires_grad=True)
+    runs = {}
+    for label, det in (("fast", False), ("explicit", True), ("torch switch", False)):
+        def step(det=det):
+            out = attention(q, k, v, impl="triton", deterministic=det)
+            out2 = qkv_attention(qkv, 1, impl="triton", deterministic=det)
+            if label == "torch switch":
+                torch.use_deterministic_algorithms(True)
+            try:
+                runs[label] = torch.autograd.grad((out.square().sum() + out2.square().sum()), [q, k, v, qkv])
+            finally:
+                torch.use_deterministic_algorithms(False)
+        kernels, atomic = _bwd_launches(step)
+        assert ("_attn_bwd_dq_kernel" in kernels) == (label != "fast") and (atomic > 0) == (label == "fast"), label
+    for a, b in zip(runs["fast"], runs["explicit"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(runs["explicit"], runs["torch switch"]):
+        assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="deterministic must be a bool"):
+        attention(q, k, v, deterministic="yes")
+
+
+def test_the_one_pass_jvp_route_keeps_the_backward_schedule(device):
+    """Under forward-mode duals with autograd on (the one-pass sCT/MeanFlow step), the call's deterministic still
+    picks the backward's schedule: the dQ kernel for True, the atomic one for False."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 1, 20, 32), (1, 1, 24, 32), torch.float32, device))
+    tangents = [torch.randn_like(t) for t in (q, k, v)]
+    for det in (False, True):
+        def step(det=det):
+            with fwAD.dual_level():
+                out = attention(*(fwAD.make_dual(t, dt) for t, dt in zip((q, k, v), tangents)), impl="triton",
+                                deterministic=det)
+                assert fwAD.unpack_dual(out).tangent is not None
+                torch.autograd.grad(fwAD.unpack_dual(out).primal.square().sum(), [q, k, v])
+        kernels, atomic = _bwd_launches(step)
+        assert ("_attn_bwd_dq_kernel" in kernels) == det and (atomic > 0) == (not det), det
 
 
 def test_cifar10_preset_head_dim_256_uses_the_triton_kernels(device):
@@ -428,9 +500,14 @@ def test_cuda_half_precision_vs_fp64(dtype, L, D):
 @pytest.mark.gpu
 def test_cuda_deterministic_and_fp64_fallback():
     inputs = _qkv((8, 8, 1024, 64), (8, 8, 1024, 64), torch.float16, "cuda")
-    a, ga = _run(_triton, inputs, torch.ones(8, 8, 1024, 64, device="cuda"))
-    b, gb = _run(_triton, inputs, torch.ones(8, 8, 1024, 64, device="cuda"))
+    det = lambda *x: attention(*x, impl="triton", deterministic=True)  # noqa: E731
+    a, ga = _run(det, inputs, torch.ones(8, 8, 1024, 64, device="cuda"))
+    b, gb = _run(det, inputs, torch.ones(8, 8, 1024, 64, device="cuda"))
     assert torch.equal(a, b) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+    c, gc = _run(_triton, inputs, torch.ones(8, 8, 1024, 64, device="cuda"))  # the atomic schedule: close, not equal
+    assert torch.equal(a, c)
+    for x, y in zip(ga, gc):
+        _close(y, x, torch.float16, "atomic vs deterministic", grad=True)
     q, k, v = _qkv((1, 2, 33, 64), (1, 2, 33, 64), torch.float64, "cuda")
     with pytest.warns(UserWarning, match="float64 on CUDA"):
         out = attention(q, k, v, impl="triton")

@@ -286,3 +286,22 @@ def test_cached_reference():
                                rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="mu must have shape"):
         ref.distance(torch.zeros(3), torch.eye(3))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200])
+def test_covariances_far_from_unit_scale_are_rescaled(scale):
+    """Issue 21 item 9: covariances of 1e200 made LAPACK fail (dsyevr info=1). Features scaled by a = sqrt(scale)
+    (covariances by scale) give scale * FD of the unscaled problem, as scipy computes it; covariances alone scaled
+    (means kept) work too; a distance beyond fp64 is refused in one line."""
+    mu1, s1 = _stats(100, 16, seed=3)
+    mu2, s2 = _stats(100, 16, seed=4, scale=1.5, shift=0.3)
+    expected = _scipy_fd(mu1, s1, mu2, s2)
+    a = math.sqrt(scale)
+    for impl in ("auto", "torch"):
+        fd = frechet_distance(mu1 * a, s1 * scale, mu2 * a, s2 * scale, impl=impl)
+        assert fd.item() == pytest.approx(expected * scale, rel=1e-10)
+    diff = float(((mu1 - mu2) ** 2).sum())
+    assert frechet_distance(mu1, s1 * scale, mu2, s2 * scale).item() == pytest.approx(
+        diff + (expected - diff) * scale, rel=1e-10)
+    with pytest.raises(ValueError, match="exceeds the fp64 range"):
+        frechet_distance(mu1 * 1e160, s1 * 1e306, mu2 * 1e160, s2 * 1e306)

@@ -141,9 +141,13 @@ def test_group_norm_jvp_kernel_writes_y_and_tangent_in_one_pass():
     # The fused kernel alone (WRITE_Y): y and y' from one read of x and x'.
     primals, tangents = _gn_case((2, 6, 3, 5), 3, torch.float64, "channels_last")
     x, w, b, s, sh = primals
-    y, y_dot = torch.ops.fastcm.group_norm_jvp(x, tangents[0], 3, w, b, 1e-5, s, sh, *tangents[1:], True, True)
+    y, y_dot, mean, rstd = torch.ops.fastcm.group_norm_jvp(x, tangents[0], 3, w, b, 1e-5, s, sh, *tangents[1:],
+                                                           True, True)
     ref, ref_dot = torch.func.jvp(lambda *a: _gn_oracle(a[0], 3, *a[1:], "silu"), primals, tangents)
     assert y.stride() == x.stride()
+    xg = x.reshape(2, 3, -1)  # the statistics the backward reads, as the forward kernel writes them
+    assert_close(mean, xg.mean(-1), torch.float64, reduce_len=10)
+    assert_close(rstd, (xg.var(-1, unbiased=False) + 1e-5).rsqrt(), torch.float64, reduce_len=10)
     assert_close(y, ref, torch.float64, reduce_len=30)
     assert_close(y_dot, ref_dot, torch.float64, reduce_len=30)
 

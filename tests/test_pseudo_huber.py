@@ -246,3 +246,56 @@ def test_cuda_deterministic():
     a = pseudo_huber_loss(pred, target, 0.03, reduction="none")
     b = pseudo_huber_loss(pred, target, 0.03, reduction="none")
     assert torch.equal(a, b)
+
+
+def _hypot_closed_form(pred, target, c, per):
+    """fp64 loss and d loss / d pred from math.hypot, which neither overflows nor underflows in c^2: loss =
+    S / (hypot(n, c) + c) with n = ||pred - target||, S = n^2 (both well inside fp64 at the shapes below)."""
+    diff = pred.double() - target.double()
+    n = diff.flatten(1).norm(dim=1) if per == "sample" else diff.abs()
+    h = torch.tensor([math.hypot(float(x), c) for x in n.flatten()], dtype=torch.float64).view(n.shape)
+    loss = n.square() / (h + c)
+    return loss, diff / (h.view(-1, *([1] * (diff.dim() - 1))) if per == "sample" else h)
+
+
+# Issue 21 item 9: c^2 overflows fp32 at 2e19 and fp64 at 1e300; c = 1e300 is no fp32 number at all (computed in
+# fp64, rounded to fp32); c^2 = 1e-60 vanishes in fp32, so pred == target was 0 / 0 in the gradient.
+EXTREME_C = [(torch.float32, 2e19, False), (torch.float64, 1e300, False), (torch.float32, 1e300, False),
+             (torch.float32, 1e-30, True), (torch.float32, 1e-30, False), (torch.float64, 1e-310, True)]
+
+
+@pytest.mark.parametrize("dtype, c, same", EXTREME_C, ids=[f"{str(d)[6:]}-c{c:g}-{'equal' if s else 'apart'}"
+                                                           for d, c, s in EXTREME_C])
+@pytest.mark.parametrize("per", ["sample", "element"])
+def test_extreme_c_is_finite_and_exact_on_both_routes(dtype, c, same, per, device):
+    pred, target, _ = _inputs((3, 2, 5, 5), dtype, device)
+    target = pred.clone() if same else target
+    loss_exp, grad_exp = _hypot_closed_form(pred, target, c, per)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    for impl in ("triton", "torch"):
+        p = pred.clone().requires_grad_()
+        loss = pseudo_huber_loss(p, target, c, reduction="none", per=per, impl=impl)
+        loss.sum().backward()
+        assert loss.dtype == dtype and bool(torch.isfinite(loss).all() and torch.isfinite(p.grad).all()), impl
+        torch.testing.assert_close(loss, loss_exp.to(dtype), rtol=rtol, atol=0, msg=lambda m: f"{impl} loss: {m}")
+        torch.testing.assert_close(p.grad, grad_exp.to(dtype), rtol=rtol, atol=0, msg=lambda m: f"{impl} grad: {m}")
+    if same:
+        assert not loss.any() and not p.grad.any()
+
+
+def test_one_pass_and_two_pass_rows_agree_on_large_differences(device, monkeypatch):
+    """Differences of 1e30 (squares overflow fp32) give the same loss and gradient through the one-block path and
+    through the two-pass path of rows longer than a block (forced here with a 64-element block)."""
+    from fastcm.kernels import pseudo_huber as kernels
+
+    pred, target, _ = _inputs((2, 3, 10, 10), torch.float32, device)
+    pred = pred * 1e30
+    loss_exp, grad_exp = _hypot_closed_form(pred, target, 0.5, "sample")
+    for cap in (None, 64):
+        if cap:
+            monkeypatch.setattr(kernels, "block_size", lambda n: cap)
+        p = pred.clone().requires_grad_()
+        loss = pseudo_huber_loss(p, target, 0.5, reduction="none", impl="triton")
+        loss.sum().backward()
+        torch.testing.assert_close(loss, loss_exp.float(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(p.grad, grad_exp.float(), rtol=1e-5, atol=1e-30)

@@ -107,8 +107,9 @@ def test_nan_guard_stops_a_method_run(digits, method):
 
 @pytest.mark.parametrize("method", JVP_METHODS)
 def test_compiled_step_matches_eager(method):
-    """compile=True compiles the model call (the trainable primal pass and the sampler); the network JVP runs
-    eagerly (fastcm.cm.jvp). The eager dynamo backend runs the captured ops unchanged: results must be identical."""
+    """compile=True compiles the sampler's model call; the one-pass training step (dual inputs) runs eagerly
+    (fastcm.cm.jvp: a compiled module fed forward-AD duals returns a wrong tangent on torch 2.13, silently), so no
+    graph is captured during training. Results must be identical to eager."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -123,7 +124,7 @@ def test_compiled_step_matches_eager(method):
                            progress=False)
         results[compiled] = res
         if compiled:
-            assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+            assert counters["stats"]["unique_graphs"] == 0 and not counters["graph_break"]
     assert [r["loss"] for r in results[False].records] == [r["loss"] for r in results[True].records]
     assert _equal(results[False].model, results[True].model)
     torch._dynamo.reset()

@@ -1,27 +1,38 @@
-"""The network JVP of the continuous-time methods (sCT, MeanFlow): ``torch.func.jvp`` under ``torch.no_grad()``.
+"""The network JVP of the continuous-time methods (sCT, MeanFlow), in one pass or two.
 
 Both methods use the JVP only inside a stop-gradient (sCM Eq. 8 / Alg. 1; MeanFlow Alg. 1), so it is forward-mode
-only: no graph is kept, and the trainable primal is a separate pass with the same dropout seed.
+only, and the trainable output *is* the JVP's primal: same parameters, same inputs, same dropout mask.
+
+``jvp_mode="one_pass"`` (the default, :func:`dual_pass`): ONE network call on ``torch.autograd.forward_ad`` dual
+inputs under autograd gives the trainable output with its graph and its tangent, which is detached (the methods'
+stop-gradient) and whose own graph is freed with the dual level. The call is the model's ``__call__`` (so DDP
+all-reduces the gradients) and runs eagerly (``torch.compiler.set_stance("force_eager")``: compiled code drops
+custom ``jvp`` rules, pytorch#192985). Under the caller's ``torch.autocast`` the tangent is computed at the autocast
+precision, like the primal (sCM's FP16 recipe relies on the JVP rearrangement, which the sCT loss applies).
+``jvp_mode="two_pass"`` (:func:`network_jvp`, the oracle of the tests): ``torch.func.jvp`` under
+``torch.no_grad()`` with autocast off, then a separate trainable forward with the same dropout seed.
 
 Routes. By default (``impl=None``) the JVP runs on the model's own ops route: on CUDA the Triton route, whose
-GroupNorm(+scale/shift+SiLU) and attention compute the output and its tangent in one fused pass
-(fastcm.ops._jvp; before those rules, ``torch.func.jvp`` through a ``custom_op`` silently returned a zero tangent).
-Where a U-Net's ops resolve to Triton, the route is first probed once per device (:func:`check_triton_tangents`:
-the ops' JVP against the reference's), so a route that does not carry the right tangent raises instead of training
-on a silently wrong one. ``impl="torch"`` runs the JVP's ops on the reference (explicit group norm and softmax attention)
-inside a ``fastcm.ops.use_impl`` block, which leaves the model untouched.
-The JVP runs eagerly on the unwrapped module (``torch.func.jvp`` of a DDP module fails, pytorch#102197; a custom
-``jvp`` rule is dropped inside a compiled JVP, pytorch#192985).
+GroupNorm(+scale/shift+SiLU) and attention compute the output and its tangent in one fused launch per layer
+(fastcm.ops._jvp.FusedJvpRule; before those rules, ``torch.func.jvp`` through a ``custom_op`` silently returned a
+zero tangent). Where a U-Net's ops resolve to Triton, the route is first probed once per device
+(:func:`check_triton_tangents`), so a route that does not carry the right tangent raises instead of training on a
+silently wrong one. ``impl="torch"`` runs the ops on the reference (explicit group norm and softmax attention) inside a
+``fastcm.ops.use_impl`` block, which leaves the model untouched, for the JVP pass (in one-pass mode: the whole
+step's forward). ``torch.func.jvp`` of a DDP module fails (pytorch#102197), so two_pass runs it on the
+unwrapped module.
 """
 import contextlib
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from fastcm.models.unet import UNet
 from fastcm.ops import group_norm, group_norm_ref, qkv_attention, qkv_attention_ref, resolve_impl, use_impl
 
+JVP_MODES = ("one_pass", "two_pass")
 _PROBED = {}  # device -> None (the Triton route carries tangents) or the reason it does not
 
 
@@ -71,6 +82,81 @@ def check_triton_tangents(device) -> None:
                            f"({_PROBED[device]}); run the JVP on the reference ops (jvp_impl='torch')")
 
 
+def _probe_route(model: nn.Module, x: Tensor, impl: Optional[str]) -> None:
+    if impl is None and any(resolve_impl(m.config.impl, x) == "triton" for m in model.modules() if isinstance(m, UNet)):
+        check_triton_tangents(x.device)
+
+
+def _check_channels_last(e: RuntimeError) -> None:
+    """Re-raise forward AD's layout error with its diagnosis (the caller re-raises any other error as it is)."""
+    if "view size is not compatible" in str(e):
+        raise RuntimeError("the network JVP failed on a channels_last layout: forward AD of torch.group_norm "
+                        "(fastcm's reference group norm) does not support channels_last activations on "
+                        "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
+
+
+def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
+              impl: Optional[str] = None):
+    """(outputs, tangent): ``fn(*duals)`` called ONCE on forward-AD dual inputs under the caller's grad mode.
+
+    ``outputs`` is fn's output (a tensor or a tuple) with its autograd graph; ``tangent`` is the detached tangent of
+    its first tensor along ``tangents``. ``model`` is the module fn calls (its fastcm U-Nets take ``impl``). A
+    module without a forward-AD rule, which leaves the output with no tangent, raises naming the module.
+    """
+    primals = tuple(p.contiguous() for p in primals)
+    tangents = tuple(t.contiguous() for t in tangents)
+    _probe_route(model, primals[0], impl)
+    with fwAD.dual_level(), ops_impl(model, impl), torch.compiler.set_stance("force_eager"):
+        duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        try:
+            out = fn(*duals)
+        except (RuntimeError, NotImplementedError) as e:
+            if isinstance(e, RuntimeError):
+                _check_channels_last(e)
+            if "forward" not in str(e) or ("AD" not in str(e) and "jvp" not in str(e)):
+                raise
+            raise RuntimeError(_no_rule_message(model, fn, duals, f"raised {type(e).__name__}: {e}")) from e
+        first = out[0] if isinstance(out, tuple) else out
+        tangent = fwAD.unpack_dual(first).tangent
+        if tangent is None:
+            raise RuntimeError(_no_rule_message(model, fn, duals, "left the network output with no tangent"))
+        tangent = tangent.detach()
+    return out, tangent
+
+
+def _no_rule_message(model: nn.Module, fn: Callable, duals, what: str) -> str:
+    """One line naming the innermost module that raised, else the first whose inputs carry a tangent and whose
+    output does not: fn is rerun once with module hooks (only on this error path)."""
+    from fastcm.ops._jvp import has_tangent
+
+    names = {m: n or "<model>" for n, m in model.named_modules()}
+    stack, dropped, raised = [], [], []
+
+    def pre(module, args):
+        stack.append(module)
+
+    def post(module, args, output):
+        stack.pop()
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        if has_tangent(*args) and not has_tangent(*outs) and any(isinstance(o, Tensor) for o in outs):
+            dropped.append(module)
+
+    handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        with torch.no_grad():
+            fn(*duals)
+    except Exception:  # noqa: BLE001 - the original error is chained by the caller
+        raised.append(stack[-1] if stack else None)
+    finally:
+        for h in handles:
+            h.remove()
+    culprit = (raised or dropped or [None])[0]
+    where = "a function outside the model's modules" if culprit is None else \
+        f"module {names.get(culprit, '?')} ({type(culprit).__name__})"
+    return (f"jvp_mode='one_pass': {where} has no forward-AD rule (forward AD {what.splitlines()[0]}); give it "
+            f"one, or pass jvp_mode='two_pass'")
+
+
 def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
                 impl: Optional[str] = None):
     """(fn(*primals), d fn(*primals)[tangents]) with no autograd graph; ``model`` is the module ``fn`` calls.
@@ -84,17 +170,11 @@ def network_jvp(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tange
     """
     primals = tuple(p.contiguous() for p in primals)
     tangents = tuple(t.contiguous() for t in tangents)
-    device_type = primals[0].device.type
-    if impl is None and any(resolve_impl(m.config.impl, primals[0]) == "triton" for m in model.modules()
-                            if isinstance(m, UNet)):
-        check_triton_tangents(primals[0].device)
-    with torch.no_grad(), torch.autocast(device_type, enabled=False), ops_impl(model, impl):
+    _probe_route(model, primals[0], impl)
+    with torch.no_grad(), torch.autocast(primals[0].device.type, enabled=False), ops_impl(model, impl):
         try:
             out, tangent = torch.func.jvp(fn, primals, tangents)
         except RuntimeError as e:
-            if "view size is not compatible" not in str(e):
-                raise
-            raise RuntimeError("the network JVP failed on a channels_last layout: forward AD of torch.group_norm "
-                               "(fastcm's reference group norm) does not support channels_last activations on "
-                               "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
+            _check_channels_last(e)
+            raise
     return out.detach(), tangent.detach()

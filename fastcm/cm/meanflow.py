@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcm._checks import check_tensor
+from fastcm._checks import check_choice, check_tensor
 
-from .jvp import network_jvp
+from .jvp import JVP_MODES, dual_pass, network_jvp
 from .precond import UNetWrapper, find_wrapped, unwrap
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
 
@@ -127,13 +127,14 @@ class MeanFlowLoss:
         p, c: adaptive weight 1 / (L + c)^p (CIFAR-10 code: 0.75, 1e-3; ImageNet JAX code: 1.0, 0.01).
         jvp_impl: ops backend during the JVP (see :mod:`fastcm.cm.jvp`): None, the model's own route (the fused
             Triton forward+tangent kernels on CUDA, probed once), or "torch" (the reference ops).
-    The trainable u_theta is a second pass with the JVP's dropout seed (py-meanflow's "separate u_pred" variant),
-    so the JVP keeps no graph.
+        jvp_mode: "one_pass" (u_theta with its graph and du/dt from ONE model call on forward-AD duals, as
+            py-meanflow's ``torch.func.jvp`` primal; the tangent is detached) or "two_pass" (a JVP without graph,
+            then the trainable u_theta with the same dropout seed, py-meanflow's "separate u_pred"; the oracle).
     """
 
     def __init__(self, P_mean: float = -2.0, P_std: float = 2.0, ratio: float = 0.75, p: float = 0.75,
                  c: float = 1e-3, *, r_P_mean: Optional[float] = None, r_P_std: Optional[float] = None,
-                 jvp_impl: Optional[str] = None):
+                 jvp_impl: Optional[str] = None, jvp_mode: str = "one_pass"):
         meanflow_sample_times(1, P_mean, P_std, ratio, r_P_mean=r_P_mean, r_P_std=r_P_std)  # validates
         self.p = _check_real("p", p, 0.0)
         if not _check_real("c", c, 0.0) > 0:
@@ -141,6 +142,8 @@ class MeanFlowLoss:
         self.c = float(c)
         self.P_mean, self.P_std, self.ratio = float(P_mean), float(P_std), float(ratio)
         self.r_P_mean, self.r_P_std, self.jvp_impl = r_P_mean, r_P_std, jvp_impl
+        check_choice("jvp_mode", jvp_mode, JVP_MODES)
+        self.jvp_mode = jvp_mode
 
     def target(self, model, z: Tensor, r: Tensor, t: Tensor, v: Tensor, class_labels=None, dropout_seed=None):
         """(u^-, u_tgt): the stop-gradient u(z, r, t) and v - (t - r) du/dt, du/dt the JVP along (v, 0, 1)."""
@@ -166,8 +169,14 @@ class MeanFlowLoss:
         seed = torch.randint(0, 2**31 - 1, (), generator=generator, device=dev).to(x0.device)
         tv = t.view(-1, 1, 1, 1)
         z, v = (1 - tv) * x0 + tv * e, e - x0
-        _, u_tgt = self.target(model, z, r, t, v, class_labels, seed)
-        u = model(z, r, t, class_labels, dropout_seed=seed)
+        if self.jvp_mode == "one_pass":  # u_theta and du/dt along (v, 0, 1) from one call
+            u, dudt = dual_pass(find_meanflow(model), lambda zz, rr, tt: model(zz, rr, tt, class_labels,
+                                                                               dropout_seed=seed),
+                                (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)), impl=self.jvp_impl)
+            u_tgt = meanflow_target(v, r, t, dudt.to(u.dtype))
+        else:
+            _, u_tgt = self.target(model, z, r, t, v, class_labels, seed)
+            u = model(z, r, t, class_labels, dropout_seed=seed)
         return meanflow_adaptive_loss(u, u_tgt, self.p, self.c)
 
 

@@ -13,9 +13,10 @@ A checkpoint's method is ``meta["method"]`` (key :data:`METHOD_KEY`); :func:`met
 The model classes differ in their extra parameters (TrigFlowModel adds the adaptive weight ``weight.*``), so a
 checkpoint's state_dict loads into ``get_method(meta["method"]).make_model(unet)``.
 
-Costs per step (network passes on the batch): iCT 2 forwards + 1 backward; sCT and MeanFlow 1 JVP (a forward
-with tangents, no graph) + 1 forward + 1 backward. The JVP runs on the model's own ops route by default
-(fastcm.cm.jvp; ``impl="torch"`` for the reference ops).
+Costs per step (network passes on the batch): iCT 2 forwards + 1 backward; sCT and MeanFlow 1 forward on dual
+tensors (output with its graph and its tangent from one call, ``jvp_mode="one_pass"``) + 1 backward, or with
+``jvp_mode="two_pass"`` 1 JVP without graph + 1 forward + 1 backward (fastcm.cm.jvp). The JVP runs on the model's own
+ops route by default (``impl="torch"`` for the reference ops).
 """
 from typing import Mapping, Optional
 

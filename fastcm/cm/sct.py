@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastcm._checks import check_choice, check_tensor
 
-from .jvp import network_jvp
+from .jvp import JVP_MODES, dual_pass, network_jvp
 from .precond import UNetWrapper, find_wrapped
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
 
@@ -191,16 +191,22 @@ class SCTLoss:
         tangent_norm: "l2" (the paper's ||g||) or "rms" (FastGen), see :func:`normalize_tangent`.
         jvp_impl: ops backend during the JVP (see :mod:`fastcm.cm.jvp`): None, the model's own route (the fused
             Triton forward+tangent kernels on CUDA, probed once), or "torch" (the reference ops).
+        jvp_mode: "one_pass" (F_theta with its graph, w_phi(t) and the tangent from ONE model call on forward-AD
+            duals: the adaptive weight is in the same call, it is a linear layer on t) or "two_pass" (a
+            ``torch.func.jvp`` without graph, then the trainable call; the oracle). See :mod:`fastcm.cm.jvp`.
     """
 
     def __init__(self, P_mean: float = -1.0, P_std: float = 1.4, tangent_c: Optional[float] = 0.1,
-                 warmup_steps: int = 10_000, tangent_norm: str = "l2", jvp_impl: Optional[str] = None):
+                 warmup_steps: int = 10_000, tangent_norm: str = "l2", jvp_impl: Optional[str] = None,
+                 jvp_mode: str = "one_pass"):
         sct_sample_t(1, P_mean, P_std)  # validates P_mean, P_std
         if tangent_c is not None:
             _check_real("tangent_c", tangent_c, 0.0)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         check_choice("tangent_norm", tangent_norm, TANGENT_NORMS)
+        check_choice("jvp_mode", jvp_mode, JVP_MODES)
+        self.jvp_mode = jvp_mode
         self.P_mean, self.P_std, self.tangent_c = float(P_mean), float(P_std), tangent_c
         self.warmup_steps, self.tangent_norm, self.jvp_impl = int(warmup_steps), tangent_norm, jvp_impl
 
@@ -213,10 +219,26 @@ class SCTLoss:
         F_minus, jvp_out = network_jvp(
             tf, lambda x_in, tt: tf.F_theta(x_in, tt, class_labels, dropout_seed).to(x_t.dtype),
             (x_t / sd, t), (cs * dxt_dt / sd, cs.flatten()), impl=self.jvp_impl)
+        return F_minus, self._g(F_minus, jvp_out, x_t, t, dxt_dt, step, sd)
+
+    def _g(self, F_minus, jvp_out, x_t, t, dxt_dt, step, sd):
         g = sct_tangent(F_minus, jvp_out, x_t, dxt_dt, t, sd, tangent_warmup(step, self.warmup_steps))
         if self.tangent_c is not None:
             g = normalize_tangent(g, self.tangent_c, self.tangent_norm)
-        return F_minus, g
+        return g
+
+    def one_pass(self, model, x_t: Tensor, t: Tensor, dxt_dt: Tensor, step: int, class_labels=None,
+                 dropout_seed=None):
+        """(F_theta with its graph, w_phi(t), F^-, g) from one call of ``model`` on dual inputs: the tangent of x_t
+        is cos t sin t dx_t/dt and that of t is cos t sin t (Sec. 5.1, the forward divides x_t by sigma_d), so the
+        output's tangent is cos t sin t dF^-/dt as in :meth:`tangent`; F^- = sg(F_theta)."""
+        tf = find_trigflow(model)
+        cs = t.cos() * t.sin()  # JVP rearrangement (Sec. 5.1)
+        (F_x, w), jvp_out = dual_pass(
+            tf, lambda xx, tt: model(xx, tt, class_labels, dropout_seed=dropout_seed, output="F_and_weight"),
+            (x_t, t), (cs.view(-1, 1, 1, 1) * dxt_dt, cs), impl=self.jvp_impl)
+        F_minus = F_x.detach()
+        return F_x, w, F_minus, self._g(F_minus, jvp_out.to(F_minus.dtype), x_t, t, dxt_dt, step, tf.sigma_data)
 
     def __call__(self, model, x0: Tensor, step: int, class_labels: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
@@ -233,8 +255,11 @@ class SCTLoss:
         x_t = trigflow_interpolate(x0, z, t)
         tv = t.view(-1, 1, 1, 1)
         dxt_dt = tv.cos() * z - tv.sin() * x0  # the unbiased sCT estimate of dx_t/dt (Alg. 1)
-        F_minus, g = self.tangent(model, x_t, t, dxt_dt, step, class_labels, seed)
-        F_x, w = model(x_t, t, class_labels, dropout_seed=seed, output="F_and_weight")
+        if self.jvp_mode == "one_pass":
+            F_x, w, F_minus, g = self.one_pass(model, x_t, t, dxt_dt, step, class_labels, seed)
+        else:
+            F_minus, g = self.tangent(model, x_t, t, dxt_dt, step, class_labels, seed)
+            F_x, w = model(x_t, t, class_labels, dropout_seed=seed, output="F_and_weight")
         return sct_adaptive_loss(F_x, F_minus + g, w)
 
 

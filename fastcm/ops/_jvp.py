@@ -35,6 +35,14 @@ def has_tangent(*values) -> bool:
     return any(isinstance(v, Tensor) and fwAD.unpack_dual(v).tangent is not None for v in values)
 
 
+def _refuse_compiled(name: str) -> None:
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"{name}: a forward-mode tangent (torch.func.jvp / forward_ad) cannot pass the Triton route under "
+            f"torch.compile: compiled torch.func.jvp drops custom jvp rules ({ISSUE}) and would return a wrong "
+            f"tangent. Run the JVP eagerly, or use impl='torch' inside the compiled function.")
+
+
 class JvpRule:
     """Forward-mode AD for one custom op.
 
@@ -93,9 +101,65 @@ class JvpRule:
 
     def apply(self, *args):
         """Run the op through the Function (call only when ``has_tangent(*args)``)."""
-        if torch.compiler.is_compiling():
-            raise RuntimeError(
-                f"{self.name}: a forward-mode tangent (torch.func.jvp / forward_ad) cannot pass the Triton route under "
-                f"torch.compile: compiled torch.func.jvp drops custom jvp rules ({ISSUE}) and would return a wrong "
-                f"tangent. Run the JVP eagerly, or use impl='torch' inside the compiled function.")
+        _refuse_compiled(self.name)
         return self.function.apply(*args)
+
+
+def tangent_of(value):
+    """The forward-mode tangent of ``value`` (None for a non-tensor or a tensor without one), detached: the op
+    rules compute tangents with no graph of their own (continuous-time.md Sec. 3.4)."""
+    tangent = fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
+    return None if tangent is None else tangent.detach()
+
+
+class FusedJvpRule:
+    """Forward-mode AD for an op whose output-and-tangent kernel also writes what the op's backward needs, so a
+    call with tangents is ONE launch, with or without autograd (sCT / MeanFlow's one-pass training step).
+
+    The Function takes the input tangents as ordinary inputs (the rCM packaging, continuous-time.md Sec. 3.2):
+    ``forward(*args, *tangents)`` runs ``fused(args, tangents) -> (outputs, tangent of outputs[0])`` once; the
+    primal outputs are the op's outputs (outputs[0] differentiable, the rest saved statistics), backward is the
+    custom op's registered backward on them, and the ``jvp`` staticmethod returns the tangent the launch already
+    wrote (autograd hands it the tangents of ``args`` again, which are exactly ``tangents``). The tangent is kept
+    on ctx only until ``jvp`` takes it, so it never lives as long as the graph.
+
+    Args:
+        name: the op's public name (error messages).
+        fused: as above; ``tangents`` has one entry per argument (None: no tangent, or not a tensor).
+        setup_context, backward: the pair registered with the custom op's ``register_autograd``.
+    """
+
+    def __init__(self, name: str, fused: Callable, setup_context: Callable, backward: Callable):
+        self.name = name
+
+        class Function(torch.autograd.Function):
+            @staticmethod
+            def forward(*args):
+                k = len(args) // 2
+                outputs, tangent = fused(args[:k], args[k:])
+                return (*outputs, tangent)
+
+            @staticmethod
+            def setup_context(ctx, inputs, output):
+                ctx.n_args, ctx.n_out = len(inputs) // 2, len(output) - 1
+                setup_context(ctx, inputs[:ctx.n_args], output[:-1])
+                ctx.tangent_out = output[-1]
+                ctx.mark_non_differentiable(*output[1:])
+
+            @staticmethod
+            def backward(ctx, *grads):
+                return (*backward(ctx, *grads[:-1]), *([None] * ctx.n_args))
+
+            @staticmethod
+            def jvp(ctx, *_tangents):
+                tangent = ctx.tangent_out
+                del ctx.tangent_out
+                return (tangent, *([None] * ctx.n_out))
+
+        Function.__name__ = Function.__qualname__ = f"{name}_fused_jvp"
+        self.function = Function
+
+    def apply(self, *args):
+        """The op's output 0 (with its tangent) through the one launch (call only when ``has_tangent(*args)``)."""
+        _refuse_compiled(self.name)
+        return self.function.apply(*args, *(tangent_of(a) for a in args))[0]

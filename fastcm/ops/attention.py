@@ -4,8 +4,9 @@
 
 Consistency-model U-Nets attend over small token maps (8x8 = 64 ... 32x32 = 1024 tokens, head dim 32-256). The Triton
 path (kernels/attention.py) is FlashAttention-2 (Dao 2023): an online softmax that never materialises the L x L
-matrix, the row log-sum-exp saved for backward, and separate dK/dV and dQ kernels (deterministic, no atomics). Any
-L >= 1 and any D <= 256 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
+matrix, the row log-sum-exp saved for backward, and a backward of two schedules: FA2's (dQ added with atomics by the
+dK/dV kernel, 5 matmuls, the default) or a deterministic one (a separate dQ kernel, 7 matmuls). Any L >= 1 and any
+D <= 256 work (masked tails, padded head-dim block), which the Triton tutorial's kernel does not.
 
 ``qkv_attention`` takes the packed output of a 1x1 convolution, (N, 3*C, H, W), and reads q, k, v through strides,
 so the U-Net needs no permute/contiguous copies around attention.
@@ -21,7 +22,7 @@ from einops import rearrange
 from torch import Tensor
 
 from . import _describe
-from ._jvp import JvpRule, has_tangent
+from ._jvp import FusedJvpRule, has_tangent
 from ._utils import check_same_device, check_tensor, resolve_impl
 
 # FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
@@ -31,7 +32,8 @@ MAX_HEAD_DIM = 256
 TRITON_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, impl: str = "auto") -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, impl: str = "auto",
+              deterministic: bool = False) -> Tensor:
     """Non-causal attention ``softmax(q k^T * scale) v`` over the last two dims.
 
     Args:
@@ -40,6 +42,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
             place on the Triton path).
         scale: positive softmax scale; default 1 / sqrt(D).
         impl: "auto" (Triton on CUDA, the reference elsewhere), "triton" or "torch" (the reference).
+        deterministic: the Triton backward's schedule. False (default): FlashAttention-2's, the fastest (5 matmuls
+            instead of 7), dQ summed over key blocks with fp32 atomics, so dq's last bits may differ run to run on a
+            GPU. True, or whenever ``torch.are_deterministic_algorithms_enabled()`` at backward time: a separate dQ
+            kernel, bit-identical run to run. (Under forward-mode AD only the torch switch applies.)
     Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax. Under
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
@@ -48,8 +54,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     is present. Under ``torch.compile`` a tangent on the Triton path raises (compiled ``torch.func.jvp`` drops custom
     jvp rules, pytorch#192985, and would return a wrong tangent); the reference route compiles.
 
-    The Triton path never materialises the L x L scores; its kernels are deterministic (no atomics) and, on CUDA,
-    autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
+    The Triton path never materialises the L x L scores; its forward is deterministic (no atomics) and, on CUDA,
+    its kernels autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
     fp32 inputs on CUDA use TF32 tensor cores when torch allows TF32 matmuls
     (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``set_float32_matmul_precision("high")`` and
     ``allow_tf32 = True`` also set), IEEE fp32 otherwise, as torch's own matmuls do.
@@ -59,13 +65,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     requested explicitly this also emits a ``UserWarning``.
     """
     scale = _validate(q, k, v, scale)
+    _check_deterministic(deterministic)
     q, k, v = _autocast(q, k, v)
     backend = _backend(impl, q, q.shape[-1])
     if backend == "torch":
         return attention_ref(q, k, v, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
-    return _triton_attention(q, k, v, scale)
+    return _triton_attention(q, k, v, scale, deterministic)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -80,7 +87,8 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None
     return torch.einsum("bhij,bhjd->bhid", weights, v.to(acc)).to(q.dtype)
 
 
-def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, impl: str = "auto") -> Tensor:
+def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, impl: str = "auto",
+                  deterministic: bool = False) -> Tensor:
     """Self-attention over the pixels of a packed qkv feature map, as a U-Net attention block uses it.
 
     Args:
@@ -89,6 +97,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
         num_heads: number of heads; C must be divisible by it.
         scale: softmax scale; default 1 / sqrt(C // num_heads).
         impl: as in :func:`attention` (same SDPA fallback for head dims > 256 or fp64 on CUDA).
+        deterministic: the backward's schedule, as in :func:`attention`.
     Returns (N, C, H, W) in qkv's dtype; output channel ``head * head_dim + d``.
 
     The Triton path reads q, k, v and writes the output through strides (no permute copies); its backward writes
@@ -96,13 +105,14 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
     """
     head_dim = _validate_qkv(qkv, num_heads)
     scale = _check_scale(scale, head_dim)
+    _check_deterministic(deterministic)
     (qkv,) = _autocast(qkv)
     backend = _backend(impl, qkv, head_dim)
     if backend == "torch":
         return qkv_attention_ref(qkv, num_heads, scale)
     if backend == "sdpa":
         return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
-    return _triton_qkv_attention(qkv, num_heads, scale)
+    return _triton_qkv_attention(qkv, num_heads, scale, deterministic)
 
 
 def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -137,6 +147,11 @@ def _check_scale(scale, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0.0 < float(scale) < float("inf")):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
+
+
+def _check_deterministic(deterministic) -> None:
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
 
 
 def _validate(q, k, v, scale) -> float:
@@ -204,7 +219,8 @@ def _lse_dtype(x: Tensor) -> torch.dtype:
 
 
 @torch.library.custom_op("fastcm::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                   deterministic: bool = False) -> tuple[Tensor, Tensor]:
     from fastcm.kernels.attention import attention_fwd
 
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -213,43 +229,57 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tenso
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, deterministic=False):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fastcm::attention_bwd", mutates_args=())
 def _attention_bwd(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     from fastcm.kernels.attention import attention_bwd
 
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale)
+    attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale, deterministic)
     return dq, dk, dv
 
 
 @_attention_bwd.register_fake
-def _(d_out, q, k, v, out, lse, scale):
+def _(d_out, q, k, v, out, lse, scale, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _deterministic_setup(ctx, inputs, n_args: int) -> None:
+    """The backward's schedule: the call's ``deterministic`` (the custom op's and the forward-AD rule's last
+    input) or torch's switch, read when the backward runs (as torch's own ops read it)."""
+    ctx.n_inputs = len(inputs)
+    ctx.deterministic = bool(inputs[n_args]) if len(inputs) > n_args else False
+
+
+def _deterministic(ctx) -> bool:
+    return ctx.deterministic or torch.are_deterministic_algorithms_enabled()
+
+
 def _attention_setup(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale = inputs[:4]
     ctx.save_for_backward(q, k, v, output[0], output[1])
     ctx.scale = scale
+    _deterministic_setup(ctx, inputs, 4)
 
 
 def _attention_backward(ctx, d_out, d_lse):
     q, k, v, out, lse = ctx.saved_tensors
     # .sum().backward() hands an expanded (stride-0) gradient: make it dense before the kernels read it.
-    dq, dk, dv = torch.ops.fastcm.attention_bwd(d_out.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = torch.ops.fastcm.attention_bwd(d_out.contiguous(), q, k, v, out, lse, ctx.scale,
+                                                _deterministic(ctx))
+    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 @torch.library.custom_op("fastcm::qkv_attention_fwd", mutates_args=())
-def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float,
+                       deterministic: bool = False) -> tuple[Tensor, Tensor]:
     from fastcm.kernels.attention import attention_fwd
 
     N, C3, Hs, Ws = qkv.shape
@@ -260,7 +290,7 @@ def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float) -> tuple[Tenso
 
 
 @_qkv_attention_fwd.register_fake
-def _(qkv, num_heads, scale):
+def _(qkv, num_heads, scale, deterministic=False):
     N, C3, Hs, Ws = qkv.shape
     out = qkv.new_empty((N, C3 // 3, Hs, Ws))
     return out, qkv.new_empty((N, num_heads, Hs * Ws), dtype=_lse_dtype(qkv))
@@ -268,109 +298,114 @@ def _(qkv, num_heads, scale):
 
 @torch.library.custom_op("fastcm::qkv_attention_bwd", mutates_args=())
 def _qkv_attention_bwd(d_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                       scale: float) -> Tensor:
+                       scale: float, deterministic: bool) -> Tensor:
     from fastcm.kernels.attention import attention_bwd
 
     d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     q, k, v = _qkv_views(qkv, num_heads)
     dq, dk, dv = _qkv_views(d_qkv, num_heads)
-    attention_bwd(_out_view(d_out, num_heads), q, k, v, _out_view(out, num_heads), lse, dq, dk, dv, scale)
+    attention_bwd(_out_view(d_out, num_heads), q, k, v, _out_view(out, num_heads), lse, dq, dk, dv, scale,
+                  deterministic)
     return d_qkv
 
 
 @_qkv_attention_bwd.register_fake
-def _(d_out, qkv, out, lse, num_heads, scale):
+def _(d_out, qkv, out, lse, num_heads, scale, deterministic):
     return qkv.new_empty(qkv.shape)
 
 
 def _qkv_setup(ctx, inputs, output):
-    qkv, num_heads, scale = inputs
+    qkv, num_heads, scale = inputs[:3]
     ctx.save_for_backward(qkv, output[0], output[1])
     ctx.num_heads, ctx.scale = num_heads, scale
+    _deterministic_setup(ctx, inputs, 3)
 
 
 def _qkv_backward(ctx, d_out, d_lse):
     qkv, out, lse = ctx.saved_tensors
-    d_qkv = torch.ops.fastcm.qkv_attention_bwd(d_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
-    return d_qkv, None, None
+    d_qkv = torch.ops.fastcm.qkv_attention_bwd(d_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale,
+                                               _deterministic(ctx))
+    return (d_qkv,) + (None,) * (ctx.n_inputs - 1)
 
 
 _qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Forward-mode AD through the one mechanism of fastcm.ops._jvp: a custom_op has no forward-AD hook (torch.func.jvp
-# over one silently returns a zero tangent), so a call whose inputs carry a tangent goes through a JvpRule (an
-# autograd.Function in split form whose backward is the custom op's own) and its tangent comes from the one-pass
-# forward-with-tangent kernel (kernels.attention.attention_fwd_jvp, sCM App. F). Calls without a tangent, and so
-# torch.compile of a forward/backward, see the plain custom ops; a tangent under torch.compile raises
-# (pytorch#192985 would drop the rule and return a wrong tangent).
+# Forward-mode AD through fastcm.ops._jvp: a custom_op has no forward-AD hook (torch.func.jvp over one silently
+# returns a zero tangent), so a call whose inputs carry a tangent goes through a FusedJvpRule: ONE launch of the
+# forward-with-tangent kernel (kernels.attention.attention_fwd_jvp, sCM App. F) gives the output, its tangent and the
+# log-sum-exp, and the output's backward is the custom op's own on (out, lse). No plain forward kernel runs first,
+# so sCT / MeanFlow's one-pass step (autograd on) and torch.func.jvp (no graph) both cost one launch per layer.
+# Calls without a tangent, and so torch.compile of a forward/backward, see the plain custom ops; a tangent under
+# torch.compile raises (pytorch#192985 would drop the rule and return a wrong tangent).
 
 @torch.library.custom_op("fastcm::attention_fwd_jvp", mutates_args=())
 def _attention_fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
-                       scale: float) -> tuple[Tensor, Tensor]:
+                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastcm.kernels.attention import attention_fwd_jvp
 
     out, tout = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
-    attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
-    return out, tout
+    lse = attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
+    return out, tout, lse
 
 
 @_attention_fwd_jvp.register_fake
 def _(q, k, v, tq, tk, tv, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape)
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("fastcm::qkv_attention_fwd_jvp", mutates_args=())
-def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int, scale: float) -> tuple[Tensor, Tensor]:
+def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int,
+                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from fastcm.kernels.attention import attention_fwd_jvp
 
     N, C3, Hs, Ws = qkv.shape
     out, tout = (torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
-    attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
-                      _out_view(tout, num_heads), scale)
-    return out, tout
+    lse = attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
+                            _out_view(tout, num_heads), scale)
+    return out, tout, lse
 
 
 @_qkv_attention_fwd_jvp.register_fake
 def _(qkv, t_qkv, num_heads, scale):
     N, C3, Hs, Ws = qkv.shape
-    return qkv.new_empty((N, C3 // 3, Hs, Ws)), qkv.new_empty((N, C3 // 3, Hs, Ws))
+    out = qkv.new_empty((N, C3 // 3, Hs, Ws))
+    return out, torch.empty_like(out), qkv.new_empty((N, num_heads, Hs * Ws), dtype=_lse_dtype(qkv))
 
 
 def _tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A missing tangent (input not being differentiated) is zero; tangents never carry autograd history."""
-    return torch.zeros_like(like) if t is None else t.detach()
+    """A missing tangent (input not being differentiated) is zero."""
+    return torch.zeros_like(like) if t is None else t
 
 
-def _attention_tangent(inputs, output, tangents):
-    (q, k, v, scale), (tq, tk, tv, _) = inputs, tangents
-    _, t_out = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k), _tangent(tv, v), scale)
-    return t_out, None  # the log-sum-exp is marked non-differentiable
+def _attention_fused(args, tangents):
+    (q, k, v, scale, *_), (tq, tk, tv, *_) = args, tangents  # the rest: the backward's schedule (no tangent)
+    out, t_out, lse = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k),
+                                                         _tangent(tv, v), scale)
+    return (out, lse), t_out
 
 
-def _qkv_attention_tangent(inputs, output, tangents):
-    (qkv, num_heads, scale), t_qkv = inputs, tangents[0]
-    _, t_out = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), num_heads, scale)
-    return t_out, None  # the log-sum-exp is marked non-differentiable
+def _qkv_attention_fused(args, tangents):
+    (qkv, num_heads, scale, *_), t_qkv = args, tangents[0]
+    out, t_out, lse = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), num_heads, scale)
+    return (out, lse), t_out
 
 
-_ATTENTION_JVP = JvpRule("attention", lambda q, k, v, scale: torch.ops.fastcm.attention_fwd(q, k, v, scale),
-                         _attention_setup, _attention_backward, _attention_tangent)
-_QKV_ATTENTION_JVP = JvpRule("qkv_attention", lambda qkv, heads, scale: torch.ops.fastcm.qkv_attention_fwd(
-    qkv, heads, scale), _qkv_setup, _qkv_backward, _qkv_attention_tangent)
+_ATTENTION_JVP = FusedJvpRule("attention", _attention_fused, _attention_setup, _attention_backward)
+_QKV_ATTENTION_JVP = FusedJvpRule("qkv_attention", _qkv_attention_fused, _qkv_setup, _qkv_backward)
 
 
-def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False) -> Tensor:
     if has_tangent(q, k, v):
-        return _ATTENTION_JVP.apply(q, k, v, scale)[0]
-    return torch.ops.fastcm.attention_fwd(q, k, v, scale)[0]
+        return _ATTENTION_JVP.apply(q, k, v, scale, deterministic)
+    return torch.ops.fastcm.attention_fwd(q, k, v, scale, deterministic)[0]
 
 
-def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float) -> Tensor:
+def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float, deterministic: bool = False) -> Tensor:
     if has_tangent(qkv):
-        return _QKV_ATTENTION_JVP.apply(qkv, num_heads, scale)[0]
-    return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale)[0]
+        return _QKV_ATTENTION_JVP.apply(qkv, num_heads, scale, deterministic)
+    return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale, deterministic)[0]
 
 
 def _qkv_views(qkv: Tensor, num_heads: int):
@@ -449,7 +484,9 @@ def qkv_aot_jobs(call: dict, dtypes, sm_counts=()):
                 o = _out_view(out, heads)
                 with _describe.fp32_matmul(precision):
                     lse = kernels.attention_fwd(q, k, v, o, 0.125)
-                    kernels.attention_bwd(o, q, k, v, o, lse, *_qkv_views(torch.empty_like(qkv), heads), 0.125)
+                    for deterministic in (False, True):  # both backward schedules
+                        kernels.attention_bwd(o, q, k, v, o, lse, *_qkv_views(torch.empty_like(qkv), heads), 0.125,
+                                              deterministic)
                     kernels.attention_fwd_jvp(q, k, v, *_qkv_views(torch.empty_like(qkv), heads), o,
                                               _out_view(torch.empty_like(out), heads), 0.125)
             yield _describe.Job("attention", f"qkv {N}x{C3}x{Hs}x{Ws} heads={heads} D={C3 // 3 // heads}"
@@ -473,7 +510,8 @@ def _aot_check(dtype, c) -> dict:
         problems.append("fp16/bf16/tf32 dots did not lower to MMA")
     if c.kernel in _AOT_KINDS:
         config = triton.Config({"BLOCK_M": kw["BLOCK_M"], "BLOCK_N": kw["BLOCK_N"]}, num_stages=kw["num_stages"])
-        bound = kernels.shared_bytes(_AOT_KINDS[c.kernel], config, kw["BLOCK_D"],
+        kind = _AOT_KINDS[c.kernel] + ("_atomic" if kw.get("ATOMIC_DQ") else "")
+        bound = kernels.shared_bytes(kind, config, kw["BLOCK_D"],
                                      max(2, kw["DOT"].primitive_bitwidth // 8))
         if c.shared > bound:
             problems.append(f"shared memory {c.shared} B above the prune hook's bound {bound} B")

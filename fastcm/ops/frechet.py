@@ -53,13 +53,41 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, impl: str = "auto") -> Tensor:
             arrays, any floating dtype (computed in fp64).
         impl: "auto" (LAPACK through scipy for CPU tensors, torch.linalg elsewhere), "scipy" or "torch".
     Returns a float64 0-d tensor on the inputs' device. Round-off can make the exact value 0 come out as about
-    -1e-12 * (tr S1 + tr S2); such values are returned as 0 (the distance is never negative).
+    -1e-12 * (tr S1 + tr S2); such values are returned as 0 (the distance is never negative). Statistics of any
+    finite magnitude work (covariances of 1e200 or 1e-200 are rescaled by an exact power of two first); a distance
+    beyond the fp64 range raises ValueError.
     """
     use_lapack(impl=impl)  # validates impl
     mu1, sigma1, mu2, sigma2 = _validate(mu1, sigma1, mu2, sigma2)
+    (mu1, sigma1, mu2, sigma2), k = _rescale(mu1, sigma1, mu2, sigma2)
     diff = mu1 - mu2
     t = trace_sqrt_product(sigma1, sigma2, impl=impl, _checked=True)
-    return (diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * t).clamp(min=0.0)
+    fd = torch.ldexp((diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * t).clamp(min=0.0), diff.new_tensor(k))
+    if not bool(torch.isfinite(fd)):
+        raise ValueError(f"the Frechet distance of these statistics exceeds the fp64 range (covariances up to "
+                         f"2^{k}): rescale the features")
+    return fd
+
+
+# Statistics whose variances (or squared means) lie outside [2^-SAFE_EXPONENT, 2^SAFE_EXPONENT] are rescaled first.
+SAFE_EXPONENT = 256
+
+
+def _rescale(mu1, sigma1, mu2, sigma2):
+    """((mu1, sigma1, mu2, sigma2) / (2^(k/2), 2^k), k) with 2^k near the largest variance or squared mean, when
+    it is far from 1 (else k = 0 and no copy). The FD is homogeneous of degree 2 in the feature scale (mu -> a mu,
+    sigma -> a^2 sigma gives FD -> a^2 FD), and a power of two scales exactly, so FD = 2^k FD(scaled) without
+    rounding, where covariances of 1e200 would overflow inside LAPACK's products."""
+    top = max(float(s.diagonal().max()) for s in (sigma1, sigma2))
+    mu_top = max(float(m.abs().max()) for m in (mu1, mu2))
+    exps = [int(torch.frexp(torch.tensor(top, dtype=torch.float64))[1])] if top > 0 else []
+    exps += [2 * int(torch.frexp(torch.tensor(mu_top, dtype=torch.float64))[1])] if mu_top > 0 else []
+    k = max(exps, default=0)
+    if abs(k) <= SAFE_EXPONENT:
+        return (mu1, sigma1, mu2, sigma2), 0
+    k += k % 2  # even, so the means scale by the power of two 2^(k/2)
+    return (torch.ldexp(mu1, mu1.new_tensor(-k // 2)), torch.ldexp(sigma1, sigma1.new_tensor(-k)),
+            torch.ldexp(mu2, mu2.new_tensor(-k // 2)), torch.ldexp(sigma2, sigma2.new_tensor(-k))), k
 
 
 def frechet_distance_ref(mu1, sigma1, mu2, sigma2) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _describe
-from ._jvp import JvpRule, has_tangent
+from ._jvp import FusedJvpRule, has_tangent
 from ._utils import check_choice, check_int, check_same_device, check_tensor, resolve_impl
 
 ACTS = (None, "silu")
@@ -46,7 +46,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
         return group_norm_ref(x, num_groups, weight, bias, eps, scale, shift, act)
     args = (x, int(num_groups), weight, bias, float(eps), scale, shift, act == "silu", 0)
     if has_tangent(x, weight, bias, scale, shift):  # torch.func.jvp / forward_ad: the op's tangent rule
-        return _JVP.apply(*args)[0]
+        return _JVP.apply(*args)
     y, _, _ = torch.ops.fastcm.group_norm_fwd(*args)
     return y
 
@@ -243,7 +243,7 @@ _group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _group_norm_jvp(x: Tensor, x_dot: Optional[Tensor], num_groups: int, weight: Optional[Tensor],
                     bias: Optional[Tensor], eps: float, scale: Optional[Tensor], shift: Optional[Tensor],
                     weight_dot: Optional[Tensor], bias_dot: Optional[Tensor], scale_dot: Optional[Tensor],
-                    shift_dot: Optional[Tensor], silu: bool, write_y: bool) -> tuple[Tensor, Tensor]:
+                    shift_dot: Optional[Tensor], silu: bool, write_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     from fastcm.kernels.group_norm import group_norm_jvp
 
     return group_norm_jvp(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
@@ -255,19 +255,23 @@ def _(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_do
       write_y):
     from fastcm.kernels.group_norm import empty_out
 
-    return (empty_out(x) if write_y else x.new_empty(0)), empty_out(x)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return (empty_out(x) if write_y else x.new_empty(0)), empty_out(x), stats, torch.empty_like(stats)
 
 
-def _tangent(inputs, output, tangents):
-    """Tangent of y: the one-pass Triton kernel when a group fits its tile, else the same formula in torch."""
+def _fused(args, tangents):
+    """(y, mean, rstd) and y's tangent: ONE launch of the output-and-tangent kernel when a group fits its tile
+    (its mean / rstd feed the backward), else the forward kernel and the same tangent formula in torch."""
     from fastcm.kernels.group_norm import jvp_fits
 
-    x, num_groups, weight, bias, eps, scale, shift, silu, _ = inputs
+    x, num_groups, weight, bias, eps, scale, shift, silu, chunk = args
     x_dot, _, weight_dot, bias_dot, _, scale_dot, shift_dot, _, _ = tangents
-    args = (x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot, silu)
-    if jvp_fits(x, num_groups):
-        return torch.ops.fastcm.group_norm_jvp(*args, False)[1], None, None
-    return group_norm_tangent_ref(*args), None, None
+    jvp_args = (x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot,
+                silu)
+    if jvp_fits(x, num_groups) and chunk == 0:
+        y, y_dot, mean, rstd = torch.ops.fastcm.group_norm_jvp(*jvp_args, True)
+        return (y, mean, rstd), y_dot
+    return torch.ops.fastcm.group_norm_fwd(*args), group_norm_tangent_ref(*jvp_args)
 
 
 def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
@@ -310,7 +314,7 @@ def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift
     return a_dot.to(x.dtype)
 
 
-_JVP = JvpRule("group_norm", torch.ops.fastcm.group_norm_fwd, _setup_context, _backward, _tangent)
+_JVP = FusedJvpRule("group_norm", _fused, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------

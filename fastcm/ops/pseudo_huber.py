@@ -23,7 +23,9 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float, weight: Optional[T
 
     Args:
         pred, target: (B, ...) floating tensors of one shape (fp16/bf16/fp32 compute in fp32, fp64 in fp64).
-        c: the positive constant c (iCT: 0.00054 * sqrt(d)).
+        c: the positive constant c (iCT: 0.00054 * sqrt(d)); any positive finite value (both routes scale by
+            max(|x - y|, c), so c^2 never overflows or vanishes; fp32 inputs compute in fp64 for a c outside
+            fp32's normal range).
         weight: optional per-sample factor of shape (B,) (iCT's lambda(sigma_i)); finite and >= 0.
         reduction: "mean", "sum" or "none" ("none" gives (B,) per sample, or pred's shape per element).
         per: "sample" (norm over all non-batch dims, iCT) or "element".
@@ -44,12 +46,27 @@ def pseudo_huber_loss(pred: Tensor, target: Tensor, c: float, weight: Optional[T
 
 def pseudo_huber_loss_ref(pred: Tensor, target: Tensor, c: float, weight: Optional[Tensor] = None,
                           reduction: str = "mean", per: str = "sample") -> Tensor:
-    """Readable PyTorch reference of :func:`pseudo_huber_loss` (computes in fp32, or fp64 for fp64 inputs)."""
-    acc = torch.promote_types(pred.dtype, torch.float32)
+    """Readable PyTorch reference of :func:`pseudo_huber_loss` (computes in fp32, or fp64 for fp64 inputs and for
+    a c outside fp32's normal range). sqrt(n^2 + c^2) - c is evaluated as n^2 / (h + c) = n * (n / (h + c)) with
+    h = hypot(n, c) and the norm n scaled by max |x - y|, so that neither n^2 nor c^2 is ever formed."""
+    out = torch.promote_types(pred.dtype, torch.float32)
+    acc = torch.float64 if out == torch.float32 and _c_needs_fp64(c) else out
     diff = pred.to(acc) - target.to(acc)
-    sq = diff.square().flatten(1).sum(1) if per == "sample" else diff.square()
-    loss = torch.sqrt(sq + c * c) - c
-    return _weight_and_reduce(loss, weight, reduction)
+    if per == "sample":
+        diff = diff.flatten(1)
+        top = diff.detach().abs().amax(1, keepdim=True) if diff.shape[1] else diff.new_ones(diff.shape[0], 1)
+        top = torch.where(top > 0, top, 1.0)
+        n = torch.linalg.vector_norm(diff / top, dim=1) * top.squeeze(1)
+    else:
+        n = diff.abs()
+    loss = n * (n / (torch.hypot(n, n.new_tensor(float(c))) + c))
+    return _weight_and_reduce(loss.to(out), weight, reduction)
+
+
+def _c_needs_fp64(c: float) -> bool:
+    """c outside fp32's normal range: computed in fp64 (kernels.pseudo_huber.c_in_fp64 is the Triton route's)."""
+    info = torch.finfo(torch.float32)
+    return not (info.tiny <= float(c) <= info.max)
 
 
 def _weight_and_reduce(loss: Tensor, weight: Optional[Tensor], reduction: str) -> Tensor:

@@ -97,8 +97,8 @@ class Trainer:
         if cfg.compile:
             # The model call of the training step (precond + U-Net) and of the one-step sampler, without graph
             # breaks. Module.compile keeps parameter names, so checkpoints and the EMA are unaffected. sCT and
-            # MeanFlow: the trainable primal pass is this compiled call; their network JVP runs eagerly on the
-            # U-Net's reference ops (fastcm.cm.jvp: a custom jvp rule is dropped inside a compiled JVP, pytorch#192985).
+            # MeanFlow: their one-pass step (forward-AD duals) runs eagerly, only the sampler is compiled
+            # (fastcm.cm.jvp: compiled code drops custom jvp rules, pytorch#192985, and dual inputs' tangents).
             self.cm.compile(fullgraph=True, backend=cfg.compile_backend)
             self.ema.module.compile(fullgraph=True, backend=cfg.compile_backend)
         self.opt = _make_optimizer(cfg, self.cm.parameters())

@@ -1,0 +1,145 @@
+"""sCT and MeanFlow in one network pass (jvp_mode="one_pass": forward-AD duals under autograd) against the
+two-pass oracle (torch.func.jvp without graph, then a trainable forward with the same dropout seed): the loss and
+every parameter gradient agree, with dropout on and off, on the reference ops (fp64, tight) and on the Triton route
+under the interpreter (fp32); per attention / GroupNorm layer one forward-side launch; a module without a forward-AD
+rule is named."""
+import pytest
+import torch
+from torch import nn
+
+from fastcm.cm.jvp import check_triton_tangents
+from fastcm.cm.meanflow import MeanFlowLoss, MeanFlowModel
+from fastcm.cm.sct import SCTLoss, TrigFlowModel
+from fastcm.models import build_unet
+
+
+def _model(method, dtype, dropout, impl="torch"):
+    torch.manual_seed(0)
+    kw = dict(time_scale=1.0) if method == "sct" else dict(time_inputs=2)
+    net = build_unet("tiny", impl=impl, dropout=dropout, **kw)
+    for m in net.modules():  # random last layers: outputs and tangents are not identically zero
+        if isinstance(m, nn.Conv2d) and not m.weight.any():
+            nn.init.normal_(m.weight, std=0.2)
+    model = TrigFlowModel(net) if method == "sct" else MeanFlowModel(net)
+    if method == "sct":
+        nn.init.normal_(model.weight.linear.weight, std=0.3)  # a non-trivial w_phi(t)
+    return model.to(dtype).train()
+
+
+def _loss(method, mode):
+    if method == "sct":  # warm-up r = 0.5 and normalisation on: the whole of Alg. 1
+        return SCTLoss(warmup_steps=10, jvp_mode=mode)
+    return MeanFlowLoss(jvp_mode=mode)
+
+
+def _loss_and_grads(model, loss, x0):
+    per = loss(model, x0, 5, generator=torch.Generator().manual_seed(7))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return per.detach(), torch.autograd.grad(per.mean(), params)
+
+
+@pytest.mark.parametrize("method", ["sct", "meanflow"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_one_pass_equals_two_pass_on_the_reference_ops(method, dropout):
+    model = _model(method, torch.float64, dropout)
+    x0 = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    per1, g1 = _loss_and_grads(model, _loss(method, "one_pass"), x0)
+    per2, g2 = _loss_and_grads(model, _loss(method, "two_pass"), x0)
+    assert per1.abs().min() > 0
+    torch.testing.assert_close(per1, per2, rtol=1e-12, atol=1e-12)
+    assert len(g1) == len(list(model.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert sum(g.abs().sum() for g in g1) > 0
+
+
+def _launches(monkeypatch):
+    """Records the attention / GroupNorm kernel launches by kernel name."""
+    from fastcm.kernels import attention as A, group_norm as G
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, kernel, name):
+            self.kernel, self.name = kernel, name
+
+        def __getitem__(self, grid):
+            seen.append(self.name)
+            return self.kernel[grid]
+
+    for module in (A, G):
+        for name in dir(module):
+            if name.endswith("_kernel") and name.startswith(("_attn", "_group_norm")):
+                monkeypatch.setattr(module, name, Recorder(getattr(module, name), name))
+    return seen
+
+
+@pytest.mark.parametrize("method", ["sct", "meanflow"])
+def test_one_pass_on_the_triton_route_one_launch_per_layer(method, monkeypatch):
+    """Interpreted Triton route, fp32, dropout on: one_pass equals the reference ops' two_pass to fp32 round-off,
+    and the step launches, per GroupNorm and per attention layer, the output-and-tangent kernel once and no plain
+    forward kernel, plus the backward's launches."""
+    model = _model(method, torch.float32, 0.3)
+    x0 = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    per2, g2 = _loss_and_grads(model, _loss(method, "two_pass"), x0)
+    model.unet.set_impl("triton")
+    check_triton_tangents(x0.device)  # the once-per-device route probe launches too: not part of the step
+    seen = _launches(monkeypatch)
+    per1, g1 = _loss_and_grads(model, _loss(method, "one_pass"), x0)
+    n_gn = sum(type(m).__name__ == "GroupNorm" for m in model.modules())
+    n_attn = sum(bool(getattr(m, "num_heads", 0)) and hasattr(m, "qkv") for m in model.modules())
+    count = {k: seen.count(k) for k in set(seen)}
+    assert n_gn > 0 and n_attn > 0
+    assert count.pop("_group_norm_jvp_fused_kernel") == n_gn and count.pop("_attn_fwd_jvp_kernel") == n_attn
+    assert count.pop("_group_norm_bwd_fused_kernel") == n_gn  # the backward's launches, and nothing else
+    # FA2's backward (the default schedule): dQ is added with atomics by the dK/dV kernel, no dQ kernel
+    assert count == {"_attn_bwd_preprocess_kernel": n_attn, "_attn_bwd_dkdv_kernel": n_attn}, count
+    torch.testing.assert_close(per1, per2, rtol=2e-5, atol=2e-6)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+@torch.library.custom_op("fastcm_test::double", mutates_args=())
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """An op with a backward but no forward-AD rule: under forward_ad its output carries no tangent."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class _Opaque(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x)
+
+
+def _double_no_grad(x):
+    with torch.no_grad():  # a custom_op outside autograd: its output silently carries no tangent
+        return _double(x)
+
+
+@pytest.mark.parametrize("op, what", [(_NoForwardAD.apply, "raised NotImplementedError"), (_double, "raised"),
+                                      (_double_no_grad, "no tangent")])
+def test_a_module_without_a_forward_ad_rule_is_named(op, what):
+    """A Function without jvp or a bare custom_op raises; a custom_op run without autograd drops the tangent
+    silently: each names the module."""
+    model = _model("meanflow", torch.float64, 0.0)
+    model.unet.conv_out = nn.Sequential(model.unet.conv_out, _Opaque(op))
+    x0 = torch.zeros(2, 1, 8, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=rf"module unet.conv_out.1 \(_Opaque\) has no forward-AD rule .*{what}"
+                       r".*jvp_mode='two_pass'"):
+        MeanFlowLoss()(model, x0, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="jvp_mode must be one of"):
+        SCTLoss(jvp_mode="fused")
