@@ -74,6 +74,14 @@ def check_int(name: str, value, minimum: Optional[int] = 1) -> int:
     return int(value)
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` unless it is not a bool (1, "yes" and numpy bools included): ValueError naming ``name``, as
+    check_int and check_real."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
 def is_real(value) -> bool:
     """True for a finite real number (Python or numpy, never bool)."""
     return isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, (bool, np.bool_)) \

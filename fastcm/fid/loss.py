@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcm._checks import check_int
+from fastcm._checks import check_bool, check_int, is_real
 from fastcm.ops import sqrtm_ref
 from fastcm.ops.frechet import check_gaussian, eigvalsh_lower, factored_eigh, null_threshold, symmetrize_lower, whitening
 
@@ -346,9 +346,8 @@ def _check_options(mode, queue_size, ema_beta, normalize, queue_dtype) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_int("queue_size", queue_size, 2)
-    if not (isinstance(ema_beta, (int, float)) and 0.0 <= float(ema_beta) < 1.0):
+    if not (is_real(ema_beta) and 0.0 <= ema_beta < 1.0):
         raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    check_bool("normalize", normalize)
     if queue_dtype not in (torch.float32, torch.float64):
         raise ValueError(f"queue_dtype must be torch.float32 or torch.float64, got {queue_dtype}")

@@ -8,7 +8,6 @@ fastcm.ops with the config's ``impl``.
 """
 import dataclasses
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 
 from fastcm.nn import SeededDropout
 from fastcm.ops import GroupNorm, qkv_attention
-from fastcm._checks import IMPLS, check_choice, check_tensor, is_int
+from fastcm._checks import IMPLS, check_bool, check_choice, check_real, check_tensor, is_int, is_real
 
 EMBEDDINGS = ("fourier", "positional")
 
@@ -73,7 +72,7 @@ def _validate_config(c: UNetConfig) -> None:
             raise ValueError(f"channels_per_head={c.channels_per_head!r} must be a positive int dividing {w}")
     if c.model_channels % 2:
         raise ValueError(f"model_channels must be even (cos/sin embedding halves), got {c.model_channels}")
-    if isinstance(c.dropout, bool) or not isinstance(c.dropout, numbers.Real) or not 0 <= c.dropout < 1:
+    if not (is_real(c.dropout) and 0 <= c.dropout < 1):
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
     if c.dropout_max_resolution is not None and not is_int(c.dropout_max_resolution, 1):
         raise ValueError(f"dropout_max_resolution must be None or a positive int, got {c.dropout_max_resolution!r}")
@@ -81,21 +80,17 @@ def _validate_config(c: UNetConfig) -> None:
         raise ValueError(f"num_classes must be an int >= 0, got {c.num_classes!r}")
     if c.embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {c.embedding!r}")
-    if isinstance(c.fourier_scale, bool) or not isinstance(c.fourier_scale, numbers.Real) or \
-            not 0 < c.fourier_scale < math.inf:
-        raise ValueError(f"fourier_scale must be a positive finite number, got {c.fourier_scale!r}")
+    check_real("fourier_scale", c.fourier_scale, positive=True)
     if c.impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {c.impl!r}")
-    if not isinstance(c.mid_attention, bool):
-        raise ValueError(f"mid_attention must be a bool, got {c.mid_attention!r}")
+    check_bool("mid_attention", c.mid_attention)
     _validate_time_input(c)
 
 
 def _validate_time_input(c: UNetConfig) -> None:
-    if isinstance(c.time_inputs, bool) or c.time_inputs not in (1, 2):
+    if not is_int(c.time_inputs) or c.time_inputs not in (1, 2):
         raise ValueError(f"time_inputs must be 1 or 2, got {c.time_inputs!r}")
-    if c.time_scale is not None and (isinstance(c.time_scale, bool) or not isinstance(c.time_scale, numbers.Real)
-                                     or not 0 < c.time_scale < math.inf):
+    if c.time_scale is not None and not (is_real(c.time_scale) and c.time_scale > 0):
         raise ValueError(f"time_scale must be None or a positive finite number, got {c.time_scale!r}")
 
 

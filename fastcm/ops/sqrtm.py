@@ -20,6 +20,8 @@ from torch import Tensor
 
 from . import _describe
 from ._jvp import JvpRule, has_tangent
+from fastcm._checks import check_bool, check_int
+
 from ._utils import check_tensor, resolve_impl
 
 NUM_ITERS = 30  # resolves condition numbers up to ~1e8 in fp64 (see the accuracy table)
@@ -182,10 +184,8 @@ def _validate(a, num_iters, psd_projection) -> None:
     check_tensor("a", a, min_ndim=2)
     if a.shape[-1] != a.shape[-2] or a.shape[-1] == 0:
         raise ValueError(f"a must be a batch of non-empty square matrices (..., n, n), got shape {tuple(a.shape)}")
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
-        raise ValueError(f"num_iters must be a positive int, got {num_iters!r}")
-    if not isinstance(psd_projection, bool):
-        raise ValueError(f"psd_projection must be a bool, got {psd_projection!r}")
+    check_int("num_iters", num_iters)
+    check_bool("psd_projection", psd_projection)
     if torch.compiler.is_compiling() or a.numel() == 0:
         return  # value checks need a host sync; they run in eager mode only
     if not bool(torch.isfinite(a).all()):
