@@ -27,6 +27,7 @@ Conventions shared by the kernels:
   packed qkv or of an NCHW map need no copies.
 """
 import math
+import warnings
 
 import torch
 import triton
@@ -53,19 +54,21 @@ def _configs(blocks, interpret_block):
 
 
 def shared_bytes(kernel: str, config: triton.Config, block_d: int, dot_bytes: int) -> int:
-    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dkdv_atomic", "dq", "jvp") at ``config``: the tiles a
-    program keeps for its whole life once, the tiles it streams per loop step once per pipeline stage, plus one
-    fp32 (BLOCK_M x BLOCK_N) layout-conversion scratch. The compile gate checks that it bounds what Triton allocates
-    for every config on sm_80 and sm_90 (tests/test_gpu_compile.py), so pruning by it happens before compiling."""
+    """Upper bound of the dynamic shared memory of ``kernel`` ("fwd", "dkdv", "dkdv_atomic", "dq", "jvp") at
+    ``config``: the tiles a program keeps for its whole life once, the tiles it streams per loop step once per
+    pipeline stage, plus one fp32 (BLOCK_M x BLOCK_N) layout-conversion scratch. The compile gate checks that it
+    bounds what Triton allocates for every config on sm_80 and sm_90 (tests/test_gpu_compile.py), so pruning by it
+    happens before compiling."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    # "dkdv_atomic" (the fast schedule's dK/dV kernel) also keeps k in the dS^T-operand layout of dQ += dS K and
-    # converts the dS tile through shared memory once more.
+    # "dkdv_atomic" (the fast schedule's dK/dV kernel) also keeps k in the B-operand layout of dQ += dS^T K and
+    # converts dS^T (in the dot dtype) and one more fp32 tile through shared memory, plus barriers: sized on what the
+    # compile gate measured (213,504 B for bf16, D 256, BLOCK_M 32, BLOCK_N 64, 3 stages on sm_90).
     tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dkdv_atomic": (3 * n, 2 * m), "dq": (2 * m, 2 * n),
              "jvp": (2 * m, 4 * n)}
     resident, streamed = tiles[kernel]
     if kernel.startswith("dkdv"):  # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy unpipelined
         stages = max(stages, 2)
-    extra = dot_bytes * m * n if kernel == "dkdv_atomic" else 0
+    extra = (dot_bytes + 4) * m * n + 1024 if kernel == "dkdv_atomic" else 0
     return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n + extra
 
 
@@ -99,9 +102,9 @@ _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64,
                          (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 2, 2), (64, 32, 8, 2), (32, 32, 4, 2),
                          (16, 16, 4, 1)],
                         {"BLOCK_M": 64, "BLOCK_N": 64})
-_DKDV_CONFIGS = _configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2),
-                          (16, 32, 2, 2), (16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)],
-                         {"BLOCK_M": 64, "BLOCK_N": 64})
+_DKDV_BLOCKS = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2), (16, 32, 2, 2),
+                (16, 32, 4, 2), (32, 32, 8, 2), (16, 64, 8, 2), (16, 16, 4, 1)]
+_DKDV_CONFIGS = _configs(_DKDV_BLOCKS, {"BLOCK_M": 64, "BLOCK_N": 64})
 _DQ_CONFIGS = _configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2),
                         (16, 32, 2, 2), (32, 32, 4, 2), (64, 32, 8, 2), (16, 16, 4, 1)],
                        {"BLOCK_M": 64, "BLOCK_N": 64})
@@ -461,14 +464,33 @@ def attention_fwd(q, k, v, out, scale: float) -> torch.Tensor:
     return lse
 
 
+def atomic_dq_fits(q: torch.Tensor) -> bool:
+    """Whether some config of the fast schedule's dK/dV kernel fits the per-block shared memory of q's device (or
+    the compile gate's target) at q's head dim and dtype. It does not for fp32 at head dim 256 within the 99 KB of
+    sm_86/sm_89, where the deterministic dK/dV kernel still fits."""
+    limit = shared_memory_limit(q.device)
+    if limit is None:
+        return True
+    meta = _meta(q)
+    dot_bytes = max(2, meta["DOT"].primitive_bitwidth // 8)
+    return any(shared_bytes("dkdv_atomic", triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=st),
+                            meta["BLOCK_D"], dot_bytes) <= limit for m, n, _, st in _DKDV_BLOCKS)
+
+
 def attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale: float, deterministic: bool = False) -> None:
     """Write the gradients of attention into ``dq``, ``dk``, ``dv`` given d_out (any strides, including the
     expanded stride-0 gradient of ``.sum()``), the forward's ``out`` and ``lse``. ``deterministic=False``: the fast
     schedule (5 matmuls; dQ accumulated with atomics, so its last bits vary run to run on a GPU); True: the separate
-    dQ kernel (7 matmuls, bit-identical run to run)."""
+    dQ kernel (7 matmuls, bit-identical run to run). Where the fast schedule does not fit the shared memory
+    (``atomic_dq_fits``), the deterministic one runs, with a warning."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     meta = _meta(q)
+    if not deterministic and not atomic_dq_fits(q):
+        warnings.warn(f"fastcm attention: the fast (atomic dQ) backward does not fit this GPU's shared memory at "
+                      f"head dim {D} in {q.dtype}; using the deterministic backward (7 matmuls instead of 5)",
+                      stacklevel=2)
+        deterministic = True
     delta = torch.empty((B, H, Lq), dtype=lse.dtype, device=q.device)
     # The fast schedule accumulates dQ in the compute dtype: in dq itself when it has that dtype, else in a buffer.
     dq_acc = dq if deterministic or dq.dtype == lse.dtype else torch.empty(dq.shape, dtype=lse.dtype,

@@ -319,6 +319,27 @@ def test_the_one_pass_jvp_route_keeps_the_backward_schedule(device):
         assert ("_attn_bwd_dq_kernel" in kernels) == det and (atomic > 0) == (not det), det
 
 
+def test_fast_backward_falls_back_explicitly_where_its_shared_memory_does_not_fit(device, monkeypatch):
+    """fp32 at head dim 256 within sm_86's 99 KB: no config of the atomic dK/dV kernel fits (the deterministic one's
+    smallest does), fp16 fits; where it does not fit, the deterministic schedule runs and a warning says so."""
+    from fastcm.kernels import _utils
+    from fastcm.kernels import attention as kernels
+
+    token = _utils.TARGET_SHARED_MEMORY.set(101_376)
+    try:
+        fp32, fp16 = torch.empty(1, 1, 8, 256), torch.empty(1, 1, 8, 256, dtype=torch.float16)
+        assert not kernels.atomic_dq_fits(fp32) and kernels.atomic_dq_fits(fp16)
+        assert kernels.atomic_dq_fits(torch.empty(1, 1, 8, 128))
+    finally:
+        _utils.TARGET_SHARED_MEMORY.reset(token)
+    monkeypatch.setattr(kernels, "atomic_dq_fits", lambda q: False)
+    q, k, v = _qkv((1, 1, 20, 32), (1, 1, 20, 32), torch.float64, device)
+    with pytest.warns(UserWarning, match="using the deterministic backward"):
+        launched, atomic = _bwd_launches(lambda: _check_against_fp64(_triton, attention_ref, [q, k, v],
+                                                                     torch.float64, None))
+    assert "_attn_bwd_dq_kernel" in launched and atomic == 0
+
+
 def test_cifar10_preset_head_dim_256_uses_the_triton_kernels(device):
     # iCT's NCSN++ (cifar10 preset): one 256-channel head at 16x16; here at 4x4 tokens to keep the interpreter fast.
     qkv = torch.randn(1, 3 * 256, 4, 4, device=device, dtype=torch.float64)

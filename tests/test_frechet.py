@@ -305,3 +305,8 @@ def test_covariances_far_from_unit_scale_are_rescaled(scale):
         diff + (expected - diff) * scale, rel=1e-10)
     with pytest.raises(ValueError, match="exceeds the fp64 range"):
         frechet_distance(mu1 * 1e160, s1 * 1e306, mu2 * 1e160, s2 * 1e306)
+    # The cached reference: a scaled reference, and unit-scale statistics against a scaled one, as frechet_distance.
+    assert FrechetReference(mu2 * a, s2 * scale).distance(mu1 * a, s1 * scale).item() == pytest.approx(
+        expected * scale, rel=1e-10)
+    assert FrechetReference(mu2, s2).distance(mu1 * a, s1 * scale).item() == pytest.approx(
+        frechet_distance(mu1 * a, s1 * scale, mu2, s2).item(), rel=1e-12)

@@ -283,6 +283,13 @@ def test_extreme_c_is_finite_and_exact_on_both_routes(dtype, c, same, per, devic
         assert not loss.any() and not p.grad.any()
 
 
+def test_one_dimensional_pred_is_one_element_per_sample_on_both_routes(device):
+    pred, target, _ = _inputs((5,), torch.float32, device)
+    expected = _hypot_closed_form(pred[:, None], target[:, None], 0.1, "sample")[0].float()
+    for impl in ("triton", "torch"):
+        torch.testing.assert_close(pseudo_huber_loss(pred, target, 0.1, reduction="none", impl=impl), expected)
+
+
 def test_one_pass_and_two_pass_rows_agree_on_large_differences(device, monkeypatch):
     """Differences of 1e30 (squares overflow fp32) give the same loss and gradient through the one-block path and
     through the two-pass path of rows longer than a block (forced here with a 64-element block)."""

@@ -55,14 +55,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     jvp rules, pytorch#192985, and would return a wrong tangent); the reference route compiles.
 
     The Triton path never materialises the L x L scores; its forward is deterministic (no atomics) and, on CUDA,
-    its kernels autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of Lq and Lk.
+    its kernels autotune their block sizes on the first call per dtype, head-dim block and power-of-two bucket of
+    Lq and Lk.
     fp32 inputs on CUDA use TF32 tensor cores when torch allows TF32 matmuls
     (``torch.backends.cuda.matmul.fp32_precision == "tf32"``, which ``set_float32_matmul_precision("high")`` and
     ``allow_tf32 = True`` also set), IEEE fp32 otherwise, as torch's own matmuls do.
 
     Fallback (never silent): the Triton kernels support D <= 256 and, on CUDA, fp16/bf16/fp32. For D > 256, or fp64 on
     CUDA, the Triton path runs ``torch.nn.functional.scaled_dot_product_attention`` instead; with ``impl="triton"``
-    requested explicitly this also emits a ``UserWarning``.
+    requested explicitly this also emits a ``UserWarning``. Where the fast backward's dK/dV kernel fits no block of
+    shared memory (fp32 at head dim 256 on sm_86/sm_89's 99 KB), the deterministic backward runs, with a
+    ``UserWarning``.
     """
     scale = _validate(q, k, v, scale)
     _check_deterministic(deterministic)

@@ -135,13 +135,15 @@ class FrechetReference:
     """Reference statistics (mu_ref, sigma_ref) with the reference-side Cholesky factor computed once, for
     comparing many statistics against one reference (FID evaluations during training): ``distance(mu, sigma)``
     then costs one congruence and one eigvalsh. Same value as frechet_distance(mu, sigma, mu_ref, sigma_ref).
-    A singular reference (no Cholesky factor) falls back to frechet_distance."""
+    A singular reference (no Cholesky factor), or statistics whose scale needs another rescaling than the
+    reference's (frechet_distance's ``_rescale``), fall back to frechet_distance."""
 
     def __init__(self, mu_ref, sigma_ref, impl: str = "auto"):
         use_lapack(impl=impl)
         self.mu, self.sigma = check_gaussian(mu_ref, sigma_ref, ("mu_ref", "sigma_ref"))
         self.impl = impl
-        self.chol = cholesky_lower(self.sigma, impl)
+        self.chol = cholesky_lower(self.sigma, impl) if _rescale(self.mu, self.sigma, self.mu, self.sigma)[1] == 0 \
+            else None  # far from unit scale: frechet_distance rescales each pair
         self.trace = self.sigma.trace()
 
     def distance(self, mu, sigma) -> Tensor:
@@ -149,7 +151,7 @@ class FrechetReference:
         if mu.shape != self.mu.shape or mu.device != self.mu.device:
             raise ValueError(f"mu must have shape {tuple(self.mu.shape)} on {self.mu.device}, got "
                              f"{tuple(mu.shape)} on {mu.device}")
-        if self.chol is None:
+        if self.chol is None or _rescale(mu, sigma, self.mu, self.sigma)[1] != 0:
             return frechet_distance(mu, sigma, self.mu, self.sigma, impl=self.impl)
         trace_sqrt = _sum_sqrt_eigvals(congruence(self.chol, sigma, self.impl)[0], "sigma", self.impl)
         diff = mu - self.mu

@@ -53,7 +53,7 @@ def pseudo_huber_loss_ref(pred: Tensor, target: Tensor, c: float, weight: Option
     acc = torch.float64 if out == torch.float32 and _c_needs_fp64(c) else out
     diff = pred.to(acc) - target.to(acc)
     if per == "sample":
-        diff = diff.flatten(1)
+        diff = diff.flatten(1) if diff.dim() > 1 else diff[:, None]  # (B, D); 1-D: B samples of one element
         top = diff.detach().abs().amax(1, keepdim=True) if diff.shape[1] else diff.new_ones(diff.shape[0], 1)
         top = torch.where(top > 0, top, 1.0)
         n = torch.linalg.vector_norm(diff / top, dim=1) * top.squeeze(1)
