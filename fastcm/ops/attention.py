@@ -45,7 +45,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
         deterministic: the Triton backward's schedule. False (default): FlashAttention-2's, the fastest (5 matmuls
             instead of 7), dQ summed over key blocks with fp32 atomics, so dq's last bits may differ run to run on a
             GPU. True, or whenever ``torch.are_deterministic_algorithms_enabled()`` at backward time: a separate dQ
-            kernel, bit-identical run to run. (Under forward-mode AD only the torch switch applies.)
+            kernel, bit-identical run to run. (Also under forward-mode AD.)
     Returns (B, H, Lq, D) in q's dtype. fp16/bf16 inputs are computed with fp32 accumulation and softmax. Under
     ``torch.autocast`` fp32 inputs are first cast to the autocast dtype, as autocast does for SDPA.
 
