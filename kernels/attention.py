@@ -348,7 +348,7 @@ def _attn_bwd_dq_kernel(
 
 
 
-# Forward with its tangent in one pass (sCM App. F; continuous-time.md Sec. 3.2). With S = s Q K^T, P = softmax(S),
+# Forward with its tangent in one pass (sCM App. F). With S = s Q K^T, P = softmax(S),
 # O = P V and the tangent S' = s (Q' K^T + Q K'^T), the closed form O' = P V' + (P * S') V - rowsum(P * S') O becomes,
 # per query tile, three more accumulators rescaled by alpha = 2^(m_old - m_new) exactly like l and O~:
 #     A~ = sum p V',   B~ = sum (p * S') V,   r = sum_j p * S',     O' = (A~ + B~ - r O) / l,  O = O~ / l.

@@ -327,7 +327,7 @@ def _group_norm_bwd_dx_kernel(
             tl.store(_ptrs(dx_ptr, n, c, s, sgn, sgc, sgs, CL), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# Forward-mode tangent (JVP), continuous-time.md Sec. 3.1. Per group, with M = CPG * S elements:
+# Forward-mode tangent (JVP): the chain rule through the group's mean and rstd. Per group, with M = CPG * S elements:
 #     mu' = mean(x'),  kappa = mean(xhat * x') = rstd * mean((x - mu) x'),  xhat' = rstd (x' - mu' - xhat kappa),
 #     h = gamma xhat + beta,  h' = gamma xhat' + gamma' xhat + beta',  a = h (1 + s) + t,  a' = h' (1 + s) + h s' + t',
 #     y' = a' silu'(a)  (silu'(a) = sig(a) (1 + a (1 - sig(a)))).
