@@ -8,7 +8,7 @@ backend choice differs between releases and GPUs), and the eager math reference 
 reads through strides and the others pay the rearrangement copies.
 
 Each entry records ``flops`` (forward 4*B*H*Lq*Lk*D: two matmuls; backward 2.5x that, five matmuls - the Triton
-tutorial's count) so the report prints TFLOP/s. Goal on a GPU (issue 4): Triton forward not slower than the flash
+tutorial's count) so the report prints TFLOP/s. Goal on a GPU: Triton forward not slower than the flash
 backend at L <= 1024.
 """
 import pytest
@@ -20,8 +20,8 @@ from _harness import DEVICE, SMOKE, bench, record, timed_call
 from fastcm.ops import attention, attention_ref, qkv_attention, qkv_attention_ref
 
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
-# (B, H, L, D): B*H in {8, 64} at 64, 256 and 1024 tokens, head dim 64 (issue 4), and the cifar10 preset's single
-# 256-wide head at 16x16 (issue 13); one tiny size under BENCH_SMOKE=1.
+# (B, H, L, D): B*H in {8, 64} at 64, 256 and 1024 tokens, head dim 64, and the cifar10 preset's single
+# 256-wide head at 16x16; one tiny size under BENCH_SMOKE=1.
 SHAPES = [(1, 2, 64, 64)] if SMOKE else [(b, 4, L, 64) for b in (2, 16) for L in (64, 256, 1024)] + [(16, 1, 256, 256)]
 # torch also has a CPU flash kernel: on the CPU it shows what impl="auto" (the eager reference there) leaves behind.
 SDPA = {"sdpa-math": SDPBackend.MATH, "sdpa-flash": SDPBackend.FLASH_ATTENTION}

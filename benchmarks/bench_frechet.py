@@ -1,4 +1,4 @@
-"""Frechet distance and FD loss, side by side in one run (issue 5 goals; d = 2048, B = 256, fp64).
+"""Frechet distance and FD loss, side by side in one run (the project's goals; d = 2048, B = 256, fp64).
 
 frechet:metric:<d>      the whole FD from (mu, Sigma) pairs of 8k-sample covariances:
                           scipy-sqrtm  pytorch-fid / clean-fid / EDM2: scipy.linalg.sqrtm(S1 @ S2), real trace

@@ -9,7 +9,7 @@ case runs NCHW and channels_last (the kernels read both in place, with vector lo
 
 Each entry records ``bytes``, the compulsory memory traffic of a fully fused implementation (forward: read x, write
 y; backward: read x and dy, write dx; the (N, C) and (C,) parameters are negligible), so the report prints the
-effective GB/s. Goal on a GPU (issue 3): >= 2x eager and not slower than compiled at batch >= 8, C >= 128.
+effective GB/s. Goal on a GPU: >= 2x eager and not slower than compiled at batch >= 8, C >= 128.
 """
 import pytest
 import torch

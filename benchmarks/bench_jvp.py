@@ -6,7 +6,7 @@ graph, the trainable pass and its backward, RAdam. Providers (how the JVP is com
 - ``jvp-reference``: ``torch.func.jvp`` through the reference ops (the default training route, jvp_impl="torch";
   materialises the L x L attention matrix and its tangent);
 - ``fd-fp32`` / ``fd-fp64``: a central finite difference of the network, (F(p + h d) - F(p - h d)) / 2h per sample,
-  h = max(1e-3 t, 1e-6) (sCM's epsilon_t as FastGen uses it, continuous-time.md §5), in fp32, or in fp64 as FastGen
+  h = max(1e-3 t, 1e-6) (sCM's epsilon_t as FastGen uses it), in fp32, or in fp64 as FastGen
   runs it (the weights are cast to fp64 for the two passes and back: that cast is part of the timed step; this
   entry measures cost: SCTLoss's network closure rounds F to the input dtype, so its fp64 route is not more
   accurate than fp32 here); F(p) is taken as the mean of the two passes (O(h^2));

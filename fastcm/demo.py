@@ -14,9 +14,9 @@
 ``method`` ("ict" by default, "sct" or "meanflow") picks stage 1's method: sampling, evaluation and the FD stage then
 use that method's one- and two-step samplers and one-step generator. :func:`run_compare` (``fastcm demo --compare``)
 runs stage 1 .. 4 for all three methods at an equal wall-clock budget of stage 1 and writes one table.
-The defaults follow calibration.md's measurements on this project's 2-core CPU for iCT (4,000 steps, batch 64,
+The defaults follow measurements on this project's 2-core CPU for iCT (4,000 steps, batch 64,
 RAdam 2e-4, no EMA); the FD stage runs 150 steps of batch 250 at Adam 5e-5, which measured here lowers the
-held-out feature FD further than calibration.md's 300 steps at 2e-5, in half the time.
+held-out feature FD further than 300 steps at 2e-5, in half the time.
 """
 import copy
 import dataclasses
@@ -402,7 +402,7 @@ def _train_fd(cfg: DemoConfig, model, ev: "_Evaluator", out: Path, guard: Thread
     Batch mode rather than the queue, by measurement: the queue now takes the singular digits reference (5 dead
     units), but from one 1,500-step iCT model (held-out feature FD 172.4) 150 steps gave 14.6 in batch mode against
     31.8 with a 1,250-feature queue and 95.9 with a 5,000-feature queue (CAS 0.940 / 0.949 / 0.913): the queue's
-    stale features from earlier generator states make the held-out FD oscillate (measured for issue 14)."""
+    stale features from earlier generator states make the held-out FD oscillate (measured on this project's CPU)."""
     from fastcm.train import FDConfig, finetune_fd
 
     log_every = max(1, min(10, cfg.fd_steps // 10))

@@ -132,8 +132,9 @@ def compile_launch(launch: Launch, kwargs: dict, arch: int) -> Compiled:
     backend = make_backend(target)
     try:
         binder = create_function_from_signature(fn.signature, fn.params, backend)
-        bound, specialization, options = binder(*launch.args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        launched = {**_utils.LAUNCH_OPTIONS, **kwargs}  # the options every launch pins (FP contraction)
+        bound, specialization, options = binder(*launch.args, **launched)
+        options, signature, constexprs, attrs = fn._pack_args(backend, launched, bound, specialization, options)
         log = io.StringIO()
         with contextlib.redirect_stdout(log), _ptxas_log():  # ptxas -v output of a cold compile (no second run)
             compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import MAX_FUSED_SIZE, accumulate_dtype, num_warps
+from ._utils import MAX_FUSED_SIZE, accumulate_dtype, num_warps, pin_launch_options
 
 MAX_TILE_BWD = MAX_FUSED_SIZE // 2  # the backward keeps x, dy, du and xhat live: half the forward's tile
 SPLIT_TILE = 4096                   # split-path tile: 16 fp32 per thread at 8 warps (16 warps capped regs at 128)
@@ -327,7 +327,7 @@ def _group_norm_bwd_dx_kernel(
             tl.store(_ptrs(dx_ptr, n, c, s, sgn, sgc, sgs, CL), dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# Forward-mode tangent (JVP), continuous-time.md Sec. 3.1. Per group, with M = CPG * S elements:
+# Forward-mode tangent (JVP): the chain rule through the group's mean and rstd. Per group, with M = CPG * S elements:
 #     mu' = mean(x'),  kappa = mean(xhat * x') = rstd * mean((x - mu) x'),  xhat' = rstd (x' - mu' - xhat kappa),
 #     h = gamma xhat + beta,  h' = gamma xhat' + gamma' xhat + beta',  a = h (1 + s) + t,  a' = h' (1 + s) + h s' + t',
 #     y' = a' silu'(a)  (silu'(a) = sig(a) (1 + a (1 - sig(a)))).
@@ -595,3 +595,6 @@ def jvp_fits(x: torch.Tensor, num_groups: int) -> bool:
     """True when a group of x fits the one-pass tangent kernel's tile."""
     S = x[0, 0].numel()
     return triton.next_power_of_2(x.shape[1] // num_groups) * triton.next_power_of_2(S) <= MAX_TILE_BWD
+
+
+pin_launch_options(globals())  # every kernel above launches with FP contraction pinned on (_utils)

@@ -1,5 +1,5 @@
 """fastcm._checks, the one validation module: each helper's accept/reject boundary, the messages naming the argument,
-and the thresholds the mutation run left untested (issue 13 section 3): a sigma grid with equal neighbours."""
+and the thresholds the mutation run left untested: a sigma grid with equal neighbours."""
 import numpy as np
 import pytest
 import torch

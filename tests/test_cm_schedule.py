@@ -1,4 +1,4 @@
-"""iCT discretization against the paper's numbers and independent closed forms (consistency-models.md §1.2-1.5)."""
+"""iCT discretization against the paper's numbers and independent closed forms (Song & Dhariwal 2023: Karras grid, N(k) curriculum, lognormal pair probabilities)."""
 import math
 
 import numpy as np
@@ -73,7 +73,7 @@ def test_lognormal_pair_probs_match_erf_formula_and_scipy(N):
     p = lognormal_pair_probs(s, P_mean, P_std)
     assert p.shape == (N - 1,) and p.dtype == torch.float64
     assert abs(p.sum().item() - 1.0) < 1e-12 and bool((p > 0).all())
-    # The erf formula of consistency-models.md §1.4, with math.erf.
+    # iCT's lognormal pair probabilities (erf differences over the Karras grid), with math.erf.
     erf = np.array([math.erf((math.log(v) - P_mean) / (math.sqrt(2) * P_std)) for v in s.tolist()])
     np.testing.assert_allclose(p.numpy(), np.diff(erf) / np.diff(erf).sum(), rtol=1e-9)
     # Independently: the lognormal's mass on [sigma_i, sigma_{i+1}] (scipy), renormalized to the grid.

@@ -254,7 +254,7 @@ def test_jvp_restores_the_config_object_and_takes_channels_last_inputs():
                             dropout_seed=2)
     torch.testing.assert_close(g_b, g_a, rtol=1e-12, atol=1e-12)
     # channels_last weights: on torch 2.13 torch.group_norm's forward AD fails there, and the error says why; once
-    # the reference group norm carries channels_last tangents (issue 16 §1) the tangent must simply be right.
+    # the reference group norm carries channels_last tangents the tangent must simply be right.
     model.to(memory_format=cl)
     try:
         _, g_c = loss.tangent(model, x_t, t, dxt, 0, dropout_seed=2)

@@ -1,6 +1,6 @@
 """One dataset grammar for every command: each form (digits, digits:train, digits:test, cifar10:DIR,
 cifar10:DIR:train, cifar10:DIR:test, folder:DIR, FILE.npz) through `train --data`, `stats`, `fid`, `cas --real` and
-`edit --input`, each run as the real `fastcm` console script in a subprocess, on small data (issue 14)."""
+`edit --input`, each run as the real `fastcm` console script in a subprocess, on small data."""
 import json
 import os
 import pickle
@@ -117,7 +117,7 @@ def test_one_error_message_lists_every_form(world):
 
 
 def test_collapsed_sets_and_single_seed_cas_through_the_command(world):
-    # Issue 15 items 4 and 8 as a user meets them: constant images (zero covariances) give the exact FD instead of a
+    # As a user meets them: constant images (zero covariances) give the exact FD instead of a
     # LAPACK traceback, and `cas` with one seed makes no claim about real + synthetic.
     tmp, _ = world
     np.savez(tmp / "const_a.npz", x=np.full((10, 1, 4, 4), -0.5, np.float32))

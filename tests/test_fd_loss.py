@@ -50,7 +50,7 @@ def test_batch_mode_matches_metric_and_full_route(b, d):
 
 def test_batch_gradient_analytic_form():
     # dFD/dX = 2 (mu - mu_r) / B + 2 X_c / (B - 1) - 2 K^(+1/2) C^T Sigma_r / sqrt(B - 1), with K = C^T Sigma_r C
-    # (d x B layout) and its centring null eigenvalue removed (frechet-distance.md Sec. 4, item 12), in numpy.
+    # (d x B layout) and its centring null eigenvalue removed (the low-rank form of FastFID, Mathiasen & Hvilshoej 2020), in numpy.
     d, b = 30, 10
     mu_r, s_r = _reference(d, seed=2)
     x = _batch(b, d, seed=3)

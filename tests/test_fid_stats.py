@@ -200,7 +200,7 @@ def test_datasets_and_dataset_strings_as_sources(tmp_path):
 
 
 def test_collapsed_image_sets_give_the_squared_mean_distance():
-    # Constant images: both covariances are 0, FD = ||mu1 - mu2||^2 (issue 15 item 4).
+    # Constant images: both covariances are 0, FD = ||mu1 - mu2||^2.
     from fastcm.fid import PixelFeatures
 
     a, b = torch.full((10, 1, 4, 4), -0.5), torch.full((12, 1, 4, 4), 0.25)

@@ -1,5 +1,5 @@
 """Frechet distance: closed forms, metric properties, agreement with the scipy sqrtm and eigvals routes, singular
-covariances and input validation (frechet-distance.md, Sec. 4)."""
+covariances and input validation."""
 import math
 
 import numpy as np
@@ -63,7 +63,7 @@ def test_one_dimensional_and_scaling():
 
 
 def test_two_by_two_non_commuting():
-    # tr sqrt(P) = sqrt(tr P + 2 sqrt(det P)) for 2x2 P = S1 S2 (frechet-distance.md Sec. 4, item 5).
+    # tr sqrt(P) = sqrt(tr P + 2 sqrt(det P)) for 2x2 P = S1 S2 (Cayley-Hamilton: sqrt(P) for a 2x2 P with real positive eigenvalues).
     s1 = torch.tensor([[2.0, 1.0], [1.0, 3.0]], dtype=F64)
     s2 = torch.tensor([[1.0, -0.5], [-0.5, 2.0]], dtype=F64)
     p = s1 @ s2
@@ -232,7 +232,7 @@ def test_scipy_route_is_refused_where_it_cannot_run(monkeypatch):
 
 @pytest.mark.parametrize("impl", ["scipy", "torch"])
 def test_collapsed_distributions_are_exact(impl):
-    # Constant images (mode collapse) give zero covariances: FD = ||mu1 - mu2||^2, on either side (issue 15 item 4).
+    # Constant images (mode collapse) give zero covariances: FD = ||mu1 - mu2||^2, on either side.
     d = 5
     mu, zero, eye = torch.arange(d, dtype=F64), torch.zeros(d, d, dtype=F64), torch.eye(d, dtype=F64)
     assert frechet_distance(mu, zero, mu + 1, zero, impl=impl).item() == d
@@ -290,7 +290,7 @@ def test_cached_reference():
 
 @pytest.mark.parametrize("scale", [1e200, 1e-200])
 def test_covariances_far_from_unit_scale_are_rescaled(scale):
-    """Issue 21 item 9: covariances of 1e200 made LAPACK fail (dsyevr info=1). Features scaled by a = sqrt(scale)
+    """Covariances of 1e200 made LAPACK fail (dsyevr info=1). Features scaled by a = sqrt(scale)
     (covariances by scale) give scale * FD of the unscaled problem, as scipy computes it; covariances alone scaled
     (means kept) work too; a distance beyond fp64 is refused in one line."""
     mu1, s1 = _stats(100, 16, seed=3)

@@ -258,7 +258,7 @@ def _hypot_closed_form(pred, target, c, per):
     return loss, diff / (h.view(-1, *([1] * (diff.dim() - 1))) if per == "sample" else h)
 
 
-# Issue 21 item 9: c^2 overflows fp32 at 2e19 and fp64 at 1e300; c = 1e300 is no fp32 number at all (computed in
+# c^2 overflows fp32 at 2e19 and fp64 at 1e300; c = 1e300 is no fp32 number at all (computed in
 # fp64, rounded to fp32); c^2 = 1e-60 vanishes in fp32, so pred == target was 0 / 0 in the gradient.
 EXTREME_C = [(torch.float32, 2e19, False), (torch.float64, 1e300, False), (torch.float32, 1e300, False),
              (torch.float32, 1e-30, True), (torch.float32, 1e-30, False), (torch.float64, 1e-310, True)]

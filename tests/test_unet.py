@@ -49,7 +49,7 @@ def test_preset_architectures():
     i = PRESETS["imagenet64"]  # ADM-like
     assert (i.model_channels, i.channel_mult, i.num_blocks, i.attn_resolutions, i.channels_per_head, i.embedding,
             i.num_classes, i.img_resolution) == (192, (1, 2, 3, 4), 3, (32, 16, 8), 64, "positional", 1000, 64)
-    d = PRESETS["digits"]  # calibration.md: 8x8 -> 4x4, 32 channels, GroupNorm(8), positional, 10 classes
+    d = PRESETS["digits"]  # the digits net: 8x8 -> 4x4, 32 channels, GroupNorm(8), positional, 10 classes
     assert (d.img_resolution, len(d.channel_mult), d.model_channels, d.num_groups, d.embedding, d.num_classes,
             d.in_channels) == (8, 2, 32, 8, "positional", 10, 1)
 

@@ -8,8 +8,7 @@ with the adaptive weight sg(1 / (L + c)^p). The net is conditioned on (t, t - r)
 z_0 = z_1 - u(z_1, 0, 1), or z_r = z_t - (t - r) u(z_t, r, t) over a schedule.
 
 The paper's text was not available here: the constants (logit-normal(-2, 2) for both times, 75 % of pairs with
-r != t, p = 0.75, c = 1e-3 on CIFAR-10) are those of the official PyTorch code (py-meanflow, "v0 = paper config");
-see shared/reference/continuous-time.md §2.
+r != t, p = 0.75, c = 1e-3 on CIFAR-10) are those of the official PyTorch code (py-meanflow, "v0 = paper config").
 """
 import math
 import numbers

@@ -98,7 +98,7 @@ PRESETS = {
     # Unit tests: every feature (attention, dropout, Fourier embedding, two levels) at 1x8x8.
     "tiny": UNetConfig(img_resolution=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
                        attn_resolutions=(4,), dropout=0.1, fourier_scale=0.02, num_groups=4),
-    # calibration.md's digits network: 8x8 -> 4x4, 32 base channels, GroupNorm(8), positional embedding.
+    # The digits network (measured on this project's 2-core CPU): 8x8 -> 4x4, 32 base channels, GroupNorm(8), positional embedding.
     "digits": UNetConfig(img_resolution=8, in_channels=1, model_channels=32, channel_mult=(1, 1), num_blocks=2,
                          attn_resolutions=(), mid_attention=False, num_classes=10, embedding="positional",
                          num_groups=8),

@@ -1,7 +1,7 @@
 """Forward-mode AD (JVP) for ops whose fast route is a ``torch.library.custom_op``.
 
 A custom_op has no forward-AD hook in torch 2.13: ``torch.func.jvp`` through one silently returns a zero tangent,
-and ``torch.autograd.forward_ad`` leaves the tangent None (continuous-time.md Sec. 4). And Dynamo refuses a
+and ``torch.autograd.forward_ad`` leaves the tangent None. And Dynamo refuses a
 ``torch.autograd.Function`` that defines ``jvp`` ("Unsupported custom jvp"), so the custom op must stay what
 ``torch.compile`` sees. The mechanism here keeps both:
 
@@ -92,7 +92,7 @@ class JvpRule:
                 saved = iter(ctx.saved_tensors)
                 values = [next(saved) if v is _SAVED else v for v in values]
                 output = tuple(values[n_inputs:]) if tuple_out else values[n_inputs]
-                with torch.no_grad():  # tangents need no graph of their own (continuous-time.md Sec. 3.4)
+                with torch.no_grad():  # tangents need no graph: the methods stop their gradient (sCM Eq. 8)
                     return tangent(tuple(values[:n_inputs]), output, tangents)
 
         Function.__name__ = Function.__qualname__ = f"{name}_jvp"
@@ -107,7 +107,7 @@ class JvpRule:
 
 def tangent_of(value):
     """The forward-mode tangent of ``value`` (None for a non-tensor or a tensor without one), detached: the op
-    rules compute tangents with no graph of their own (continuous-time.md Sec. 3.4)."""
+    rules compute tangents with no graph of their own: the methods stop their gradient (sCM Eq. 8)."""
     tangent = fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None
     return None if tangent is None else tangent.detach()
 
@@ -116,7 +116,7 @@ class FusedJvpRule:
     """Forward-mode AD for an op whose output-and-tangent kernel also writes what the op's backward needs, so a
     call with tangents is ONE launch, with or without autograd (sCT / MeanFlow's one-pass training step).
 
-    The Function takes the input tangents as ordinary inputs (the rCM packaging, continuous-time.md Sec. 3.2):
+    The Function takes the input tangents as ordinary inputs (as rCM packages its fused attention JVP):
     ``forward(*args, *tangents)`` runs ``fused(args, tangents) -> (outputs, tangent of outputs[0])`` once; the
     primal outputs are the op's outputs (outputs[0] differentiable, the rest saved statistics), backward is the
     custom op's registered backward on them, and the ``jvp`` staticmethod returns the tangent the launch already

@@ -85,7 +85,7 @@ def _modulate(y: Tensor, scale, shift, act, per_nc, dtype) -> Tensor:
 
 def _group_normalize(x: Tensor, num_groups: int, eps: float) -> Tensor:
     """(x - mean_g) / sqrt(var_g + eps) written with mean and var: torch's group_norm has no working forward AD on
-    channels_last inputs, and fails in compiled torch.func.jvp (continuous-time.md Sec. 4); this form has both."""
+    channels_last inputs, and fails in compiled torch.func.jvp; this form has both."""
     xg = x.reshape(x.shape[0], num_groups, -1)
     d = xg - xg.mean(-1, keepdim=True)
     return (d * torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
@@ -276,7 +276,7 @@ def _fused(args, tangents):
 
 def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
                            shift_dot, silu) -> Tensor:
-    """y' of y = act((GN(x) w + b) (1 + s) + t) in torch, continuous-time.md Sec. 3.1 (any argument's tangent may
+    """y' of y = act((GN(x) w + b) (1 + s) + t) in torch, the chain rule through mean and rstd (any argument's tangent may
     be None: zero). Per group: mu' = mean(x'), kappa = mean(xhat x'), xhat' = rstd (x' - mu' - xhat kappa)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     N, C = x.shape[:2]

@@ -142,7 +142,7 @@ _pseudo_huber_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _tangent(inputs, output, tangents):
-    """d' = <grad, pred' - target'> per sample (continuous-time.md Sec. 3.3; grad = (x - y) / sqrt(||x - y||^2 + c^2)
+    """d' = <grad, pred' - target'> per sample (the chain rule of the per-sample loss; grad = (x - y) / sqrt(||x - y||^2 + c^2)
     is the buffer the kernel wrote), or grad * (pred' - target') per element."""
     pred, _, _, per_sample, _ = inputs
     loss, grad = output

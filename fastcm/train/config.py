@@ -7,7 +7,7 @@ would train its whole length on a partly switched-off tangent.
 
 ICTConfig defaults are iCT's CIFAR-10 values (Song & Dhariwal 2023): RAdam lr 1e-4, batch 1024, 400k steps,
 s0 = 10, s1 = 1280, P_mean = -1.1, P_std = 2.0, rho = 7, eval EMA 0.99993. FDConfig defaults follow the calibrated
-digits fine-tune (calibration.md): Adam lr 2e-5, batch 250, 300 steps.
+digits fine-tune measured on this project's CPU: Adam lr 2e-5, batch 250, 300 steps.
 """
 import dataclasses
 from dataclasses import dataclass
