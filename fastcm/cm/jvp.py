@@ -118,7 +118,7 @@ def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangent
     primals = tuple(p.contiguous() for p in primals)
     tangents = tuple(t.contiguous() for t in tangents)
     _probe_route(model, primals[0], impl)
-    with fwAD.dual_level(), ops_impl(model, impl), torch.compiler.set_stance("force_eager"):
+    with fwAD.dual_level(), ops_impl(model, impl), torch.compiler.set_stance("force_eager"), _cut_tangents(model):
         duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
         try:
             out = fn(*duals)
@@ -134,6 +134,30 @@ def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangent
             raise RuntimeError(_no_rule_message(model, fn, duals, "left the network output with no tangent"))
         tangent = tangent.detach()
     return out, tangent
+
+
+@contextlib.contextmanager
+def _cut_tangents(model: nn.Module):
+    """Detach the tangent of every leaf module's output while the pass runs (values unchanged). Under autograd,
+    forward AD records a graph for the tangent too; nothing back-propagates through it (the methods stop its
+    gradient), but uncut it would hold every tangent intermediate until the pass ends."""
+    if not torch.is_grad_enabled():
+        yield
+        return
+
+    def cut(module, args, output):
+        if isinstance(output, Tensor):
+            primal, tangent = fwAD.unpack_dual(output)
+            if tangent is not None and tangent.requires_grad:
+                return fwAD.make_dual(primal, tangent.detach())
+        return None
+
+    handles = [m.register_forward_hook(cut) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _no_rule_message(model: nn.Module, fn: Callable, duals, what: str) -> str:
