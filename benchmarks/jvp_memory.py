@@ -1,12 +1,13 @@
 """Peak CPU memory of one training step: plain fwd+bwd, sCT / MeanFlow in one pass, and in two passes.
 
-    .venv/bin/python benchmarks/jvp_memory.py [--preset cifar10-small] [--batch 8] [--out benchmarks/results/jvp-memory.md]
+    .venv/bin/python benchmarks/jvp_memory.py [--preset cifar10-small] [--batch 8] [--out FILE.md]
 
-Each (method, mode) runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536``, so that every tensor buffer is
-its own mmap and is returned to the OS when freed: the resident set then follows the live tensor bytes, and the
-kernel's high-water mark (VmHWM) is the step's peak. Reported: the peak above the resident set just before the step
-(after a warm-up step; no optimizer), and what is still resident after the forward, before the backward (the saved activations:
-if the one-pass step kept its tangent's graph, this would exceed the plain step's). Reference ops, fp32, 1 thread.
+Writes benchmarks/results/jvp-memory.md by default. Each (method, mode) runs in a fresh subprocess with
+``MALLOC_MMAP_THRESHOLD_=65536``, so that every tensor buffer is its own mmap and is returned to the OS when freed:
+the resident set then follows the live tensor bytes, and the kernel's high-water mark (VmHWM) is the peak. Reported,
+above the resident set just before the step (after a warm-up step; no optimizer): the peak of the forward and of
+the whole step, and what is still resident after the forward, before the backward (the saved activations). Reference
+ops, fp32, 1 thread.
 """
 import argparse
 import json

@@ -5,10 +5,14 @@ only, and the trainable output *is* the JVP's primal: same parameters, same inpu
 
 ``jvp_mode="one_pass"`` (the default, :func:`dual_pass`): ONE network call on ``torch.autograd.forward_ad`` dual
 inputs under autograd gives the trainable output with its graph and its tangent, which is detached (the methods'
-stop-gradient) and whose own graph is freed with the dual level. The call is the model's ``__call__`` (so DDP
-all-reduces the gradients) and runs eagerly (``torch.compiler.set_stance("force_eager")``: compiled code drops
-custom ``jvp`` rules, pytorch#192985). Under the caller's ``torch.autocast`` the tangent is computed at the autocast
-precision, like the primal (sCM's FP16 recipe relies on the JVP rearrangement, which the sCT loss applies).
+stop-gradient) and whose own graph is cut at every leaf module (:func:`_cut_tangents`). The call is the model's
+``__call__`` (so DDP all-reduces the gradients) and runs eagerly (``torch.compiler.set_stance("force_eager")``:
+compiled code drops custom ``jvp`` rules, pytorch#192985, and a compiled module fed duals returns a wrong tangent).
+Memory: torch keeps the tangent of every tensor saved for backward until the dual level closes (autograd's
+SavedVariable holds its forward grad), so the forward peaks higher than a plain forward (cifar10-small batch 8, CPU:
+3.35x; benchmarks/results/jvp-memory.md); after the pass 1.33x stays resident. two_pass peaks at 1.00x. Under the
+caller's ``torch.autocast`` the tangent is computed at the autocast precision, like the primal (sCM's FP16 recipe
+relies on the JVP rearrangement, which the sCT loss applies).
 ``jvp_mode="two_pass"`` (:func:`network_jvp`, the oracle of the tests): ``torch.func.jvp`` under
 ``torch.no_grad()`` with autocast off, then a separate trainable forward with the same dropout seed.
 
@@ -103,8 +107,8 @@ def _check_channels_last(e: RuntimeError) -> None:
     """Re-raise forward AD's layout error with its diagnosis (the caller re-raises any other error as it is)."""
     if "view size is not compatible" in str(e):
         raise RuntimeError("the network JVP failed on a channels_last layout: forward AD of torch.group_norm "
-                        "(fastcm's reference group norm) does not support channels_last activations on "
-                        "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
+                           "(fastcm's reference group norm) does not support channels_last activations on "
+                           "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
 
 
 def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
