@@ -1,18 +1,21 @@
 """JVP training steps (sCT and MeanFlow): how the network's tangent is computed, against a plain training step.
 
-One entry = one optimizer step of the method's loss (fastcm.cm.SCTLoss / MeanFlowLoss): the network JVP without a
-graph, the trainable pass and its backward, RAdam. Providers (how the JVP is computed):
+One entry = one optimizer step of the method's loss (fastcm.cm.SCTLoss / MeanFlowLoss), RAdam included.
+Providers (how the network's output and tangent are computed):
 
-- ``jvp-reference``: ``torch.func.jvp`` through the reference ops (the default training route, jvp_impl="torch";
-  materialises the L x L attention matrix and its tangent);
+- ``jvp-reference``: the default, ``jvp_mode="one_pass"``: ONE network call on forward-AD dual inputs under
+  autograd gives the trainable output and its (detached) tangent, then the backward; reference ops (materialises the
+  L x L attention matrix and its tangent);
+- ``two-pass-reference``: ``jvp_mode="two_pass"``: ``torch.func.jvp`` without a graph, then the trainable pass and
+  its backward (the route before the one-pass change, and the tests' oracle);
 - ``fd-fp32`` / ``fd-fp64``: a central finite difference of the network, (F(p + h d) - F(p - h d)) / 2h per sample,
   h = max(1e-3 t, 1e-6) (sCM's epsilon_t as FastGen uses it), in fp32, or in fp64 as FastGen
   runs it (the weights are cast to fp64 for the two passes and back: that cast is part of the timed step; this
   entry measures cost: SCTLoss's network closure rounds F to the input dtype, so its fp64 route is not more
-  accurate than fp32 here); F(p) is taken as the mean of the two passes (O(h^2));
-- ``jvp-triton`` (CUDA only): ``torch.func.jvp`` through the model's own Triton ops (jvp_impl=None: whatever
-  ``impl="triton"`` carries; fastcm.cm.jvp probes its tangents first and the entry is skipped, saying why, when the
-  route does not carry the right tangent);
+  accurate than fp32 here); F(p) is taken as the mean of the two passes (O(h^2)); these run in two_pass mode;
+- ``jvp-triton`` / ``two-pass-triton`` (CUDA only): the same two modes through the model's own Triton ops
+  (jvp_impl=None; one launch of each op's output-and-tangent kernel per layer; fastcm.cm.jvp probes the route's
+  tangents first and the entry is skipped, saying why, when the route does not carry the right tangent);
 - ``plain`` (and ``plain-triton`` on CUDA): the trainable pass + backward + RAdam alone, the denominator of the
   goal "fused JVP step <= 1.5x a plain forward+backward step".
 
@@ -39,11 +42,11 @@ elif DEVICE == "cuda":
 else:
     CASES = [("cifar10-small", 8)]
 
-PROVIDERS = ["plain", "jvp-reference", "fd-fp32", "fd-fp64"]
+PROVIDERS = ["plain", "jvp-reference", "two-pass-reference", "fd-fp32", "fd-fp64"]
 if DEVICE == "cuda":
-    PROVIDERS += ["plain-triton", "jvp-triton"]
+    PROVIDERS += ["plain-triton", "jvp-triton", "two-pass-triton"]
 if SMOKE:
-    PROVIDERS = ["plain", "jvp-reference", "fd-fp32"]
+    PROVIDERS = ["plain", "jvp-reference", "two-pass-reference", "fd-fp32"]
 METHOD_NAMES = ("sct", "meanflow")
 
 
@@ -89,6 +92,7 @@ def jvp_route(provider: str):
 def _setup(preset: str, batch: int, method: str, provider: str):
     triton = provider.endswith("triton")
     kw = {"jvp_impl": None} if triton else {}
+    kw["jvp_mode"] = "two_pass" if provider.startswith(("two-pass", "fd-")) else "one_pass"
     m = get_method(method, **({"warmup_steps": 0} if method == "sct" else {}), **kw)
     torch.manual_seed(0)
     unet = build_unet(preset, impl="triton" if triton else "torch", **METHODS[method].unet_overrides)
@@ -117,7 +121,7 @@ def test_jvp_training_step(benchmark, preset, batch, method, provider):
     m, model, x, labels = _setup(preset, batch, method, provider)
     opt = torch.optim.RAdam(model.parameters(), lr=1e-4)
     gen = torch.Generator(DEVICE).manual_seed(0)
-    if provider == "jvp-triton":
+    if provider in ("jvp-triton", "two-pass-triton"):
         from fastcm.cm.jvp import check_triton_tangents
 
         try:

@@ -5,10 +5,14 @@ only, and the trainable output *is* the JVP's primal: same parameters, same inpu
 
 ``jvp_mode="one_pass"`` (the default, :func:`dual_pass`): ONE network call on ``torch.autograd.forward_ad`` dual
 inputs under autograd gives the trainable output with its graph and its tangent, which is detached (the methods'
-stop-gradient) and whose own graph is freed with the dual level. The call is the model's ``__call__`` (so DDP
-all-reduces the gradients) and runs eagerly (``torch.compiler.set_stance("force_eager")``: compiled code drops
-custom ``jvp`` rules, pytorch#192985). Under the caller's ``torch.autocast`` the tangent is computed at the autocast
-precision, like the primal (sCM's FP16 recipe relies on the JVP rearrangement, which the sCT loss applies).
+stop-gradient) and whose own graph is cut at every leaf module (:func:`_cut_tangents`). The call is the model's
+``__call__`` (so DDP all-reduces the gradients) and runs eagerly (``torch.compiler.set_stance("force_eager")``:
+compiled code drops custom ``jvp`` rules, pytorch#192985, and a compiled module fed duals returns a wrong tangent).
+Memory: torch keeps the tangent of every tensor saved for backward until the dual level closes (autograd's
+SavedVariable holds its forward grad), so the forward peaks higher than a plain forward (cifar10-small batch 8, CPU:
+3.35x; benchmarks/results/jvp-memory.md); after the pass 1.33x stays resident. two_pass peaks at 1.00x. Under the
+caller's ``torch.autocast`` the tangent is computed at the autocast precision, like the primal (sCM's FP16 recipe
+relies on the JVP rearrangement, which the sCT loss applies).
 ``jvp_mode="two_pass"`` (:func:`network_jvp`, the oracle of the tests): ``torch.func.jvp`` under
 ``torch.no_grad()`` with autocast off, then a separate trainable forward with the same dropout seed.
 
@@ -91,8 +95,8 @@ def _check_channels_last(e: RuntimeError) -> None:
     """Re-raise forward AD's layout error with its diagnosis (the caller re-raises any other error as it is)."""
     if "view size is not compatible" in str(e):
         raise RuntimeError("the network JVP failed on a channels_last layout: forward AD of torch.group_norm "
-                        "(fastcm's reference group norm) does not support channels_last activations on "
-                        "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
+                           "(fastcm's reference group norm) does not support channels_last activations on "
+                           "torch 2.13; keep the model in torch.contiguous_format for sCT/MeanFlow") from e
 
 
 def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangents: Sequence[Tensor],
@@ -106,7 +110,7 @@ def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangent
     primals = tuple(p.contiguous() for p in primals)
     tangents = tuple(t.contiguous() for t in tangents)
     _probe_route(model, primals[0], impl)
-    with fwAD.dual_level(), ops_impl(model, impl), torch.compiler.set_stance("force_eager"):
+    with fwAD.dual_level(), ops_impl(model, impl), torch.compiler.set_stance("force_eager"), _cut_tangents(model):
         duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
         try:
             out = fn(*duals)
@@ -122,6 +126,30 @@ def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangent
             raise RuntimeError(_no_rule_message(model, fn, duals, "left the network output with no tangent"))
         tangent = tangent.detach()
     return out, tangent
+
+
+@contextlib.contextmanager
+def _cut_tangents(model: nn.Module):
+    """Detach the tangent of every leaf module's output while the pass runs (values unchanged). Under autograd,
+    forward AD records a graph for the tangent too; nothing back-propagates through it (the methods stop its
+    gradient), but uncut it would hold every tangent intermediate until the pass ends."""
+    if not torch.is_grad_enabled():
+        yield
+        return
+
+    def cut(module, args, output):
+        if isinstance(output, Tensor):
+            primal, tangent = fwAD.unpack_dual(output)
+            if tangent is not None and tangent.requires_grad:
+                return fwAD.make_dual(primal, tangent.detach())
+        return None
+
+    handles = [m.register_forward_hook(cut) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _no_rule_message(model: nn.Module, fn: Callable, duals, what: str) -> str:
