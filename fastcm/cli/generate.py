@@ -213,7 +213,10 @@ def cmd_sample(args) -> int:
         labels = torch.arange(classes).repeat_interleave(per)
     else:
         labels, per = None, None
-    n = len(labels) if labels is not None else check_int("--num", args.num or 64)
+    if labels is not None and args.num is not None:
+        raise UsageError(f"-n/--num is for unconditional models; this one is class-conditional ({classes} classes): "
+                         "use --per-class")
+    n = len(labels) if labels is not None else 64 if args.num is None else check_int("-n/--num", args.num)
     method = method_of_model(model)
     if method == "ict":
         sigmas = _sigmas(args, model, 1)

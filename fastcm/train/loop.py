@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from fastcm._io import atomic_write
 from fastcm.cm import ConsistencyModel, get_method, method_of_model
 from fastcm.data import derive_seed, save_grid
 
@@ -163,9 +164,8 @@ class Trainer:
                "world_size": self.info.world_size}
         if self.evaluator is not None:
             doc.update(self.evaluator.config_entries(self.best_checkpoint, self.out_dir))
-        tmp = self.out_dir / f".config.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out_dir / "config.json")
+        text = json.dumps(doc, indent=2) + "\n"
+        atomic_write(self.out_dir / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def _find_resume(self, resume: bool, restart: bool):
         """Rank 0 decides (it alone writes the run directory) and tells the others: "" fresh start, "\\0" refuse,
@@ -250,7 +250,13 @@ class Trainer:
                     self.step += 1
                     log.tick()
                     spent = self._out_of_time(t_run)
-                    self._after_step(log, interval, stop, spent)
+                    try:
+                        self._after_step(log, interval, stop, spent)
+                    except OSError as e:  # a full disk while stopping: the signal's exit status, and why
+                        if not stop:
+                            raise
+                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint,
+                                                  save_error=str(e)) from e
                     if spent and not stop:
                         break
                     if stop and self.step < cfg.total_steps:
@@ -375,7 +381,12 @@ class Trainer:
         self._saved_at, self._save_clock = self.step, time.monotonic()
         if self.info.is_main:
             tensors, meta = self.checkpoint_state()
-            self.last_checkpoint = self.ckpt.save(self.step, tensors, meta)
+            try:
+                self.last_checkpoint = self.ckpt.save(self.step, tensors, meta)
+            except OSError as e:  # ENOSPC, EACCES, EROFS … (fastcm._io.write_error): the older files are intact
+                last = "no earlier checkpoint" if self.last_checkpoint is None else f"{self.last_checkpoint} is intact"
+                raise OSError(e.errno, f"{e.strerror} (the checkpoint of step {self.step} was not written; {last})",
+                              e.filename) from e
             log.event("on_checkpoint", self.step, self.last_checkpoint)
 
 
