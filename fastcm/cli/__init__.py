@@ -149,6 +149,9 @@ def _add_train(sub) -> None:
                    help="samplers to evaluate; the first one picks the best checkpoint (default: 1,2)")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out (a damaged one is "
                                                         "refused and left untouched)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although --data differs from the data the run was trained on "
+                        "(recorded in config.json and every checkpoint; refused by default)")
     p.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its files move "
                                                          "to --out/previous-<time>/ (nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
