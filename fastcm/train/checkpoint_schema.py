@@ -23,7 +23,12 @@ MAX_LEVELS, MAX_MULT = 8, 64
 STEP_MAX = 2 ** 53  # a JSON number above this is not an exact int in most readers
 
 
+_MISSING = object()
+
+
 def _bad(path, field: str, expected: str, value) -> CheckpointError:
+    if value is _MISSING:
+        return CheckpointError(f"{path}: malformed checkpoint header: {field} is missing (expected {expected})")
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
     return CheckpointError(f"{path}: malformed checkpoint header: {field} must be {expected}, got {shown}")
@@ -36,7 +41,7 @@ def _section(path, doc: Mapping, key: str, where: str = "", optional: bool = Fal
         return None
     if not isinstance(value, dict):
         raise _bad(path, where + key, "a JSON object" + (" or null" if optional else ""),
-                   value if key in doc else "nothing (missing)")
+                   doc.get(key, _MISSING))
     return value
 
 
@@ -45,7 +50,7 @@ def _int(path, doc: Mapping, key: str, lo: int, hi: int, where: str = "", option
     if value is None and optional:
         return None
     if not (is_int(value) and lo <= value <= hi):
-        raise _bad(path, where + key, f"an integer in [{lo}, {hi}]", value if key in doc else "nothing (missing)")
+        raise _bad(path, where + key, f"an integer in [{lo}, {hi}]", doc.get(key, _MISSING))
     return value
 
 
@@ -54,7 +59,7 @@ def _real(path, doc: Mapping, key: str, lo: float, hi: float, where: str = "", o
     if value is None and optional:
         return None
     if not (is_real(value) and lo <= value <= hi):
-        raise _bad(path, where + key, f"a number in [{lo:g}, {hi:g}]", value if key in doc else "nothing (missing)")
+        raise _bad(path, where + key, f"a number in [{lo:g}, {hi:g}]", doc.get(key, _MISSING))
     return float(value)
 
 
