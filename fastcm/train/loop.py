@@ -279,8 +279,9 @@ class Trainer:
                     except OSError as e:  # a full disk while stopping: the signal's exit status, and why
                         if not stop:
                             raise
-                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint,
-                                                  save_error=str(e)) from e
+                        why = e.strerror or str(e)
+                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint, save_error=why if
+                                                  e.filename is None else f"{why}: {e.filename}") from e
                     if spent and not stop:
                         break
                     if stop and self.step < cfg.total_steps:
