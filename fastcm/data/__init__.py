@@ -13,6 +13,6 @@ from .grid import make_grid, save_grid
 from .loader import BatchLoader, derive_seed
 from .spec import FORMS, DatasetSpec, load_dataset, parse_dataset, train_test_datasets
 
-__all__ = ["ArrayDataset", "BatchLoader", "DatasetSpec", "FORMS", "data_change", "data_fingerprint", "derive_seed", "load_cifar10", "load_dataset",
-           "load_digits", "load_image_folder", "load_npz", "make_grid", "parse_dataset", "save_grid",
-           "train_test_datasets"]
+__all__ = ["ArrayDataset", "BatchLoader", "DatasetSpec", "FORMS", "data_change", "data_fingerprint", "derive_seed",
+           "load_cifar10", "load_dataset", "load_digits", "load_image_folder", "load_npz", "make_grid",
+           "parse_dataset", "save_grid", "train_test_datasets"]
