@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from fastcm._checks import check_int
+from fastcm.eval.demo_eval import DemoEvaluator as _Evaluator
 from fastcm.train.threads import ThreadGuard, choose_threads, load_average
 
 QUALITY = {"min_one_step_cas": 0.92, "min_fd_reduction": 0.20, "max_cas_drop": 0.01}
@@ -140,52 +141,6 @@ def _save_samples(out: Path, name: str, x, y, cfg: DemoConfig) -> dict:
     return {"npz": npz.name, "png": png.name}
 
 
-class _Evaluator:
-    """The metrics of one set of samples against the real test split (and the real-data reference values)."""
-
-    def __init__(self, feature_net, train, test, judge: str, seed: int):
-        import torch
-
-        from fastcm.fid import DigitsFeatures, PixelFeatures
-
-        self.net, self.judge, self.seed = feature_net, judge, seed
-        self.x_train, self.y_train = train.get_batch(torch.arange(len(train)))
-        self.x_test, self.y_test = test.get_batch(torch.arange(len(test)))
-        self.features, self.pixels = DigitsFeatures(feature_net), PixelFeatures()
-        self.test_feat, self.test_pix = self.stats(self.x_test), self.stats(self.x_test, self.pixels)
-        self.train_feat = self.stats(self.x_train)
-
-    def save_test_stats(self, out: Path) -> Path:
-        """The test split's digits-feature statistics as the trainers' --eval-stats file (in out)."""
-        self.test_feat.features = "digits"
-        return self.test_feat.save(out / "eval-reference-digits-test.npz", overwrite=True)
-
-    def stats(self, x, features=None):
-        """FeatureStats of images x in [-1, 1] (digits-CNN features unless ``features`` is given)."""
-        from fastcm.fid import compute_stats
-
-        return compute_stats(x, features or self.features, batch_size=500)
-
-    def fd_features(self, x) -> float:
-        """Feature FD of images x to the real test split (fastcm.fid.fid on the sampler's output)."""
-        from fastcm.fid import fid
-
-        return fid(x, self.test_feat, features=self.features, batch_size=500)
-
-    def __call__(self, x, y) -> dict:
-        from fastcm.eval.cas import classification_accuracy
-        from fastcm.fid import fid
-        from fastcm.fid.digits_net import predict
-
-        cas = classification_accuracy(x, y, self.x_test, self.y_test, judge=self.judge, seed=self.seed,
-                                      num_classes=10)
-        return {"fd_features": self.fd_features(x),
-                "fd_pixels": fid(x, self.test_pix, features=self.pixels, batch_size=500),
-                "cas": cas["accuracy"], "cas_per_class": cas["per_class"],
-                # how often the feature CNN recognises the intended class (a fidelity check, not CAS)
-                "label_agreement": float((predict(self.net, x) == y).double().mean()), "n": int(x.shape[0])}
-
-
 def _environment(cfg: DemoConfig) -> dict:
     import torch
 
@@ -245,7 +200,9 @@ def _setup(cfg: DemoConfig, cache, clock: "_Clock"):
 
     train, test = load_digits("train"), load_digits("test")
     net, net_info = clock.phase("feature network (cached)", digits_feature_network, cache)
-    ev = clock.phase("reference statistics", _Evaluator, net, train, test, cfg.judge, cfg.seed)
+    held, held_info = clock.phase("held-out judge network (cached)", digits_feature_network, cache, heldout=True)
+    ev = clock.phase("reference statistics", _Evaluator, net, train, test, cfg.judge, cfg.seed, heldout=held)
+    ev.heldout_info = held_info
     ev.cache = cache  # the trainers' FID-while-training evaluations use the same cached feature network
     real = clock.phase("real-data baseline", ev, ev.x_train, ev.y_train)
     return train, test, net, net_info, ev, real
@@ -287,7 +244,7 @@ def _pipeline(cfg: DemoConfig, out: Path, train, ev, clock: "_Clock", thread_eve
 
 
 def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: str) -> dict:
-    from fastcm.eval.demo_report import format_summary, quality_checks, render_markdown
+    from fastcm.eval.demo_report import FD_STAGE_SPACES, format_summary, quality_checks, render_markdown
     from fastcm.fid.digits_net import accuracy
     from fastcm.eval.report import plot_training_curves, write_json, write_text
 
@@ -310,6 +267,8 @@ def _run(cfg: DemoConfig, out: Path, cache, verbose: bool, threads: int, why: st
                  "split": "train_test_split(test_size=0.25, stratify=labels, random_state=0)",
                  "train_size": len(train), "test_size": len(test)},
         "feature_network": dict(net_info, test_accuracy=accuracy(net, ev.x_test, ev.y_test)),
+        "heldout_network": dict(ev.heldout_info, test_accuracy=accuracy(ev.heldout.net, ev.x_test, ev.y_test)),
+        "fd_stage": FD_STAGE_SPACES if cfg.fd_steps else None,
         "metrics": results, "cas_protocol": protocol, "files": dict(files, plot="training_curves.png"),
         "checkpoints": run["checkpoints"],
         "curves": {cfg.method: run["stage1_records"], "fd": run["fd_records"]},

@@ -117,13 +117,14 @@ def test_report_writers(tmp_path):
         assert im.format == "PNG" and im.size[0] > im.size[1] > 200
 
 
-def test_the_held_out_judge_is_another_network_trained_on_the_same_split(digits, tmp_path):
+def test_the_held_out_judge_is_another_network_trained_on_the_same_split(digits, tmp_path_factory):
     """The demo's held-out judge: another architecture and seed (no weight shapes in common with SmallCNN), the
     same train split, its own cache entry and feature-space name, so its statistics never mix with "digits"."""
     from fastcm.fid import FeatureStats, feature_extractor, fid
     from fastcm.fid.features import HELDOUT_SEED, digits_feature_network, feature_space_of
 
     x, y, xt, yt = digits
+    tmp_path = tmp_path_factory.getbasetemp() / "fastcm-cache"  # shared with the demo tests: trained once a session
     held, info = digits_feature_network(str(tmp_path), heldout=True)
     small, small_info = digits_feature_network(str(tmp_path))
     assert isinstance(held, digits_net.HeldOutCNN) and info["settings"]["seed"] == HELDOUT_SEED != 0

@@ -7,9 +7,11 @@ end with one line ``fastcm <command>: error: <what to fix>`` and exit status 2, 
 the step in flight, says where in one line and exits with 130 / 143.
 """
 import argparse
+import contextlib
 import errno
 import os
 import sys
+import warnings
 
 import fastcm
 
@@ -147,6 +149,9 @@ def _add_train(sub) -> None:
                    help="samplers to evaluate; the first one picks the best checkpoint (default: 1,2)")
     p.add_argument("--resume", action="store_true", help="continue the newest checkpoint in --out (a damaged one is "
                                                         "refused and left untouched)")
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue although --data differs from the data the run was trained on "
+                        "(recorded in config.json and every checkpoint; refused by default)")
     p.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its files move "
                                                          "to --out/previous-<time>/ (nothing is deleted)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -271,6 +276,25 @@ def check_device(spec: str) -> None:
         raise UsageError(f"--device {spec!r} is not usable here ({str(e).splitlines()[0]}); use {fix}") from e
 
 
+# Every integer count of every subcommand (argparse dest -> smallest value), checked once by check_counts.
+COUNTS = {"num": 1, "per_class": 1, "steps": 1, "batch_size": 1, "fd_steps": 0, "fd_batch_size": 1, "seed": 0,
+          "cas_seeds": 0, "cas_epochs": 1, "epochs": 1, "threads": 1, "save_every": 0, "eval_every": 0,
+          "eval_samples": 2, "tangent_warmup": 0, "factor": 2, "seeds": 0, "labels": 0}
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse a count option below its minimum (``sample -n 0``, ``--per-class -1`` …) in one line naming it,
+    through fastcm._checks.check_int, before any work starts."""
+    from fastcm._checks import check_int
+
+    for dest, minimum in COUNTS.items():
+        value = getattr(args, dest, None)
+        option = "-n/--num" if dest == "num" else "--" + dest.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not isinstance(v, str):  # fid --steps is a list of samplers ("1,2")
+                check_int(option, v, minimum)
+
+
 def _os_error(err: OSError) -> str:
     """One line for a file-system error: what failed, on which path, and the usual fix."""
     what = err.strerror or str(err)
@@ -292,7 +316,33 @@ def main(argv=None) -> int:
         return 0
     from fastcm.cli import commands
 
+    with _notes(args.command):
+        return _run(commands, args)
+
+
+@contextlib.contextmanager
+def _notes(command: str):
+    """Print each FastcmNote (fastcm._checks.note) as one line ``fastcm <command>: note: …`` on stderr."""
+    from fastcm._checks import FastcmNote
+
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, FastcmNote):
+            print(f"fastcm {command}: note: {message}", file=sys.stderr)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _run(commands, args) -> int:
+    try:
+        check_counts(args)
         if getattr(args, "device", None) is not None:
             check_device(args.device)
         return int(getattr(commands, f"cmd_{args.command}")(args) or 0)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from fastcm._checks import check_int
+from fastcm._io import check_input_file
 from fastcm.cli import UsageError
 
 
@@ -40,6 +41,8 @@ def cmd_train(args) -> int:
 
     if args.resume and args.restart:
         raise UsageError("--resume continues the run in --out and --restart starts it over: pass one of them")
+    if args.allow_data_change and not args.resume:
+        raise UsageError("--allow-data-change belongs to --resume (a new run records whatever --data it gets)")
     data = load_dataset(args.data, "train")
     common = dict(_overrides(args, total_steps="steps", batch_size="batch_size", lr="lr", save_every="save_every",
                              save_minutes="save_minutes"), seed=args.seed, hflip=args.hflip, compile=args.compile,
@@ -119,7 +122,8 @@ def _train_ict_stage(args, data, common):
     cfg = ICTConfig(**common, method=args.method or "ict", **extra)
     model = get_method(cfg.method, **cfg.method_hyperparameters()).make_model(unet)
     return lambda out: train_ict(cfg, data, model, out_dir=out, resume=args.resume, restart=args.restart,
-                                 device=args.device, progress=not args.no_progress)
+                                 device=args.device, progress=not args.no_progress,
+                                 allow_data_change=args.allow_data_change)
 
 
 def _train_fd_stage(args, data, common):
@@ -146,7 +150,8 @@ def _train_fd_stage(args, data, common):
         print(f"FD fine-tune in {features} feature space ({mode} mode) against {len(data)} training images",
               flush=True)
         return finetune_fd(cfg, model, net, ref, dataset=data, out_dir=out, resume=args.resume,
-                           restart=args.restart, device=args.device, progress=not args.no_progress)
+                           restart=args.restart, device=args.device, progress=not args.no_progress,
+                           allow_data_change=args.allow_data_change)
 
     return train
 
@@ -179,8 +184,10 @@ def resolve_checkpoint(spec: str, option: str = "--checkpoint") -> Path:
             if found:
                 return found[-1][1]
         raise FileNotFoundError(f"{option} {spec!r} is a directory without checkpoints (ckpt_*.safetensors)")
-    raise FileNotFoundError(f"{option} {spec!r} does not exist (a .safetensors file written by `fastcm train`, "
-                            "under <out>/checkpoints/, a run directory, or RUN/best)")
+    expected = "a .safetensors file written by `fastcm train`, under <out>/checkpoints/, a run directory, or RUN/best"
+    if path.exists():  # a FIFO, socket or device: named as such (reading a FIFO would block)
+        check_input_file(path, option, expected)
+    raise FileNotFoundError(f"{option} {spec!r} does not exist (expected {expected})")
 
 
 def load_checkpoint_model(spec: str, weights: str = "ema", device=None):
@@ -214,7 +221,10 @@ def cmd_sample(args) -> int:
         labels = torch.arange(classes).repeat_interleave(per)
     else:
         labels, per = None, None
-    n = len(labels) if labels is not None else check_int("--num", args.num or 64)
+    if labels is not None and args.num is not None:
+        raise UsageError(f"-n/--num is for unconditional models; this one is class-conditional ({classes} classes): "
+                         "use --per-class")
+    n = len(labels) if labels is not None else 64 if args.num is None else check_int("-n/--num", args.num)
     method = method_of_model(model)
     if args.sigmas:  # explicit noise levels: the multistep CM sampler, which only iCT's parameterisation has
         if method != "ict":

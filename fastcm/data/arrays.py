@@ -42,7 +42,7 @@ class ArrayDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{name}: floating images must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]")
         self.images = images.contiguous()
         self.labels, self.num_classes = _check_labels(name, labels, num_classes, images.shape[0])
-        self.name = name
+        self.name, self.spec = name, None  # spec: the dataset string load_dataset read it from
 
     def __len__(self) -> int:
         return self.images.shape[0]

@@ -58,12 +58,17 @@ def load_dataset(spec, split: str = "train", resolution: Optional[int] = None,
     if kind in SPLITS and split not in SPLITS[kind]:
         raise ValueError(f"split must be one of {SPLITS[kind]} for {kind}, got {split!r}")
     if kind == "digits":
-        return load_digits(split)
-    if kind == "cifar10":
-        return load_cifar10(path, split)
-    if kind == "folder":
-        return load_image_folder(path, resolution=resolution, channels=channels)
-    return load_npz(path)
+        data = load_digits(split)
+    elif kind == "cifar10":
+        data = load_cifar10(path, split)
+    elif kind == "folder":
+        data = load_image_folder(path, resolution=resolution, channels=channels)
+    else:
+        data = load_npz(path)
+    # the string it came from, split resolved (recorded by training: fastcm.data.fingerprint)
+    data.spec = f"{kind}:{split}" if kind == "digits" else f"{kind}:{path}:{split}" if kind == "cifar10" else \
+        f"folder:{path}" if kind == "folder" else str(path)
+    return data
 
 
 def train_test_datasets(spec, test_fraction: float = 0.25, seed: int = 0):

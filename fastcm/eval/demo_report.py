@@ -13,6 +13,11 @@ def rows_of(method: str) -> tuple:
 
 
 ROWS = rows_of("ict")
+# Which feature space the FD stage optimises and which one judges it (fastcm.eval.demo_eval).
+FD_STAGE_SPACES = {"optimised": "digits", "judged_by": "digits-heldout",
+                   "statement": "the FD stage minimises the FD in the digits CNN's 64-d feature space (SmallCNN), so "
+                                "that space improves by construction; it is judged by the held-out judge's 48-d space "
+                                "(HeldOutCNN, another architecture and seed, never used in training)"}
 
 
 def quality_checks(report: dict, goals: dict) -> dict:
@@ -23,10 +28,20 @@ def quality_checks(report: dict, goals: dict) -> dict:
                                "passed": one["cas"] >= goals["min_one_step_cas"]}}
     fd = m.get("fd_finetuned")
     if fd is not None:
-        reduction = (one["fd_features"] - fd["fd_features"]) / one["fd_features"]
-        checks["fd_reduction"] = {"value": reduction, "before": one["fd_features"], "after": fd["fd_features"],
-                                  "goal": f">= {goals['min_fd_reduction']:.0%} lower classifier-feature FD",
+        key = "fd_heldout" if "fd_heldout" in fd and "fd_heldout" in one else "fd_features"
+        space = "held-out judge (digits-heldout)" if key == "fd_heldout" else "classifier (digits)"
+        reduction = (one[key] - fd[key]) / one[key]
+        checks["fd_reduction"] = {"value": reduction, "before": one[key], "after": fd[key], "metric": key,
+                                  "goal": f">= {goals['min_fd_reduction']:.0%} lower FD in the {space} feature space",
                                   "passed": reduction >= goals["min_fd_reduction"]}
+        if key == "fd_heldout":
+            trained = (one["fd_features"] - fd["fd_features"]) / one["fd_features"]
+            checks["fd_optimised_space"] = {
+                "before": one["fd_features"], "after": fd["fd_features"], "relative_change": -trained,
+                "statement": f"in the space the FD stage optimised (digits CNN) the FD went {one['fd_features']:.3g} "
+                             f"→ {fd['fd_features']:.3g} ({-trained:+.1%}): an improvement there is by construction, "
+                             f"so the goal is judged in the held-out judge's space ({one[key]:.3g} → "
+                             f"{fd[key]:.3g}, {-reduction:+.1%})"}
         drop = one["cas"] - fd["cas"]
         checks["cas_kept"] = {"value": 0.0 - drop + 0.0, "before": one["cas"], "after": fd["cas"],
                               "goal": f"CAS drops by at most {100 * goals['max_cas_drop']:.0f} point",
@@ -55,7 +70,8 @@ def _metric_rows(report: dict) -> list:
     for key, label in rows_of(report.get("method", "ict")):
         r = report["metrics"].get(key)
         if r is not None:
-            rows.append([label, r["cas"], r["fd_features"], r["fd_pixels"], r["label_agreement"], r["n"]])
+            rows.append([label, r["cas"], r["fd_features"], r.get("fd_heldout", "—"), r["fd_pixels"],
+                         r["label_agreement"], r["n"]])
     return rows
 
 
@@ -77,15 +93,22 @@ def render_markdown(report: dict) -> str:
         f"CAS = top-1 on the real test split of a {judge} trained only on the {cfg['per_class']} samples per class "
         "(for the first row: on the real train split). FD features = Fréchet distance in the 64-d feature space of a "
         "small CNN trained once on the train split (test accuracy "
-        f"{report['feature_network']['test_accuracy']:.3f}); FD pixels = the same in raw pixel space. Label "
-        "agreement = how often that CNN recognises the requested class.", "",
-        markdown_table(["samples", "CAS", "FD features", "FD pixels", "label agreement", "n"], _metric_rows(report)),
+        f"{report['feature_network']['test_accuracy']:.3f}); FD held-out = the same in the 48-d space of the "
+        "held-out judge (another architecture and seed, never used in training"
+        + (f", test accuracy {report['heldout_network']['test_accuracy']:.3f}" if report.get("heldout_network")
+           else "") + "); FD pixels = the same in raw pixel space. Label "
+        "agreement = how often that CNN recognises the requested class."
+        + (f" Optimised space: {report['fd_stage']['statement']}." if report.get("fd_stage") else ""), "",
+        markdown_table(["samples", "CAS", "FD features", "FD held-out", "FD pixels", "label agreement", "n"],
+                       _metric_rows(report)),
         "", "## Quality goals", "",
     ]
     for name, c in q.items():
         if isinstance(c, dict) and "passed" in c:
             lines.append(f"- **{name}**: {_fmt(c['value'])} (goal {c['goal']}) — "
                          f"{'passed' if c['passed'] else 'NOT met'}")
+    if "fd_optimised_space" in q:
+        lines.append(f"- **optimised space**: {q['fd_optimised_space']['statement']}")
     if "pixel_fd" in q:
         lines.append(f"- **pixel FD**: {q['pixel_fd']['statement']}")
     lines.append(f"- all goals met: **{'yes' if q['all_passed'] else 'no'}**")
@@ -152,14 +175,17 @@ def _fmt(v) -> str:
 def format_summary(report: dict) -> str:
     """The table printed at the end of the demo."""
     q, t = report["quality"], report["timings_s"]
-    head = f"{'samples':<34}{'CAS':>8}{'FD feat':>10}{'FD pix':>9}"
-    lines = ["", "fastcm demo results (real test split)", head, "-" * len(head)]
-    for label, cas, fdf, fdp, _, _ in _metric_rows(report):
-        lines.append(f"{label:<34}{cas:>8.4f}{fdf:>10.3f}{fdp:>9.3f}")
+    head = f"{'samples':<34}{'CAS':>8}{'FD feat':>10}{'FD held':>10}{'FD pix':>9}"
+    lines = ["", "fastcm demo results (real test split; FD held = the held-out judge, never trained on)", head,
+             "-" * len(head)]
+    for label, cas, fdf, fdh, fdp, _, _ in _metric_rows(report):
+        lines.append(f"{label:<34}{cas:>8.4f}{fdf:>10.3f}{_fmt(fdh):>10}{fdp:>9.3f}")
     lines.append("")
     for name, c in q.items():
         if isinstance(c, dict) and "passed" in c:
             lines.append(f"{'PASS' if c['passed'] else 'FAIL'}  {name}: {_fmt(c['value'])} (goal {c['goal']})")
+    if "fd_optimised_space" in q:
+        lines.append(f"note  {q['fd_optimised_space']['statement']}")
     if "pixel_fd" in q:
         lines.append(f"note  {q['pixel_fd']['statement']}")
     p = report.get("cas_protocol")

@@ -21,6 +21,7 @@ from fastcm.cm.precond import unwrap
 
 from .checkpoint_file import (FORMAT, VERSION, CheckpointError, CheckpointManager, PathLike,  # noqa: F401
                               load_checkpoint, read_checkpoint_meta, save_checkpoint, set_aside_run)
+from .checkpoint_schema import check_model_meta, check_network_size
 from .config import RESUMABLE_CHANGES, TrainConfig
 
 
@@ -151,22 +152,31 @@ def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Unio
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     tensors, meta = load_checkpoint(path)
-    info = meta.get("model") or {}
+    info = check_model_meta(path, meta)  # types and ranges of everything used below
     if not info.get("unet_config"):
         raise CheckpointError(f"{path} does not describe its network ({info.get('unet_class')}); build the model "
                               "yourself and call load_weights(model, path)")
-    unet = UNet(UNetConfig(**info["unet_config"]))
+    try:
+        config = UNetConfig(**info["unet_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint header: model.unet_config is invalid ({e})") from None
+    method = method_from_metadata(meta)
+    with torch.device("meta"):  # the described network without memory: its size must match the stored tensors
+        check_network_size(path, _method_model(method, UNet(config), info), tensors, weights)
+    unet = UNet(config)
     if impl is not None:
         unet.set_impl(impl)
-    method = method_from_metadata(meta)
-    if method == "ict":
-        cm = ConsistencyModel(unet, info["sigma_data"], info["sigma_min"], info["sigma_max"])
-    elif method == "sct":
-        cm = TrigFlowModel(unet, info["sigma_data"], info["sigma_max"], info.get("weight_channels", 128))
-    else:
-        cm = MeanFlowModel(unet)
+    cm = _method_model(method, unet, info)
     load_weights(cm, path, weights, tensors=tensors)
     return cm.to(device).eval()
+
+
+def _method_model(method: str, unet: nn.Module, info: Mapping) -> nn.Module:
+    if method == "ict":
+        return ConsistencyModel(unet, info["sigma_data"], info["sigma_min"], info["sigma_max"])
+    if method == "sct":
+        return TrigFlowModel(unet, info["sigma_data"], info["sigma_max"], info.get("weight_channels", 128))
+    return MeanFlowModel(unet)
 
 
 def load_weights(model: nn.Module, path: Union[str, os.PathLike], weights: str = "ema",

@@ -2,12 +2,14 @@
 
 ``<dir>/ckpt_<step>.safetensors``: the safetensors metadata holds one key, ``fastcm``, whose value is a JSON document
 (format, version and whatever the caller stores: fastcm.train.checkpoint describes what a training checkpoint
-holds) plus the SHA-256 of the tensor data, so truncation and corruption are both detected. Writes go to a temporary
-file ``.ckpt_<step>.safetensors.tmp-<pid>`` in the same directory, are fsync'ed, given the mode the process umask
-allows (safetensors itself creates 0600 files), then renamed over the target (atomic on POSIX): a crash mid-write
-leaves the previous checkpoint untouched, and the next start removes the temporary file of a process that no longer
-runs. Non-finite floating tensors are never written, and a file that fails its check is evidence: it is never
-overwritten or deleted. This module knows nothing of models or methods.
+holds), the SHA-256 of the tensor data (``sha256``) and the SHA-256 of the whole document except that field itself
+(``header_sha256``, canonical JSON: sorted keys, no spaces). The safetensors' own header (names, dtypes, shapes) is
+part of the tensor digest, so every byte that means something is covered: truncation, corruption and an edited
+header (a forged step or learning rate) are all refused. Files written before ``header_sha256`` existed load with
+a one-line note. Writes go through fastcm._io.atomic_write (a private temporary, fsync, then a link that never
+replaces an existing checkpoint): a crash mid-write leaves the previous checkpoint untouched, a full disk or an
+unwritable directory is one OSError naming the file. Non-finite floating tensors are never written, and a file that
+fails its check is evidence: it is never overwritten or deleted. This module knows nothing of models or methods.
 """
 import datetime
 import hashlib
@@ -20,9 +22,13 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
+from fastcm._checks import note
+from fastcm._io import atomic_write, check_input_file, remove_stale_temporaries
+
 FORMAT = "fastcm-checkpoint"
 VERSION = 1
 _META_KEY = "fastcm"
+HEADER_KEY = "header_sha256"  # the SHA-256 of the JSON document without this field
 PathLike = Union[str, os.PathLike]
 
 
@@ -45,23 +51,15 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Tensor], meta: Mapping
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     flat = _prepare_tensors(tensors)
-    doc = {"format": FORMAT, "version": VERSION, "sha256": _digest(flat), **dict(meta)}
+    doc = {**dict(meta), "format": FORMAT, "version": VERSION, "sha256": _digest(flat)}
+    doc.pop(HEADER_KEY, None)
     try:
+        doc[HEADER_KEY] = header_digest(doc)
         header = json.dumps(doc, allow_nan=False, sort_keys=True)
     except (TypeError, ValueError) as e:
         raise ValueError(f"meta must be plain JSON (str/int/float/bool/None/list/dict, finite numbers): {e}") from e
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(flat, str(tmp), metadata={_META_KEY: header})
-        os.chmod(tmp, 0o666 & ~_umask())  # like every other file of the run (safetensors creates 0600)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata={_META_KEY: header}),
+                        overwrite=overwrite)
 
 
 def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[Dict[str, Tensor], dict]:
@@ -74,7 +72,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device] = "cpu") ->
         tensors = load_file(str(path), device=str(device))
     except Exception as e:  # safetensors raises its own SafetensorError for damaged files
         raise CheckpointError(f"{path} is damaged ({e}); the previous checkpoint is still usable") from e
-    if _digest(tensors) != meta["sha256"]:
+    if _digest(tensors) != meta["sha256"]:  # names, dtypes, shapes and bytes
         raise CheckpointError(f"{path} is corrupted (tensor data does not match its SHA-256)")
     return tensors, meta
 
@@ -83,9 +81,10 @@ def read_checkpoint_meta(path: PathLike) -> dict:
     """The JSON document of a checkpoint (header only; the tensor data is not read or verified)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        path = check_input_file(path, "checkpoint", "a .safetensors file written by fastcm")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e).splitlines()[0]) from None
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
@@ -104,7 +103,30 @@ def read_checkpoint_meta(path: PathLike) -> dict:
                               if isinstance(meta, dict) else f"{path}: malformed fastcm metadata")
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}; this fastcm reads {VERSION}")
+    _check_header(path, meta)
     return meta
+
+
+def header_digest(doc: Mapping) -> str:
+    """The SHA-256 of a checkpoint's JSON document without its ``header_sha256`` field (canonical JSON)."""
+    body = {k: v for k, v in doc.items() if k != HEADER_KEY}
+    text = json.dumps(body, allow_nan=False, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _check_header(path: Path, meta: dict) -> None:
+    """Refuse a header that does not match its checksum; note a file from before the checksum existed."""
+    saved = meta.get(HEADER_KEY)
+    if saved is None:
+        note(f"{path} was written by an older fastcm without a header checksum: its tensors are verified, its "
+             "header (step, configs, optimizer settings) is not", stacklevel=4)
+        return
+    try:
+        ok = isinstance(saved, str) and header_digest(meta) == saved
+    except (TypeError, ValueError):  # NaN/inf in the header: never written by save_checkpoint
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path} is corrupted (its header does not match its SHA-256)")
 
 
 def _prepare_tensors(tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -128,33 +150,6 @@ def _digest(tensors: Mapping[str, Tensor]) -> str:
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where Linux allows (/proc), else by a set-and-restore."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported on every platform/filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,7 +182,12 @@ class CheckpointManager:
 
     def save(self, step: int, tensors: Mapping[str, Tensor], meta: Mapping) -> Path:
         """Write the checkpoint of ``step`` (FileExistsError if that file exists), then prune to keep_last."""
-        path = save_checkpoint(self.path(step), tensors, {**dict(meta), "step": int(step)})
+        try:
+            path = save_checkpoint(self.path(step), tensors, {**dict(meta), "step": int(step)})
+        except FileExistsError:  # two processes training in one run directory (two --resume at once)
+            raise FileExistsError(f"{self.path(step)} already exists: another process is training in "
+                                  f"{self.directory.parent} (stop it, or give this run another --out / out_dir); "
+                                  "nothing was replaced") from None
         if self.keep_last is not None:
             for _, old in self.checkpoints()[:-self.keep_last]:
                 if old != path:
@@ -215,8 +215,9 @@ class CheckpointManager:
                                   "--restart), which moves the whole previous run aside") from e
 
     def remove_stale_temporaries(self) -> List[Path]:
-        """Delete ``.ckpt_*.tmp-<pid>`` files left by a killed process (one whose pid no longer runs)."""
-        removed = []
+        """Delete the temporaries left by a killed process (one whose pid no longer runs): fastcm._io's private
+        directories and the ``.ckpt_*.tmp-<pid>`` files of older versions."""
+        removed = remove_stale_temporaries(self.directory)
         if self.directory.is_dir():
             for p in self.directory.iterdir():
                 m = self._TMP.match(p.name)

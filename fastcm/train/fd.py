@@ -37,7 +37,8 @@ _NOISE_STREAM, _ICT_STREAM, _DROPOUT_STREAM = 0xFD, 0x1C7, 0xD0
 
 def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_stats, *, dataset=None,
                 out_dir=None, resume=False, restart: bool = False, device=None,
-                callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True) -> TrainResult:
+                callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True,
+                allow_data_change: bool = False) -> TrainResult:
     """Fine-tune ``model`` (e.g. ``load_model(checkpoint)``: an iCT ConsistencyModel, an sCT TrigFlowModel or a
     MeanFlowModel) to lower the FD of its one-step samples (the method's own one-step generator, see
     :func:`one_step_generate`).
@@ -49,7 +50,8 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
         ref_stats: reference statistics of the training data in the same feature space: a FeatureStats (see
             :func:`reference_stats`), or a (mu, sigma) pair.
         dataset: training images, needed only for the iCT term (cfg.ict_weight > 0).
-        out_dir, resume, restart, device, callbacks, progress: as for :func:`fastcm.train.train_ict`.
+        out_dir, resume, restart, device, callbacks, progress, allow_data_change: as for
+            :func:`fastcm.train.train_ict` (``dataset``, when given, is fingerprinted and checked on resume).
     Logged: ``fd`` (the FD of the global batch itself, also with fd_normalize), ``loss`` (the objective).
     """
     if not isinstance(cfg, FDConfig):
@@ -68,7 +70,7 @@ def finetune_fd(cfg: FDConfig, model: nn.Module, feature_net: nn.Module, ref_sta
                          f"{trainer.method!r} (use ict_weight=0)")
     ict_term = _ict_term(cfg, dataset, trainer) if cfg.ict_weight > 0 else None
     trainer.curriculum = lambda k: {"fd_mode": cfg.fd_mode, "ict_N": cfg.s1 + 1 if ict_term else None}
-    trainer.start(resume, restart)
+    trainer.start(resume, restart, data=dataset, allow_data_change=allow_data_change)
     if ict_term is not None:
         ict_term.batches = ict_term.loader.iterate(trainer.step)
 

@@ -23,11 +23,14 @@ class DivergenceError(RuntimeError):
 class TrainingInterrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped training after a step; ``checkpoint`` holds that step (None without out_dir)."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], saved_elsewhere: bool = False):
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], saved_elsewhere: bool = False,
+                 save_error: Optional[str] = None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
         where = (f"checkpoint saved to {checkpoint}" if checkpoint else "checkpoint saved by rank 0"
                  if saved_elsewhere else "no checkpoint (no out_dir)")
+        if save_error is not None:  # the save after the step failed (a full disk): say so, keep the exit status
+            where = f"saving failed: {save_error}"
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; {where}"
                          + ("; continue with --resume (resume=True)" if checkpoint or saved_elsewhere else ""))
 

@@ -26,7 +26,8 @@ from .progress import CallbackLike
 
 def train_method(cfg: MethodConfig, dataset, model: nn.Module, *, out_dir=None, resume=False, restart: bool = False,
               device=None, callbacks: Optional[Sequence[CallbackLike]] = None, progress: bool = True,
-              max_seconds: Optional[float] = None, budget_clock: str = "wall") -> TrainResult:
+              max_seconds: Optional[float] = None, budget_clock: str = "wall",
+              allow_data_change: bool = False) -> TrainResult:
     """Train ``model`` with ``cfg.method``: a ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel, or a
     bare fastcm U-Net (wrapped by ``get_method(cfg.method).make_model``; it must have been built with the method's
     ``unet_overrides``). ``train_ict`` is the same function under its first name.
@@ -40,6 +41,8 @@ def train_method(cfg: MethodConfig, dataset, model: nn.Module, *, out_dir=None, 
             if it is damaged: it is never skipped or overwritten); a path resumes that checkpoint; False refuses an
             out_dir that already holds a run.
         restart: start over in an out_dir that holds a run, after moving its files into out_dir/previous-<time>/.
+        allow_data_change: resume although ``dataset`` differs from the checkpoint's (its fingerprint: spec, size,
+            shape, classes, a hash of 64 items); refused by default.
         device: None picks cuda:LOCAL_RANK when available, else the CPU. Under torchrun the process group is
             initialised here (NCCL on CUDA, gloo on CPU) and cfg.batch_size is split across the ranks.
         callbacks: callables receiving every metrics record, or fastcm.train.Callback objects.
@@ -69,7 +72,7 @@ def train_method(cfg: MethodConfig, dataset, model: nn.Module, *, out_dir=None, 
         raise ValueError(f"budget_clock must be one of {tuple(BUDGET_CLOCKS)}, got {budget_clock!r}")
     trainer.max_seconds, trainer.budget_clock = max_seconds, BUDGET_CLOCKS[budget_clock]
     trainer.curriculum = _curriculum(method, cfg)
-    trainer.start(resume, restart)
+    trainer.start(resume, restart, data=dataset, allow_data_change=allow_data_change)
     batches = loader.iterate(trainer.step)
 
     def loss_fn(step: int):

@@ -24,11 +24,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from fastcm._io import atomic_write
 from fastcm.cm import ConsistencyModel, get_method, method_of_model
-from fastcm.data import derive_seed, save_grid
+from fastcm._checks import note
+from fastcm.data import data_change, data_fingerprint, derive_seed, save_grid
 
 from .checkpoint import (check_resumable, model_meta, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_tensors,
                          split_state, take)
+from .checkpoint_schema import check_optimizer_tensors, check_training_meta
 from .checkpoint_file import CheckpointManager, load_checkpoint, set_aside_run
 from .config import TrainConfig
 from .distributed import all_reduce_sum, any_rank, broadcast_str, init_distributed, wrap_ddp
@@ -108,6 +111,8 @@ class Trainer:
         self.extra: Dict[str, object] = {}
         self.curriculum: Optional[Callable[[int], dict]] = None  # step -> JSON description saved in checkpoints
         self.step, self.last_checkpoint, self.started = 0, None, False
+        self.data: Optional[dict] = None  # the training set's fingerprint (start(data=...)), saved in checkpoints
+        self.allow_data_change = False
         self.max_seconds: Optional[float] = None  # time budget of run(): stop (and save) once it is spent
         self.budget_clock: Callable[[], float] = time.monotonic  # its clock (time.process_time: CPU seconds)
         self.out_dir = None if out_dir is None else Path(out_dir)
@@ -125,14 +130,19 @@ class Trainer:
         g = torch.Generator(device=self.device)
         return g.manual_seed(derive_seed(self.cfg.seed, step, self.info.rank, stream))
 
-    def start(self, resume=False, restart: bool = False) -> "Trainer":
+    def start(self, resume=False, restart: bool = False, data=None, allow_data_change: bool = False) -> "Trainer":
         """Prepare out_dir and, with ``resume``, load the checkpoint (True: the newest one in out_dir, or a fresh
         start if there is none; a path: that file). False refuses an out_dir that already holds a run, unless
         ``restart``: then that run's files are moved into ``out_dir/previous-<time>/`` and training starts at 0.
-        A damaged newest checkpoint is never skipped, replaced or deleted: resuming from it raises CheckpointError."""
+        A damaged newest checkpoint is never skipped, replaced or deleted: resuming from it raises CheckpointError.
+        ``data`` (the training set) is fingerprinted into config.json and every checkpoint; a resume on data with
+        another fingerprint is refused unless ``allow_data_change``."""
         if self.started:
             raise RuntimeError("start() was already called")
-        self.started = True
+        if not isinstance(allow_data_change, bool):
+            raise TypeError(f"allow_data_change must be a bool, got {allow_data_change!r}")
+        self.started, self.allow_data_change = True, allow_data_change
+        self.data = None if data is None else data_fingerprint(data)
         if not isinstance(resume, (bool, str, os.PathLike)) and resume is not None:
             raise TypeError(f"resume must be a bool or a checkpoint path, got {type(resume).__name__}")
         if not isinstance(restart, bool) or (restart and resume not in (False, None)):
@@ -160,12 +170,11 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         doc = {"stage": self.stage, "config": self.cfg.to_dict(), "model": model_meta(self.cm),
-               "world_size": self.info.world_size}
+               "world_size": self.info.world_size, "data": self.data}
         if self.evaluator is not None:
             doc.update(self.evaluator.config_entries(self.best_checkpoint, self.out_dir))
-        tmp = self.out_dir / f".config.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out_dir / "config.json")
+        text = json.dumps(doc, indent=2) + "\n"
+        atomic_write(self.out_dir / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def _find_resume(self, resume: bool, restart: bool):
         """Rank 0 decides (it alone writes the run directory) and tells the others: "" fresh start, "\\0" refuse,
@@ -190,7 +199,10 @@ class Trainer:
         return found
 
     def _load(self, path: Path, tensors: Dict[str, Tensor], meta: dict) -> None:
+        check_training_meta(path, meta)  # types and ranges of every field read below
+        check_optimizer_tensors(path, tensors)
         check_resumable(path, meta, self.stage, self.cfg, self.cm)
+        self._check_data(path, meta.get("data"))
         self.cm.load_state_dict(take(tensors, "model/"))
         self.ema.load_state_dict(take(tensors, "ema/"))
         self.opt.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
@@ -205,6 +217,18 @@ class Trainer:
         self.step = int(meta["step"])
         self.last_checkpoint = path
 
+    def _check_data(self, path: Path, saved) -> None:
+        """Refuse to resume on other data than the checkpoint's (unless allow_data_change)."""
+        if self.data is None:
+            return
+        if saved is None:
+            note(f"{path} does not record its training data (an older checkpoint): the data is not checked")
+            return
+        change = data_change(saved, self.data)
+        if change is not None and not self.allow_data_change:
+            raise ValueError(f"cannot resume from {path} on other data: {change}; pass --allow-data-change "
+                             "(allow_data_change=True) to switch deliberately")
+
     def checkpoint_state(self):
         """(tensors, meta) of the current training state, as written to a checkpoint."""
         tensors = {**{f"model/{k}": v for k, v in self.cm.state_dict().items()},
@@ -216,7 +240,7 @@ class Trainer:
             t, extra_doc[name] = split_state(obj.state_dict(), f"extra/{name}/")
             tensors.update(t)
         meta = {"stage": self.stage, "method": self.method, "step": self.step, "config": self.cfg.to_dict(),
-                "model": model_meta(self.cm),
+                "model": model_meta(self.cm), "data": self.data,
                 "optimizer": opt_doc, "guard": self.guard.state_dict(), "extra": extra_doc,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "curriculum": self.curriculum(self.step) if self.curriculum is not None else None,
@@ -250,7 +274,14 @@ class Trainer:
                     self.step += 1
                     log.tick()
                     spent = self._out_of_time(t_run)
-                    self._after_step(log, interval, stop, spent)
+                    try:
+                        self._after_step(log, interval, stop, spent)
+                    except OSError as e:  # a full disk while stopping: the signal's exit status, and why
+                        if not stop:
+                            raise
+                        why = e.strerror or str(e)
+                        raise TrainingInterrupted(stop, self.step, self.last_checkpoint, save_error=why if
+                                                  e.filename is None else f"{why}: {e.filename}") from e
                     if spent and not stop:
                         break
                     if stop and self.step < cfg.total_steps:
@@ -375,7 +406,12 @@ class Trainer:
         self._saved_at, self._save_clock = self.step, time.monotonic()
         if self.info.is_main:
             tensors, meta = self.checkpoint_state()
-            self.last_checkpoint = self.ckpt.save(self.step, tensors, meta)
+            try:
+                self.last_checkpoint = self.ckpt.save(self.step, tensors, meta)
+            except OSError as e:  # ENOSPC, EACCES, EROFS … (fastcm._io.write_error): the older files are intact
+                last = "no earlier checkpoint" if self.last_checkpoint is None else f"{self.last_checkpoint} is intact"
+                raise OSError(e.errno, f"{e.strerror} (the checkpoint of step {self.step} was not written; {last})",
+                              e.filename) from e
             log.event("on_checkpoint", self.step, self.last_checkpoint)
 
 
