@@ -72,6 +72,11 @@ def model_meta(cm: nn.Module) -> dict:
         "unet_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
         "method": method_of_model(inner),
     }
+    from fastcm.integrations.diffusers_io import unet_record
+
+    record = unet_record(unet)  # a diffusers U-Net (fastcm train --init diffusers:DIR): its config
+    if record is not None:
+        out["diffusers"] = record
     for key in ("sigma_data", "sigma_min", "sigma_max"):
         if hasattr(inner, key):
             out[key] = getattr(inner, key)
@@ -131,7 +136,7 @@ def check_resumable(path, meta: dict, stage: str, cfg: TrainConfig, cm: Consiste
         raise ValueError(f"cannot resume from {path}: it was trained with method {saved_method!r}, this run uses "
                          f"{method!r}")
     want, have = meta.get("model", {}), model_meta(cm)
-    for key in ("unet_config", "sigma_data", "sigma_min", "sigma_max", "weight_channels"):
+    for key in ("unet_config", "diffusers", "sigma_data", "sigma_min", "sigma_max", "weight_channels"):
         a, b = want.get(key), have.get(key)
         if key == "unet_config" and a and b:
             a, b = {**a, "impl": None}, json.loads(json.dumps({**b, "impl": None}))  # the backend may change
@@ -152,12 +157,19 @@ def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Unio
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     tensors, meta = load_checkpoint(path)
     info = meta.get("model") or {}
-    if not info.get("unet_config"):
+    if info.get("diffusers"):  # a diffusers U-Net, patched with fastcm ops (impl, default "auto")
+        import fastcm
+        from fastcm.integrations.diffusers_io import rebuild_unet
+
+        unet = rebuild_unet(info["diffusers"], str(path))
+        fastcm.patch(unet.unet, impl=impl or "auto")
+    elif not info.get("unet_config"):
         raise CheckpointError(f"{path} does not describe its network ({info.get('unet_class')}); build the model "
                               "yourself and call load_weights(model, path)")
-    unet = UNet(UNetConfig(**info["unet_config"]))
-    if impl is not None:
-        unet.set_impl(impl)
+    else:
+        unet = UNet(UNetConfig(**info["unet_config"]))
+        if impl is not None:
+            unet.set_impl(impl)
     method = method_from_metadata(meta)
     if method == "ict":
         cm = ConsistencyModel(unet, info["sigma_data"], info["sigma_min"], info["sigma_max"])
