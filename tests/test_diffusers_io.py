@@ -174,6 +174,12 @@ def test_bad_folders_are_refused_in_one_line(case, message, folder, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_export_has_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "--help"])
+    assert e.value.code == 0 and "ConsistencyModelPipeline" in capsys.readouterr().out
+
+
 def test_export_refusals(ict_run, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

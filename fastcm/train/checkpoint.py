@@ -150,7 +150,9 @@ def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Unio
     """Rebuild the model of a training checkpoint (any stage) with its ``weights``: "ema" (the evaluation weights)
     or "model" (the raw trained weights). The checkpoint's method (``meta["method"]``, iCT when absent) picks the
     class: ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel; ``method_of_model`` tells them apart and
-    ``get_method(name).sample`` samples any of them. ``impl`` overrides the U-Net's op backend."""
+    ``get_method(name).sample`` samples any of them. ``impl`` overrides the U-Net's op backend. A checkpoint of a
+    diffusers U-Net (``meta["model"]["diffusers"]``, from ``fastcm train --init diffusers:DIR``) is rebuilt from its
+    recorded config and patched with :func:`fastcm.patch` (``impl``, default "auto")."""
     from fastcm.models import UNet, UNetConfig
 
     if weights not in ("ema", "model"):
