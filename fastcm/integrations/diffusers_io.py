@@ -197,8 +197,14 @@ def export_pipeline(model: nn.Module, out, overwrite: bool = False) -> Path:
                          f"{TIMESTEP_SCALE:g} and an int sample_size, got {net.timestep_scale:g} and "
                          f"{net.unet.config.sample_size!r}")
     path = check_export_dir(out, overwrite)
+    existed = path.is_dir()
     path.mkdir(parents=True, exist_ok=True)
-    _save(net.unet, inner, path)
+    try:
+        _save(net.unet, inner, path)
+    except BaseException:
+        if not existed and not any(path.iterdir()):  # leave no empty folder behind
+            path.rmdir()
+        raise
     return path
 
 
