@@ -59,7 +59,7 @@ def run(capsys, *argv):
     return rc, out.out, out.err
 
 
-def test_folder_loads_as_the_cm_parametrized_unet(folder):
+def test_folder_loads_as_the_cm_parametrized_unet(folder, tmp_path):
     cm = load_consistency_model(f"diffusers:{folder}")
     assert (cm.sigma_min, cm.sigma_max, cm.sigma_data) == (0.002, 40.0, 0.6)
     ref = tiny_unet()  # unpatched, the weights of the folder
@@ -72,6 +72,12 @@ def test_folder_loads_as_the_cm_parametrized_unet(folder):
     with torch.no_grad():
         torch.testing.assert_close(cm(x, sigma, labels), want, rtol=1e-5, atol=1e-5)
     assert cm.unet.unet.__dict__.get("_fastcm_patch") is not None  # patched with fastcm ops
+    bare = tmp_path / "bare"  # a bare model folder, its scheduler config beside it
+    ref.save_pretrained(bare)
+    CMStochasticIterativeScheduler(sigma_max=20.0).save_config(bare)
+    cm2 = load_consistency_model(str(bare))
+    assert (cm2.sigma_max, cm2.sigma_data) == (20.0, 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(cm2.unet.unet.state_dict().values(), ref.state_dict().values()))
 
 
 def _pipeline_images(pipe, seeds, labels, **kw):
