@@ -138,15 +138,16 @@ def test_checkpoints_rebuild_the_diffusers_unet_and_resume(folder, ict_run, tmp_
         torch.testing.assert_close(v, final[k], rtol=0, atol=0)
 
 
-def test_fd_stage_from_a_diffusers_folder(folder, tmp_path, capsys):
-    rc, out, err = run(capsys, "train", "--stage", "fd", "--init", f"diffusers:{folder}", "--steps", 1,
-                       "--batch-size", 10, "--out", tmp_path / "fd", "--no-progress")
-    assert rc == 0, err
-    ckpt = next((tmp_path / "fd" / "checkpoints").glob("ckpt_*.safetensors"))
-    model = load_model(ckpt)
-    assert isinstance(model.unet, DiffusersUNet) and model.sigma_max == 40.0
+def test_fd_stage_from_a_diffusers_folder_and_from_its_ict_run(folder, ict_run, tmp_path, capsys):
+    for name, init in (("fd", f"diffusers:{folder}"), ("fd-of-run", ict_run)):
+        rc, out, err = run(capsys, "train", "--stage", "fd", "--init", init, "--steps", 1, "--batch-size", 10,
+                           "--out", tmp_path / name, "--no-progress")
+        assert rc == 0, err
+        ckpt = next((tmp_path / name / "checkpoints").glob("ckpt_*.safetensors"))
+        model = load_model(ckpt)
+        assert isinstance(model.unet, DiffusersUNet) and model.sigma_max == 40.0
     rc, out, err = run(capsys, "export", "--checkpoint", ckpt, "--diffusers", tmp_path / "pipe")
-    assert rc == 0, err
+    assert rc == 0 and (tmp_path / "pipe" / "unet" / "config.json").is_file(), err
 
 
 def _write(path, doc):
