@@ -181,6 +181,17 @@ def test_bad_folders_are_refused_in_one_line(case, message, folder, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_python_api_rejects_bad_arguments(folder, tmp_path):
+    from fastcm.integrations.diffusers_io import export_pipeline, load_unet
+
+    with pytest.raises(TypeError, match="must be a folder path"):
+        load_unet(3)
+    with pytest.raises(TypeError, match="model must be a fastcm ConsistencyModel"):
+        export_pipeline("model", tmp_path / "x")
+    with pytest.raises(TypeError, match="out must be a folder path"):
+        export_pipeline(load_consistency_model(str(folder)), None)
+
+
 def test_export_has_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["export", "--help"])

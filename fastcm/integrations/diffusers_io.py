@@ -15,6 +15,7 @@ every fastcm residual block and attention divides its residual sum by sqrt(2) (N
 """
 import json
 import math
+import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -77,6 +78,8 @@ def read_sigmas(path: Optional[Path], what: str) -> dict:
 
 def load_unet(spec: str, what: str = "--init"):
     """(UNet2DModel on the CPU in eval mode, sigmas dict) of ``diffusers:DIR`` or ``DIR``; one-line errors."""
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a folder path (diffusers:DIR or DIR), got {type(spec).__name__}")
     root = Path(spec[len(PREFIX):] if is_diffusers_spec(spec) else spec).expanduser()
     what = f"{what} diffusers:{root}"
     unet_dir, scheduler = _folders(root, what)
@@ -183,6 +186,10 @@ def export_pipeline(model: nn.Module, out, overwrite: bool = False) -> Path:
 
     from .adapter import DiffusersUNet
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a fastcm ConsistencyModel, got {type(model).__name__}")
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a folder path, got {type(out).__name__}")
     inner = unwrap(model)
     if not isinstance(inner, ConsistencyModel):
         raise ValueError(f"model is a {method_of_model(inner)} model; diffusers' {SCHEDULER_CLASS} samples only the "
