@@ -30,6 +30,15 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 TIMESTEP_SCALE = 1000.0  # CMStochasticIterativeScheduler.sigma_to_t: t = 1000 * ln(sigma) / 4 = 1000 * c_noise
 
 
+def _diffusers(what: str):
+    """The diffusers module, or a one-line error saying how to install it."""
+    try:
+        import diffusers
+    except ImportError:
+        raise ValueError(f"{what} needs diffusers (pip install 'fastcm[diffusers]')") from None
+    return diffusers
+
+
 def is_diffusers_spec(spec) -> bool:
     """True for an ``--init`` value of the form ``diffusers:DIR``."""
     return isinstance(spec, str) and spec.startswith(PREFIX)
@@ -93,10 +102,8 @@ def load_unet(spec: str, what: str = "--init"):
     if not any((unet_dir / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(f"{what}: {str(unet_dir)!r} holds no weights ({WEIGHT_FILES[0]})")
     sigmas = read_sigmas(scheduler, what)
-    from diffusers import UNet2DModel
-
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
+        unet = _diffusers(what).UNet2DModel.from_pretrained(str(unet_dir), local_files_only=True)
     except Exception as e:  # a damaged weight file, a config that does not build, weights of another shape
         raise ValueError(f"{what}: diffusers could not load it ({str(e).strip().splitlines()[0]})") from None
     return unet.eval(), sigmas
@@ -137,10 +144,9 @@ def unet_record(net: nn.Module) -> Optional[dict]:
 
 def rebuild_unet(record: dict, where: str = "the checkpoint"):
     """A fresh (randomly initialized) :class:`DiffusersUNet` of :func:`unet_record`'s ``record``."""
-    import diffusers
-
     from .adapter import DiffusersUNet
 
+    diffusers = _diffusers(f"{where} holds a diffusers U-Net: it")
     cfg = dict(record.get("unet_config") or {})
     name = cfg.pop("_class_name", UNET_CLASS)
     cls = getattr(diffusers, name, None) if isinstance(name, str) else None
