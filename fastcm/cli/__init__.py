@@ -1,4 +1,4 @@
-"""The ``fastcm`` command: demo, train, sample, edit, stats, fid, cas, bench.
+"""The ``fastcm`` command: demo, train, sample, edit, stats, fid, cas, export, bench.
 
 Every subcommand has ``--help``. Mistakes a user can fix (a missing file, a non-empty --out, a wrong option value,
 a --device this torch cannot use, an output location that is read-only or under a file, a diverged training run)
@@ -111,7 +111,9 @@ def _add_train(sub) -> None:
                                                   "cifar10, imagenet64 (default: digits for digits data, else "
                                                   "cifar10-small)")
     p.add_argument("--init", default=None, help="checkpoint to fine-tune (required for --stage fd): a file, a run "
-                                                "directory (its newest checkpoint) or RUN/best")
+                                                "directory (its newest checkpoint) or RUN/best; or diffusers:DIR, "
+                                                "a local diffusers UNet2DModel folder (sigmas from its "
+                                                "CMStochasticIterativeScheduler config), for --stage fd or ict")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the stage config's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size (default: the stage config's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the stage config's)")
@@ -246,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastcm", description="fastcm: fast, exact, tested consistency models. "
                                      "Start with `fastcm demo` (about 10 minutes on 2 CPU cores).")
     parser.add_argument("--version", action="version", version=f"fastcm {fastcm.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,sample,edit,stats,fid,cas,bench}")
-    for add in (_add_demo, _add_train, _add_sample, _add_edit, _add_metrics, _add_bench):
+    from fastcm.cli.export import add_export
+
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,sample,edit,stats,fid,cas,export,bench}")
+    for add in (_add_demo, _add_train, _add_sample, _add_edit, _add_metrics, add_export, _add_bench):
         add(sub)
     return parser
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from fastcm.cli import UsageError
 from fastcm._checks import check_int
+from fastcm.cli.export import cmd_export  # noqa: F401  (dispatched by name)
 from fastcm.cli.generate import cmd_edit, cmd_sample, cmd_train  # noqa: F401  (dispatched by name)
 
 

@@ -106,11 +106,19 @@ def _train_ict_stage(args, data, common):
     from fastcm.models import build_unet
     from fastcm.train import ICTConfig, train_ict
 
-    if any(v not in (None, False) for v in (args.init, args.features, args.fd_mode, args.fd_normalize)):
-        raise UsageError("--init, --features, --fd-mode and --fd-normalize belong to --stage fd")
+    init = _diffusers_init(args, data)  # --init diffusers:DIR continues consistency training of that U-Net
+    if any(v not in (None, False) for v in (args.init if init is None else None, args.features, args.fd_mode,
+                                             args.fd_normalize)):
+        raise UsageError("--init (other than diffusers:DIR), --features, --fd-mode and --fd-normalize belong to "
+                         "--stage fd")
     if args.feature_weights is not None and not args.eval_every:
         raise UsageError("--feature-weights is the Inception weight file of --stage fd's --features inception or of "
                          "Inception --eval-stats")
+    extra = {"tangent_warmup": args.tangent_warmup} if args.tangent_warmup is not None else {}
+    cfg = ICTConfig(**common, method=args.method or "ict", **extra)
+    if init is not None:
+        return lambda out: train_ict(cfg, data, init, out_dir=out, resume=args.resume, restart=args.restart,
+                                     device=args.device, progress=not args.no_progress)
     preset = args.preset or ("digits" if data.image_shape == (1, 8, 8) else "cifar10-small")
     with torch.random.fork_rng(devices=[]):  # the initial weights are a function of --seed (as in the demo)
         torch.manual_seed(args.seed)
@@ -118,8 +126,6 @@ def _train_ict_stage(args, data, common):
     if tuple(unet.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--preset {preset} generates {tuple(unet.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}; pick a preset of that shape")
-    extra = {"tangent_warmup": args.tangent_warmup} if args.tangent_warmup is not None else {}
-    cfg = ICTConfig(**common, method=args.method or "ict", **extra)
     model = get_method(cfg.method, **cfg.method_hyperparameters()).make_model(unet)
     return lambda out: train_ict(cfg, data, model, out_dir=out, resume=args.resume, restart=args.restart,
                                  device=args.device, progress=not args.no_progress,
@@ -135,7 +141,9 @@ def _train_fd_stage(args, data, common):
         raise UsageError("--stage fd fine-tunes an existing model: pass --init CHECKPOINT (from `fastcm train`)")
     if args.preset is not None:
         raise UsageError("--preset belongs to --stage ict; --stage fd keeps the network of --init")
-    model = load_model(resolve_checkpoint(args.init, "--init"), weights="ema")  # a file, RUN or RUN/best
+    model = _diffusers_init(args, data)
+    if model is None:
+        model = load_model(resolve_checkpoint(args.init, "--init"), weights="ema")  # a file, RUN or RUN/best
     if tuple(model.input_shape) != tuple(data.image_shape):
         raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}")
@@ -154,6 +162,23 @@ def _train_fd_stage(args, data, common):
                            allow_data_change=args.allow_data_change)
 
     return train
+
+
+def _diffusers_init(args, data):
+    """The ConsistencyModel of ``--init diffusers:DIR`` (a local diffusers UNet2DModel, patched with fastcm ops,
+    sigmas from its CMStochasticIterativeScheduler config), or None for any other --init."""
+    from fastcm.integrations.diffusers_io import is_diffusers_spec, load_consistency_model
+
+    if not is_diffusers_spec(args.init):
+        return None
+    if args.preset is not None or (args.method or "ict") != "ict":
+        raise UsageError("--init diffusers:DIR trains the folder's U-Net with iCT's CM parametrization: drop "
+                         "--preset and --method")
+    model = load_consistency_model(args.init)
+    if tuple(model.input_shape) != tuple(data.image_shape):
+        raise UsageError(f"--init {args.init} makes {tuple(model.input_shape)} images but {args.data} holds "
+                         f"{tuple(data.image_shape)}")
+    return model
 
 
 def _load_model(args):

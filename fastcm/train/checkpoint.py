@@ -73,6 +73,11 @@ def model_meta(cm: nn.Module) -> dict:
         "unet_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else None,
         "method": method_of_model(inner),
     }
+    from fastcm.integrations.diffusers_io import unet_record
+
+    record = unet_record(unet)  # a diffusers U-Net (fastcm train --init diffusers:DIR): its config
+    if record is not None:
+        out["diffusers"] = record
     for key in ("sigma_data", "sigma_min", "sigma_max"):
         if hasattr(inner, key):
             out[key] = getattr(inner, key)
@@ -132,7 +137,7 @@ def check_resumable(path, meta: dict, stage: str, cfg: TrainConfig, cm: Consiste
         raise ValueError(f"cannot resume from {path}: it was trained with method {saved_method!r}, this run uses "
                          f"{method!r}")
     want, have = meta.get("model", {}), model_meta(cm)
-    for key in ("unet_config", "sigma_data", "sigma_min", "sigma_max", "weight_channels"):
+    for key in ("unet_config", "diffusers", "sigma_data", "sigma_min", "sigma_max", "weight_channels"):
         a, b = want.get(key), have.get(key)
         if key == "unet_config" and a and b:
             a, b = {**a, "impl": None}, json.loads(json.dumps({**b, "impl": None}))  # the backend may change
@@ -146,27 +151,37 @@ def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Unio
     """Rebuild the model of a training checkpoint (any stage) with its ``weights``: "ema" (the evaluation weights)
     or "model" (the raw trained weights). The checkpoint's method (``meta["method"]``, iCT when absent) picks the
     class: ConsistencyModel (iCT), TrigFlowModel (sCT) or MeanFlowModel; ``method_of_model`` tells them apart and
-    ``get_method(name).sample`` samples any of them. ``impl`` overrides the U-Net's op backend."""
+    ``get_method(name).sample`` samples any of them. ``impl`` overrides the U-Net's op backend. A checkpoint of a
+    diffusers U-Net (``meta["model"]["diffusers"]``, from ``fastcm train --init diffusers:DIR``) is rebuilt from its
+    recorded config and patched with :func:`fastcm.patch` (``impl``, default "auto")."""
     from fastcm.models import UNet, UNetConfig
 
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     tensors, meta = load_checkpoint(path)
     info = check_model_meta(path, meta)  # types and ranges of everything used below
-    if not info.get("unet_config"):
-        raise CheckpointError(f"{path} does not describe its network ({info.get('unet_class')}); build the model "
-                              "yourself and call load_weights(model, path)")
-    try:
-        config = UNetConfig(**info["unet_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: malformed checkpoint header: model.unet_config is invalid ({e})") from None
     method = method_from_metadata(meta)
-    with torch.device("meta"):  # the described network without memory: its size must match the stored tensors
-        check_network_size(path, _method_model(method, UNet(config), info), tensors, weights)
-    unet = UNet(config)
-    if impl is not None:
-        unet.set_impl(impl)
-    cm = _method_model(method, unet, info)
+    if info.get("diffusers"):  # a diffusers U-Net, patched with fastcm ops (impl, default "auto")
+        import fastcm
+        from fastcm.integrations.diffusers_io import rebuild_unet
+
+        unet = rebuild_unet(info["diffusers"], str(path))
+        fastcm.patch(unet.unet, impl=impl or "auto")
+        cm = _method_model(method, unet, info)
+    else:
+        if not info.get("unet_config"):
+            raise CheckpointError(f"{path} does not describe its network ({info.get('unet_class')}); build the "
+                                  "model yourself and call load_weights(model, path)")
+        try:
+            config = UNetConfig(**info["unet_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: malformed checkpoint header: model.unet_config is invalid ({e})") from None
+        with torch.device("meta"):  # the described network without memory: its size must match the stored tensors
+            check_network_size(path, _method_model(method, UNet(config), info), tensors, weights)
+        unet = UNet(config)
+        if impl is not None:
+            unet.set_impl(impl)
+        cm = _method_model(method, unet, info)
     load_weights(cm, path, weights, tensors=tensors)
     return cm.to(device).eval()
 
