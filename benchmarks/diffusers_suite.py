@@ -74,8 +74,8 @@ def run(tests: Path, impl: str, files, deadline: float, cap: float) -> dict:
                    FASTCM_SUITE_DEADLINE=str(deadline), FASTCM_SUITE_TEST_CAP=str(cap),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
         args = [sys.executable, "-m", "pytest", "-p", "diffusers_suite_plugin", "-p", "no:cacheprovider", "-q",
-                "-o", "addopts=", *(str(tests / f) for f in files)]
-        args += [a for node in HUB if node.split("::")[0] in files for a in ("--deselect", str(tests / node))]
+                "-o", "addopts=", *(f"{tests.name}/{f}" for f in files)]  # node ids relative to the checkout
+        args += [a for node in HUB if node.split("::")[0] in files for a in ("--deselect", f"{tests.name}/{node}")]
         t0, r0 = time.time(), os.times()
         proc = subprocess.run(args, cwd=tests.parent, env=env, capture_output=True, text=True)
         r1 = os.times()
