@@ -48,9 +48,9 @@ def build(norm, temb_channels, out, resample, output_scale_factor, conv_shortcut
 
 
 def tembs(norm, temb_channels, out):
-    """The temb values a caller may pass this block: a projected vector, none, or (no projection) a raw map."""
+    """The temb values diffusers' forward takes: a vector to project, or (no projection) none or a raw map."""
     if temb_channels is not None:
-        return {"vector": torch.randn(N, TEMB, dtype=torch.float64)} | ({} if norm == "scale_shift" else {"None": None})
+        return {"vector": torch.randn(N, TEMB, dtype=torch.float64)}
     width = 2 * out if norm == "scale_shift" else out
     raw = {"raw (N, C, 1, 1)": torch.randn(N, width, 1, 1, dtype=torch.float64)}
     return raw if norm == "scale_shift" else {"None": None, **raw}
