@@ -37,6 +37,7 @@ TRITON_SUBSET = [
     "models/autoencoders/test_models_autoencoder_kl.py",
     "models/autoencoders/test_models_vq.py",
 ]
+TRITON_NAME = 'patched, impl="triton" (interpreted)'
 HUB = [  # download from the Hub (they fail the same way unpatched when offline)
     "models/unets/test_models_unet_2d.py::TestUNetLDMModel::test_from_pretrained_hub",
     "models/unets/test_models_unet_2d.py::TestUNetLDMModel::test_output_pretrained",
@@ -87,7 +88,58 @@ def run(tests: Path, impl: str, files, deadline: float, cap: float) -> dict:
     return out
 
 
-def markdown(runs: dict, tests: Path, version: str) -> str:
+def _tiny_models():
+    """The shapes diffusers' own tests use, a little wider: a cross-attention U-Net (8-dim heads) and a KL VAE."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, cross_attention_dim=32,
+                                layers_per_block=2, block_out_channels=(32, 64), norm_num_groups=32,
+                                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=32, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return {"UNet2DConditionModel 32x32 b2": (unet, (torch.randn(2, 4, 32, 32), torch.tensor([3, 5]),
+                                                     torch.randn(2, 7, 32))),
+            "AutoencoderKL 32x32 b2": (vae, (torch.randn(2, 3, 32, 32),))}
+
+
+def overhead(repeats: int = 20) -> list:
+    """CPU time and minor page faults per call, unpatched vs fastcm.patch(impl="torch"), 1 thread, interleaved."""
+    import copy
+    import resource
+
+    import torch
+
+    import fastcm
+
+    torch.set_num_threads(1)
+    rows = []
+    for name, (model, args) in _tiny_models().items():
+        patched = copy.deepcopy(model)
+        fastcm.patch(patched, impl="torch")
+        for mode in ("fwd", "fwd+bwd"):
+            def once(m):
+                if mode == "fwd":
+                    with torch.no_grad():
+                        m(*args)
+                else:
+                    m(*args).sample.square().mean().backward()
+
+            cost = {}
+            for label, m in (("unpatched", model), ("patched", patched), ("unpatched ", model)):
+                once(m)
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+                for _ in range(repeats):
+                    once(m)
+                cost[label] = ((time.process_time() - t0) / repeats * 1e3,
+                               (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeats)
+            rows.append((name, mode, cost))
+    return rows
+
+
+def markdown(runs: dict, tests: Path, version: str, cost=None) -> str:
     lines = ["# diffusers' own model tests on fastcm-patched models", "",
              f"diffusers library {version}; tests from `{tests}` (run with `make diffusers-suite`); "
              f"{len(HUB)} Hub-downloading tests deselected in every run; 1 torch thread; shared 2-core machine.", "",
@@ -103,9 +155,19 @@ def markdown(runs: dict, tests: Path, version: str) -> str:
         if r["failed"]:
             lines += ["", f"## {name}: failures", ""]
             lines += [f"- `{node}` ({kind}): {msg}" for node, kind, msg in r["failed"]]
-    if "triton" in runs:
-        lines += ["", f"triton subset: {', '.join(runs['triton']['files'])}; per-test cap {runs['triton']['cap']:.0f} s, "
-                      f"run cap {runs['triton']['deadline']:.0f} s."]
+    if cost:
+        lines += ["", "## CPU cost of patching (impl=\"torch\")", "",
+                  "CPU ms and minor page faults per call, 1 torch thread, unpatched / patched / unpatched again "
+                  "interleaved (shared, noisy 2-core machine); `python benchmarks/diffusers_suite.py --overhead`.", "",
+                  "| model | pass | unpatched ms | patched ms | unpatched again ms | faults unpatched | faults patched |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, mode, c in cost:
+            lines.append(f"| {name} | {mode} | {c['unpatched'][0]:.1f} | {c['patched'][0]:.1f} | "
+                         f"{c['unpatched '][0]:.1f} | {c['unpatched'][1]:.0f} | {c['patched'][1]:.0f} |")
+    if TRITON_NAME in runs:
+        lines += ["", f"triton subset: {', '.join(runs[TRITON_NAME]['files'])}; "
+                      f"per-test cap {runs[TRITON_NAME]['cap']:.0f} s, "
+                      f"run cap {runs[TRITON_NAME]['deadline']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -115,24 +177,31 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default="none,torch,triton", help="comma-separated subset of none,torch,triton")
     p.add_argument("--triton-deadline", type=float, default=900.0, help="seconds after which the triton run stops")
     p.add_argument("--triton-test-cap", type=float, default=120.0, help="seconds per test in the triton run")
+    p.add_argument("--overhead", action="store_true", help="also measure the CPU cost of patching")
     p.add_argument("--out", type=Path, default=HERE / "results" / "diffusers-suite.md")
     a = p.parse_args(argv)
     if not (a.tests / "models" / "test_modeling_common.py").is_file():
         p.error(f"tests must be a diffusers checkout's tests/ folder (with models/test_modeling_common.py), got {a.tests}")
     runs = [r for r in a.runs.split(",") if r]
-    if not runs or not set(runs) <= {"none", "torch", "triton"}:
+    if not (runs or a.overhead) or not set(runs) <= {"none", "torch", "triton"}:
         p.error(f"--runs must be drawn from none,torch,triton, got {a.runs!r}")
     import diffusers
 
-    names = {"none": "unpatched", "torch": 'patched, impl="torch"', "triton": 'patched, impl="triton" (interpreted)'}
-    done = {}
+    names = {"none": "unpatched", "torch": 'patched, impl="torch"', "triton": TRITON_NAME}
+    saved = a.out.with_suffix(".json")
+    done = json.loads(saved.read_text()) if not runs and saved.exists() else {}  # --runs "" --overhead: add to it
+    cost = done.pop("overhead", None)
     for impl in runs:
         files, deadline, cap = (TRITON_SUBSET, a.triton_deadline, a.triton_test_cap) if impl == "triton" else (FILES, 0, 0)
         done[names[impl]] = run(a.tests.resolve(), impl, files, deadline, cap)
         print(names[impl], done[names[impl]]["outcomes"], flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(markdown(done, a.tests, diffusers.__version__))
-        a.out.with_suffix(".json").write_text(json.dumps(done, indent=1))
+        saved.write_text(json.dumps(done, indent=1))
+    if a.overhead:
+        cost = overhead()
+    a.out.write_text(markdown(done, a.tests, diffusers.__version__, cost))
+    saved.write_text(json.dumps(dict(done, overhead=cost), indent=1))
     return 0
 
 
