@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report
+.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report diffusers-suite
 
 setup: $(STAMP)
 
@@ -54,6 +54,13 @@ gpu-compile: $(STAMP)
 # and .csv. KERNEL_REPORT_ARGS="--dtypes fp16,bf16,fp32" adds bf16 (counts equal fp16's, tests/test_kernel_work.py).
 kernel-report: $(STAMP)
 	$(PY) benchmarks/kernel_report.py $(KERNEL_REPORT_ARGS)
+
+# diffusers' own model tests (from a diffusers checkout, e.g. tag v0.40.0) unpatched, fastcm.patch(impl="torch")
+# and impl="triton" (interpreted subset, capped): benchmarks/results/diffusers-suite.md (about 15 min on 2 CPU cores).
+# Needs the tests' extras: pip install accelerate parameterized requests-mock transformers. Not part of make test.
+diffusers-suite: $(STAMP)
+	test -n "$(DIFFUSERS_TESTS)" || { echo "set DIFFUSERS_TESTS=<a diffusers checkout's tests/ folder>"; exit 2; }
+	$(PY) benchmarks/diffusers_suite.py $(DIFFUSERS_TESTS) $(DIFFUSERS_SUITE_ARGS)
 
 # The first command to run on a GPU (with your CUDA torch: make gpu-check VENV=/path/to/env CPU_STACK=0): the compile
 # gate, the gpu-marked tests, every op vs its reference in fp16/bf16/fp32, a cifar10-small training step Triton vs

@@ -155,8 +155,9 @@ def test_attention_mask_runs_on_the_original_processor():
         unmasked = model(x, t, enc).sample
     assert_close(out, ref, torch.float64)
     assert (out - unmasked).abs().max() > 1e-3  # the mask matters, and was applied
-    masked = [n for n, why in report.left_alone if "attention_mask" in why]
+    masked = [n for n, why in report.notes if "attention_mask" in why]
     assert len(masked) == report.counts["AttnProcessor2_0 -> FastcmAttnProcessor"]
+    assert not report.left_alone  # replaced layers are not counted as left alone
     assert any(n.endswith("attn2") for n in masked)
 
 
@@ -190,9 +191,9 @@ def test_blocks_left_alone_are_named():
                            layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                            up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
-    notes = [why for name, why in fastcm.patch(one_head(320)).left_alone if name == "mid_block.attentions.0"]
+    notes = [why for name, why in fastcm.patch(one_head(320)).notes if name == "mid_block.attentions.0"]
     assert any("head dim 320 > 256: fastcm.ops.attention runs torch SDPA" in why for why in notes)
-    assert not [w for _, w in fastcm.patch(one_head(256)).left_alone if "head dim" in w]  # DDPM CIFAR-10's head
+    assert not [w for _, w in fastcm.patch(one_head(256)).notes if "head dim" in w]  # DDPM CIFAR-10's head
 
 
 def test_ops_selects_what_is_patched():

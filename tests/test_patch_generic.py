@@ -176,3 +176,54 @@ def test_deepcopy_of_a_patched_model_unpatches_itself():
     assert fastcm.unpatch(twin) is True
     assert type(twin.norm) is nn.GroupNorm and twin.shared is twin.plain2 and type(twin.shared) is nn.GroupNorm
     assert isinstance(model.norm, GroupNorm) and isinstance(model.shared, GroupNorm)
+
+
+def _load(model, src, assign):
+    model.load_state_dict(src.state_dict(), assign=assign)
+
+
+# issue 21.1: what happened to the patched model between patch and unpatch, and the dtype it ends in
+MOVES = {
+    "load_state_dict": (lambda m, src: _load(m, src, False), torch.float32),
+    "load_state_dict(assign=True)": (lambda m, src: _load(m, src, True), torch.float32),
+    ".to(float64)": (lambda m, src: (_load(m, src, False), m.to(torch.float64)), torch.float64),
+    ".half()": (lambda m, src: (_load(m, src, True), m.half()), torch.float16),
+    "meta -> to_empty -> load": (lambda m, src: (m.to_empty(device="cpu"), _load(m, src, False)), torch.float32),
+}
+
+
+@pytest.mark.parametrize("move", list(MOVES))
+def test_unpatch_hands_back_the_current_parameters(move):
+    torch.manual_seed(0)
+    src, twin = Net(), Net()  # twin: never patched, the same moves
+    if move.startswith("meta"):
+        with torch.device("meta"):
+            model = Net()
+    else:
+        model = Net()
+    fastcm.patch(model, impl="torch")
+    fn, dtype = MOVES[move]
+    fn(model, src)
+    patched_params = dict(model.named_parameters())
+    fastcm.unpatch(model)
+    fn(twin, src) if not move.startswith("meta") else _load(twin, src, False)
+    assert all(type(m) is not GroupNorm for m in model.modules())
+    # the very Parameters the patched model held (an optimizer built after the load keeps working)
+    assert all(p is patched_params[name] for name, p in model.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.device.type == "cpu" and p.dtype == dtype, name
+        assert torch.equal(p, dict(twin.named_parameters())[name]), name
+    x = torch.randn(2, 3, 5, 3)
+    if dtype == torch.float16:  # CPU half convs: compare in fp32 on the same fp16 weights
+        model, twin = model.float(), twin.float()
+    torch.testing.assert_close(model(x.to(next(model.parameters()).dtype)),
+                               twin(x.to(next(twin.parameters()).dtype)), rtol=0, atol=0)
+
+
+def test_unpatch_keeps_a_module_set_after_patching():
+    model = Net()
+    fastcm.patch(model, impl="torch")
+    mine = nn.GroupNorm(2, 8)
+    model.norm = mine
+    fastcm.unpatch(model)
+    assert model.norm is mine and type(model.tokens_norm) is nn.GroupNorm

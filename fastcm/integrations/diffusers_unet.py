@@ -6,9 +6,8 @@
   ``SiLU(GN(h) * (1 + scale) + shift)`` of ADM's scale-shift norm (Dhariwal & Nichol 2021, Sec. 3) as one call with
   per-sample (N, C) scale and shift. Parameters, buffers and submodules are untouched.
 * ``Attention`` layers whose processor is diffusers' default ``AttnProcessor2_0`` get a
-  :class:`FastcmAttnProcessor`, set through diffusers' ``set_attn_processor`` (or ``Attention.set_processor`` for a
-  model without it): self- and cross-attention (Lk != Lq). A call with an ``attention_mask`` runs on the layer's
-  original processor (fastcm's attention takes no mask); the report names every such layer.
+  :class:`FastcmAttnProcessor` (:mod:`fastcm.integrations.diffusers_attn`): self- and cross-attention. A call with
+  an ``attention_mask`` runs on the layer's original processor (fastcm's attention takes no mask).
 
 Both re-implement diffusers code, so they are tied to it: the sources of ``ResnetBlock2D.forward`` and
 ``AttnProcessor2_0.__call__`` must match the versions this was tested with, else :func:`check_diffusers` raises.
@@ -20,8 +19,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastcm.ops import attention, group_norm
-from fastcm.ops.attention import MAX_HEAD_DIM
+from diffusers.models.resnet import ResnetBlock2D
+
+from fastcm.ops import group_norm
+
+from .diffusers_attn import FastcmAttnProcessor, patch_attention, restore_processors  # noqa: F401 (public here)
 
 MIN_VERSION = (0, 42, 1)  # the oldest diffusers the tests ran with
 # sha256 of the whitespace-stripped, comment-line-free source of each re-implemented diffusers function -> the
@@ -65,118 +67,59 @@ def _gn_silu(norm: nn.Module, x: Tensor, impl: str, scale: Optional[Tensor] = No
     return group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, scale, shift, act="silu", impl=impl)
 
 
-def _make_fused_resnet(ResnetBlock2D):
-    class FusedResnetBlock2D(ResnetBlock2D):
-        """diffusers' ResnetBlock2D.forward (0.42) with fused GroupNorm -> SiLU (see the module docstring)."""
+class FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ResnetBlock2D.forward (0.42) with fused GroupNorm -> SiLU (see the module docstring).
 
-        def forward(self, input_tensor: Tensor, temb: Tensor, *args, **kwargs) -> Tensor:
-            if len(args) > 0 or kwargs.get("scale", None) is not None:  # deprecated argument: diffusers warns
-                return ResnetBlock2D.forward(self, input_tensor, temb, *args, **kwargs)
-            impl = self._fastcm_impl
-            hidden_states = _gn_silu(self.norm1, input_tensor, impl)  # norm1 -> nonlinearity
-            if self.upsample is not None:
-                if hidden_states.shape[0] >= 64:
-                    input_tensor = input_tensor.contiguous()
-                    hidden_states = hidden_states.contiguous()
-                input_tensor = self.upsample(input_tensor)
-                hidden_states = self.upsample(hidden_states)
-            elif self.downsample is not None:
-                input_tensor = self.downsample(input_tensor)
-                hidden_states = self.downsample(hidden_states)
-            hidden_states = self.conv1(hidden_states)
-            if self.time_emb_proj is not None:
-                if not self.skip_time_act:
-                    temb = self.nonlinearity(temb)
-                temb = self.time_emb_proj(temb)[:, :, None, None]
-            hidden_states = self._fastcm_norm2_act(hidden_states, temb, impl)
-            hidden_states = self.dropout(hidden_states)
-            hidden_states = self.conv2(hidden_states)
-            if self.conv_shortcut is not None:
-                if self.training:
-                    input_tensor = input_tensor.contiguous()
-                input_tensor = self.conv_shortcut(input_tensor)
-            return (input_tensor + hidden_states) / self.output_scale_factor
+    :func:`fastcm.patch` sets it as the ``__class__`` of an existing ResnetBlock2D (no new module, no copied
+    tensor) with ``_fastcm_impl``; a module-level class, so a patched model pickles (``torch.save(model)``)."""
 
-        def _fastcm_norm2_act(self, h: Tensor, temb: Optional[Tensor], impl: str) -> Tensor:
-            """norm2 (+ time embedding) -> nonlinearity of both time_embedding_norm modes."""
-            if self.time_embedding_norm == "default":
-                if temb is not None:
-                    h = h + temb
-                return _gn_silu(self.norm2, h, impl)
-            if temb is None:
-                raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
-            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
-            N, C = h.shape[:2]
-            if time_scale.shape == (N, C, 1, 1):  # ADM scale-shift norm: per-sample (N, C) modulation, one call
-                return _gn_silu(self.norm2, h, impl, time_scale.flatten(1), time_shift.flatten(1))
-            # a spatial / other-shaped temb (time_emb_proj=None): broadcast as diffusers does, then SiLU
-            h = group_norm(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps, impl=impl)
-            return self.nonlinearity(h * (1 + time_scale) + time_shift)
+    def forward(self, input_tensor: Tensor, temb: Tensor, *args, **kwargs) -> Tensor:
+        if len(args) > 0 or kwargs.get("scale", None) is not None:  # deprecated argument: diffusers warns
+            return ResnetBlock2D.forward(self, input_tensor, temb, *args, **kwargs)
+        impl = self._fastcm_impl
+        hidden_states = _gn_silu(self.norm1, input_tensor, impl)  # norm1 -> nonlinearity
+        if self.upsample is not None:
+            if hidden_states.shape[0] >= 64:
+                input_tensor = input_tensor.contiguous()
+                hidden_states = hidden_states.contiguous()
+            input_tensor = self.upsample(input_tensor)
+            hidden_states = self.upsample(hidden_states)
+        elif self.downsample is not None:
+            input_tensor = self.downsample(input_tensor)
+            hidden_states = self.downsample(hidden_states)
+        hidden_states = self.conv1(hidden_states)
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+        hidden_states = self._fastcm_norm2_act(hidden_states, temb, impl)
+        hidden_states = self.dropout(hidden_states)
+        hidden_states = self.conv2(hidden_states)
+        if self.conv_shortcut is not None:
+            if self.training:
+                input_tensor = input_tensor.contiguous()
+            input_tensor = self.conv_shortcut(input_tensor)
+        return (input_tensor + hidden_states) / self.output_scale_factor
 
-    FusedResnetBlock2D.__qualname__ = FusedResnetBlock2D.__name__ = "FusedResnetBlock2D"
-    return FusedResnetBlock2D
-
-
-_FUSED = {}
-
-
-def fused_resnet_class(ResnetBlock2D):
-    """The FusedResnetBlock2D subclass of this diffusers' ResnetBlock2D (one per class object)."""
-    if ResnetBlock2D not in _FUSED:
-        _FUSED[ResnetBlock2D] = _make_fused_resnet(ResnetBlock2D)
-    return _FUSED[ResnetBlock2D]
-
-
-class FastcmAttnProcessor:
-    """diffusers' ``AttnProcessor2_0`` with ``fastcm.ops.attention`` in place of SDPA.
-
-    Self-attention (4-D feature maps or (B, L, C) tokens) and cross-attention (``encoder_hidden_states`` with
-    Lk != Lq). The softmax scale is SDPA's default 1/sqrt(head_dim), as in AttnProcessor2_0. Calls with an
-    ``attention_mask`` (or diffusers' deprecated positional ``scale``) run on ``original``, the layer's previous
-    processor. ``impl`` is passed to the fastcm ops.
-    """
-
-    def __init__(self, original, impl: str = "auto"):
-        self.original, self.impl = original, impl
-
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor] = None,
-                 attention_mask: Optional[Tensor] = None, temb: Optional[Tensor] = None, *args, **kwargs) -> Tensor:
-        if attention_mask is not None or len(args) > 0 or kwargs.get("scale", None) is not None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            if attn.group_norm is not None:  # GN over (B, C, H, W) = GN over the (B, C, H*W) view, without a copy
-                hidden_states = attn.group_norm(hidden_states)
-            hidden_states = hidden_states.reshape(batch_size, channel, height * width).transpose(1, 2)
-        elif attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-                             for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = attention(query, key, value, impl=self.impl)  # (B, heads, Lq, head_dim)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.to(query.dtype)))  # linear proj, dropout
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def _fastcm_norm2_act(self, h: Tensor, temb: Optional[Tensor], impl: str) -> Tensor:
+        """norm2 (+ time embedding) -> nonlinearity, the three branches of diffusers' forward: "default" adds temb
+        (if any), "scale_shift" modulates, any other time_embedding_norm (e.g. the VAE decoder's "group", built with
+        temb_channels=None) is a plain norm2 whatever temb is."""
+        if self.time_embedding_norm == "default":
+            if temb is not None:
+                h = h + temb
+            return _gn_silu(self.norm2, h, impl)
+        if self.time_embedding_norm != "scale_shift":
+            return _gn_silu(self.norm2, h, impl)
+        if temb is None:
+            raise ValueError(f" `temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+        time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+        N, C = h.shape[:2]
+        if time_scale.shape == (N, C, 1, 1):  # ADM scale-shift norm: per-sample (N, C) modulation, one call
+            return _gn_silu(self.norm2, h, impl, time_scale.flatten(1), time_shift.flatten(1))
+        # a spatial / other-shaped temb (time_emb_proj=None): broadcast as diffusers does, then SiLU
+        h = group_norm(h, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps, impl=impl)
+        return self.nonlinearity(h * (1 + time_scale) + time_shift)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,11 +133,9 @@ def _norm_ok(norm) -> bool:
 
 def patch_resnets(model: nn.Module, impl: str, state) -> set:
     """Fuse every exact ``ResnetBlock2D`` below (or at) ``model``; returns the ids of the GroupNorms it fused."""
-    from diffusers.models.resnet import ResnetBlock2D
-
     from .generic import has_hooks
 
-    fused, Fused = set(), fused_resnet_class(ResnetBlock2D)
+    fused, Fused = set(), FusedResnetBlock2D
     for name, block in model.named_modules():
         if not isinstance(block, ResnetBlock2D) or type(block) is Fused:
             continue
@@ -212,50 +153,7 @@ def patch_resnets(model: nn.Module, impl: str, state) -> set:
             continue
         block.__class__, block._fastcm_impl = Fused, impl
         state.undo.append(("class", block, ResnetBlock2D))
-        kind = "scale_shift" if block.time_embedding_norm == "scale_shift" else "default"
+        kind = block.time_embedding_norm
         state.report.replaced.append((name, f"ResnetBlock2D -> FusedResnetBlock2D (2 GroupNorm+SiLU, {kind})"))
         fused.update((id(block.norm1), id(block.norm2)))
     return fused
-
-
-def patch_attention(model: nn.Module, impl: str, state) -> None:
-    """Give every ``Attention`` layer running ``AttnProcessor2_0`` a :class:`FastcmAttnProcessor`."""
-    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-
-    new = {}
-    for name, attn in model.named_modules():
-        if not isinstance(attn, Attention):
-            continue
-        proc = attn.get_processor()
-        if isinstance(proc, FastcmAttnProcessor):
-            continue
-        if type(proc) is not AttnProcessor2_0:
-            state.report.left_alone.append((name, f"Attention with processor {type(proc).__name__} "
-                                                  "(only AttnProcessor2_0 is replaced)"))
-        else:
-            new[name] = FastcmAttnProcessor(proc, impl)
-            state.report.replaced.append((name, "AttnProcessor2_0 -> FastcmAttnProcessor"))
-            state.report.left_alone.append((name, "calls with an attention_mask run on AttnProcessor2_0 "
-                                                  "(fastcm attention takes no mask)"))
-            head_dim = attn.inner_kv_dim // attn.heads
-            if head_dim > MAX_HEAD_DIM:
-                state.report.left_alone.append((name, f"head dim {head_dim} > {MAX_HEAD_DIM}: fastcm.ops.attention "
-                                                      "runs torch SDPA here (its documented fallback)"))
-    if new:
-        _set_processors(model, new, state)
-
-
-def _set_processors(model: nn.Module, new: dict, state) -> None:
-    """Through the model's ``set_attn_processor`` (diffusers' AttentionMixin) when it has one, else per layer."""
-    modules = dict(model.named_modules())
-    old = {name: modules[name].get_processor() for name in new}
-    if hasattr(model, "set_attn_processor") and hasattr(model, "attn_processors"):
-        every = dict(model.attn_processors)  # keys "<layer>.processor"
-        before = dict(every)
-        every.update({f"{name}.processor": proc for name, proc in new.items()})
-        model.set_attn_processor(every)
-        state.undo.append(("processors", model, before))
-        return
-    for name, proc in new.items():
-        modules[name].set_processor(proc)
-        state.undo.append(("processor", modules[name], old[name]))

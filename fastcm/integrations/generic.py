@@ -44,7 +44,7 @@ def patch_group_norms(model: nn.Module, impl: str, state: PatchState, skip: Iter
             done[id(child)] = fast_group_norm(child, impl)
             state.report.replaced.append((name, "nn.GroupNorm -> fastcm.ops.GroupNorm"))
         setattr(parent, child_name, done[id(child)])
-        state.undo.append(("module", parent, child_name, child))
+        state.undo.append(("module", parent, child_name, child, done[id(child)]))
 
 
 def _unsupported(gn: nn.GroupNorm) -> str:

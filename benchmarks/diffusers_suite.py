@@ -1,0 +1,209 @@
+"""diffusers' own model tests (a checkout's tests/, e.g. v0.40.0) run three ways: unpatched, fastcm.patch(impl="torch")
+and fastcm.patch(impl="triton") (interpreted Triton on CPU, a named subset under a time cap):
+
+    make diffusers-suite DIFFUSERS_TESTS=/path/to/diffusers/tests   # -> benchmarks/results/diffusers-suite.md
+
+Every ``ModelMixin`` is patched after its outermost construction (benchmarks/diffusers_suite_plugin.py). The tests
+that download from the Hub are deselected in every run (this harness runs offline). Needs diffusers' test extras
+in the environment: accelerate, parameterized, requests-mock, transformers.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+FILES = [
+    "models/unets/test_models_unet_2d.py",
+    "models/unets/test_models_unet_2d_condition.py",
+    "models/unets/test_unet_2d_blocks.py",
+    "models/test_attention_processor.py",
+    "models/test_modeling_common.py",
+    "models/autoencoders/test_models_autoencoder_kl.py",
+    "models/autoencoders/test_models_vq.py",
+    "models/autoencoders/test_models_asymmetric_autoencoder_kl.py",
+    "models/autoencoders/test_models_consistency_decoder_vae.py",
+]
+# interpreted Triton runs every GroupNorm and attention program by program in Python: the triton run takes the
+# U-Net 2D, VAE (KL, VQ) and block tests plus the attention-processor tests, under a per-test and a total cap
+TRITON_SUBSET = [
+    "models/unets/test_models_unet_2d.py",
+    "models/unets/test_unet_2d_blocks.py",
+    "models/test_attention_processor.py",
+    "models/autoencoders/test_models_autoencoder_kl.py",
+    "models/autoencoders/test_models_vq.py",
+]
+TRITON_NAME = 'patched, impl="triton" (interpreted)'
+HUB = [  # download from the Hub (they fail the same way unpatched when offline)
+    "models/unets/test_models_unet_2d.py::TestUNetLDMModel::test_from_pretrained_hub",
+    "models/unets/test_models_unet_2d.py::TestUNetLDMModel::test_output_pretrained",
+    "models/unets/test_models_unet_2d.py::TestNCSNppModel::test_output_pretrained_ve_large",
+    "models/unets/test_models_unet_2d_condition.py::TestUNet2DConditionHubLoading::test_load_sharded_checkpoint_device_map_from_hub_0_hf_internal_testing_unet2d_sharded_dummy",
+    "models/unets/test_models_unet_2d_condition.py::TestUNet2DConditionHubLoading::test_load_sharded_checkpoint_device_map_from_hub_1_hf_internal_testing_tiny_sd_unet_sharded_latest_format",
+    "models/unets/test_models_unet_2d_condition.py::TestUNet2DConditionHubLoading::test_load_sharded_checkpoint_device_map_from_hub_subfolder_0_hf_internal_testing_unet2d_sharded_dummy_subfolder",
+    "models/unets/test_models_unet_2d_condition.py::TestUNet2DConditionHubLoading::test_load_sharded_checkpoint_device_map_from_hub_subfolder_1_hf_internal_testing_tiny_sd_unet_sharded_latest_format_subfolder",
+    "models/test_attention_processor.py::TestDeprecatedAttentionBlock::test_conversion_when_using_device_map",
+    "models/test_modeling_common.py::TestModelUtils::test_missing_key_loading_warning_message",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_legacy_format_raises_warning[hf-internal-testing/tiny-stable-diffusion-pipe-variants-all-kinds-unet-False]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_legacy_format_raises_warning[hf-internal-testing/tiny-stable-diffusion-pipe-variants-all-kinds-unet-True]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_legacy_format_raises_warning[hf-internal-testing/tiny-sd-unet-with-sharded-ckpt-None-False]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_legacy_format_raises_warning[hf-internal-testing/tiny-sd-unet-with-sharded-ckpt-None-True]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_loads_from_hub[hf-internal-testing/tiny-sd-unet-sharded-latest-format-None-fp16]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_loads_from_hub[hf-internal-testing/tiny-sd-unet-sharded-latest-format-subfolder-unet-fp16]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_loads_from_hub[hf-internal-testing/tiny-sd-unet-sharded-no-variants-None-None]",
+    "models/test_modeling_common.py::TestModelUtils::test_variant_sharded_ckpt_loads_from_hub[hf-internal-testing/tiny-sd-unet-sharded-no-variants-subfolder-unet-None]",
+    "models/test_modeling_common.py::TestModelUtils::test_cached_files_are_used_when_no_internet",
+    "models/test_modeling_common.py::TestModelUtils::test_local_files_only_with_sharded_checkpoint",
+    "models/test_modeling_common.py::TestModelUtils::test_weight_overwrite",
+    "models/autoencoders/test_models_autoencoder_kl.py::TestAutoencoderKL::test_from_pretrained_hub",
+    "models/autoencoders/test_models_autoencoder_kl.py::TestAutoencoderKL::test_output_pretrained",
+    "models/autoencoders/test_models_vq.py::TestVQModel::test_from_pretrained_hub",
+    "models/autoencoders/test_models_vq.py::TestVQModel::test_output_pretrained",
+    "models/autoencoders/test_models_vq.py::TestVQModel::test_loss_pretrained",
+]
+
+
+def run(tests: Path, impl: str, files, deadline: float, cap: float) -> dict:
+    """One pytest run of ``files`` with the plugin; returns its JSON summary plus CPU times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = dict(os.environ, FASTCM_SUITE_IMPL=impl, FASTCM_SUITE_RESULT=str(result), HF_HUB_OFFLINE="1",
+                   FASTCM_SUITE_DEADLINE=str(deadline), FASTCM_SUITE_TEST_CAP=str(cap),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+        args = [sys.executable, "-m", "pytest", "-p", "diffusers_suite_plugin", "-p", "no:cacheprovider", "-q",
+                "-o", "addopts=", *(f"{tests.name}/{f}" for f in files)]  # node ids relative to the checkout
+        args += [a for node in HUB if node.split("::")[0] in files for a in ("--deselect", f"{tests.name}/{node}")]
+        t0, r0 = time.time(), os.times()
+        proc = subprocess.run(args, cwd=tests.parent, env=env, capture_output=True, text=True)
+        r1 = os.times()
+        if not result.exists():
+            raise RuntimeError(f"pytest ({impl}) wrote no result (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        out = json.loads(result.read_text())
+    out.update(wall=time.time() - t0, user=r1.children_user - r0.children_user,
+               system=r1.children_system - r0.children_system, files=list(files), deadline=deadline, cap=cap)
+    return out
+
+
+def _tiny_models():
+    """The shapes diffusers' own tests use, a little wider: a cross-attention U-Net (8-dim heads) and a KL VAE."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, cross_attention_dim=32,
+                                layers_per_block=2, block_out_channels=(32, 64), norm_num_groups=32,
+                                attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=32, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return {"UNet2DConditionModel 32x32 b2": (unet, (torch.randn(2, 4, 32, 32), torch.tensor([3, 5]),
+                                                     torch.randn(2, 7, 32))),
+            "AutoencoderKL 32x32 b2": (vae, (torch.randn(2, 3, 32, 32),))}
+
+
+def overhead(repeats: int = 20) -> list:
+    """CPU time and minor page faults per call, unpatched vs fastcm.patch(impl="torch"), 1 thread, interleaved."""
+    import copy
+    import resource
+
+    import torch
+
+    import fastcm
+
+    torch.set_num_threads(1)
+    rows = []
+    for name, (model, args) in _tiny_models().items():
+        patched = copy.deepcopy(model)
+        fastcm.patch(patched, impl="torch")
+        for mode in ("fwd", "fwd+bwd"):
+            def once(m):
+                if mode == "fwd":
+                    with torch.no_grad():
+                        m(*args)
+                else:
+                    m(*args).sample.square().mean().backward()
+
+            cost = {}
+            for label, m in (("unpatched", model), ("patched", patched), ("unpatched ", model)):
+                once(m)
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.process_time()
+                for _ in range(repeats):
+                    once(m)
+                cost[label] = ((time.process_time() - t0) / repeats * 1e3,
+                               (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeats)
+            rows.append((name, mode, cost))
+    return rows
+
+
+def markdown(runs: dict, tests: Path, version: str, cost=None) -> str:
+    lines = ["# diffusers' own model tests on fastcm-patched models", "",
+             f"diffusers library {version}; tests from `{tests}` (run with `make diffusers-suite`); "
+             f"{len(HUB)} Hub-downloading tests deselected in every run; 1 torch thread; shared 2-core machine.", "",
+             "| run | files | passed | failed | errors | skipped | not reached | over per-test cap | patched models "
+             "| wall s | user s | sys s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        o = r["outcomes"]
+        lines.append(f"| {name} | {len(r['files'])} | {o.get('passed', 0)} | {o.get('failed', 0)} | "
+                     f"{o.get('error', 0)} | {o.get('skipped', 0)} | {o.get('not reached', 0)} | "
+                     f"{o.get('over cap', 0)} | {r['patched_models']} | {r['wall']:.0f} | {r['user']:.0f} | "
+                     f"{r['system']:.0f} |")
+    for name, r in runs.items():
+        if r["failed"]:
+            lines += ["", f"## {name}: failures", ""]
+            lines += [f"- `{node}` ({kind}): {msg}" for node, kind, msg in r["failed"]]
+    if cost:
+        lines += ["", "## CPU cost of patching (impl=\"torch\")", "",
+                  "CPU ms and minor page faults per call, 1 torch thread, unpatched / patched / unpatched again "
+                  "interleaved (shared, noisy 2-core machine); `python benchmarks/diffusers_suite.py --overhead`.", "",
+                  "| model | pass | unpatched ms | patched ms | unpatched again ms | faults unpatched | faults patched |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, mode, c in cost:
+            lines.append(f"| {name} | {mode} | {c['unpatched'][0]:.1f} | {c['patched'][0]:.1f} | "
+                         f"{c['unpatched '][0]:.1f} | {c['unpatched'][1]:.0f} | {c['patched'][1]:.0f} |")
+    if TRITON_NAME in runs:
+        lines += ["", f"triton subset: {', '.join(runs[TRITON_NAME]['files'])}; "
+                      f"per-test cap {runs[TRITON_NAME]['cap']:.0f} s, "
+                      f"run cap {runs[TRITON_NAME]['deadline']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("tests", type=Path, help="a diffusers checkout's tests/ folder")
+    p.add_argument("--runs", default="none,torch,triton", help="comma-separated subset of none,torch,triton")
+    p.add_argument("--triton-deadline", type=float, default=900.0, help="seconds after which the triton run stops")
+    p.add_argument("--triton-test-cap", type=float, default=120.0, help="seconds per test in the triton run")
+    p.add_argument("--overhead", action="store_true", help="also measure the CPU cost of patching")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "diffusers-suite.md")
+    a = p.parse_args(argv)
+    if not (a.tests / "models" / "test_modeling_common.py").is_file():
+        p.error(f"tests must be a diffusers checkout's tests/ folder (with models/test_modeling_common.py), got {a.tests}")
+    runs = [r for r in a.runs.split(",") if r]
+    if not (runs or a.overhead) or not set(runs) <= {"none", "torch", "triton"}:
+        p.error(f"--runs must be drawn from none,torch,triton, got {a.runs!r}")
+    import diffusers
+
+    names = {"none": "unpatched", "torch": 'patched, impl="torch"', "triton": TRITON_NAME}
+    saved = a.out.with_suffix(".json")
+    done = json.loads(saved.read_text()) if not runs and saved.exists() else {}  # --runs "" --overhead: add to it
+    cost = done.pop("overhead", None)
+    for impl in runs:
+        files, deadline, cap = (TRITON_SUBSET, a.triton_deadline, a.triton_test_cap) if impl == "triton" else (FILES, 0, 0)
+        done[names[impl]] = run(a.tests.resolve(), impl, files, deadline, cap)
+        print(names[impl], done[names[impl]]["outcomes"], flush=True)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(markdown(done, a.tests, diffusers.__version__))
+        saved.write_text(json.dumps(done, indent=1))
+    if a.overhead:
+        cost = overhead()
+    a.out.write_text(markdown(done, a.tests, diffusers.__version__, cost))
+    saved.write_text(json.dumps(dict(done, overhead=cost), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
