@@ -147,6 +147,23 @@ def _tile_stats(x, mask, t_count, ACC: tl.constexpr):
 
 
 @triton.jit
+def _fused_statistics(x_ptr, mean_ptr, rstd_ptr, eps, G, S, sxn, sxc, sxs, CPG: tl.constexpr, CL: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr):
+    """The prologue of the one-block forward and of the forward+tangent kernel (one program = one (n, group)): load
+    the group, its exact two-pass mean and rstd, stored for the backward. One function, so the JVP provably
+    normalises with the forward's statistics."""
+    pid, _, n, _, _ = _program(G, S, S)
+    _, c, cmask = _channels(pid, 0, G, CPG, BLOCK_C)
+    s, mask = _tile(cmask, 0, S, BLOCK_S, CL)
+    x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, CL, ACC)
+    mean, m2 = _tile_stats(x, mask, (CPG * S).to(ACC), ACC)
+    rstd = 1.0 / tl.sqrt(m2 / (CPG * S) + eps)
+    tl.store(mean_ptr + pid, mean)
+    tl.store(rstd_ptr + pid, rstd)
+    return pid, n, c, cmask, s, mask, x, mean, rstd
+
+
+@triton.jit
 def _group_norm_fwd_fused_kernel(
     x_ptr, y_ptr,                              # (N, C, S) input and output, strides below
     w_ptr, b_ptr, scale_ptr, shift_ptr,        # (C,), (C,), (N, C), (N, C) contiguous; unused unless HAS_*
@@ -158,14 +175,8 @@ def _group_norm_fwd_fused_kernel(
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     SILU: tl.constexpr, CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, _, n, _, _ = _program(G, S, S)
-    _, c, cmask = _channels(pid, 0, G, CPG, BLOCK_C)
-    s, mask = _tile(cmask, 0, S, BLOCK_S, CL)
-    x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, CL, ACC)
-    mean, m2 = _tile_stats(x, mask, (CPG * S).to(ACC), ACC)
-    rstd = 1.0 / tl.sqrt(m2 / (CPG * S) + eps)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
+    pid, n, c, cmask, s, mask, x, mean, rstd = _fused_statistics(x_ptr, mean_ptr, rstd_ptr, eps, G, S, sxn, sxc,
+                                                                 sxs, CPG, CL, BLOCK_C, BLOCK_S, ACC)
     _, _, A, B, _ = _fold(pid, 0, n, mean, rstd, G, C, CPG, w_ptr, b_ptr, scale_ptr, shift_ptr,
                           HAS_W, HAS_B, HAS_SCALE, HAS_SHIFT, BLOCK_C, ACC)
     _apply_store(y_ptr, x, A, B, n, c, s, mask, syn, syc, sys, SILU, CL)
@@ -348,14 +359,8 @@ def _group_norm_jvp_fused_kernel(
     HAS_SHIFTD: tl.constexpr, SILU: tl.constexpr, WRITE_Y: tl.constexpr, CL: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid, _, n, _, _ = _program(G, S, S)
-    _, c, cmask = _channels(pid, 0, G, CPG, BLOCK_C)
-    s, mask = _tile(cmask, 0, S, BLOCK_S, CL)
-    x = _load(x_ptr, n, c, s, mask, sxn, sxc, sxs, CL, ACC)
-    mean, m2 = _tile_stats(x, mask, (CPG * S).to(ACC), ACC)
-    rstd = 1.0 / tl.sqrt(m2 / (CPG * S) + eps)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
+    pid, n, c, cmask, s, mask, x, mean, rstd = _fused_statistics(x_ptr, mean_ptr, rstd_ptr, eps, G, S, sxn, sxc,
+                                                                 sxs, CPG, CL, BLOCK_C, BLOCK_S, ACC)
     xhat = tl.where(mask, x - mean, 0.0) * rstd
     xhat_dot = tl.zeros_like(xhat)
     if HAS_XD:
