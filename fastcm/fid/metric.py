@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fastcm._checks import check_int
 from fastcm.ops import frechet_distance
+from fastcm.ops.frechet import FrechetOverflowError
 
 from .stats import FeatureStats, is_stats_file
 
@@ -65,7 +66,10 @@ def stats_distance(sa: FeatureStats, sb: FeatureStats, labels=("a", "b")) -> flo
     if sa.features is not None and sb.features is not None and sa.features != sb.features:
         raise ValueError(f"{labels[0]} holds {sa.features!r} statistics but {labels[1]} holds {sb.features!r} "
                          "statistics: distances between two feature spaces mean nothing; compute both in one")
-    value = float(frechet_distance(sa.mu, sa.sigma, sb.mu.to(sa.mu.device), sb.sigma.to(sa.mu.device)))
+    try:
+        value = float(frechet_distance(sa.mu, sa.sigma, sb.mu.to(sa.mu.device), sb.sigma.to(sa.mu.device)))
+    except FrechetOverflowError:
+        value = math.inf  # named below: which statistics overflow is what the user can act on
     if not math.isfinite(value):
         raise ValueError(_not_finite(value, (sa, sb), labels))
     return value

@@ -44,6 +44,10 @@ PSD_TOL = 1e-6
 _BLOCK = 256  # column block of the torch triangular congruence (large enough for efficient GEMMs)
 
 
+class FrechetOverflowError(ValueError):
+    """The distance of finite statistics lies beyond the fp64 range (raised by :func:`frechet_distance`)."""
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, impl: str = "auto") -> Tensor:
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), exact in fp64.
 
@@ -55,7 +59,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, impl: str = "auto") -> Tensor:
     Returns a float64 0-d tensor on the inputs' device. Round-off can make the exact value 0 come out as about
     -1e-12 * (tr S1 + tr S2); such values are returned as 0 (the distance is never negative). Statistics of any
     finite magnitude work (covariances of 1e200 or 1e-200 are rescaled by an exact power of two first); a distance
-    beyond the fp64 range raises ValueError.
+    beyond the fp64 range raises FrechetOverflowError (a ValueError).
     """
     use_lapack(impl=impl)  # validates impl
     mu1, sigma1, mu2, sigma2 = _validate(mu1, sigma1, mu2, sigma2)
@@ -64,7 +68,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, impl: str = "auto") -> Tensor:
     t = trace_sqrt_product(sigma1, sigma2, impl=impl, _checked=True)
     fd = torch.ldexp((diff @ diff + sigma1.trace() + sigma2.trace() - 2.0 * t).clamp(min=0.0), diff.new_tensor(k))
     if not bool(torch.isfinite(fd)):
-        raise ValueError(f"the Frechet distance of these statistics exceeds the fp64 range (covariances up to "
+        raise FrechetOverflowError(f"the Frechet distance of these statistics exceeds the fp64 range (covariances up to "
                          f"2^{k}): rescale the features")
     return fd
 
