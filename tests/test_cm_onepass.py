@@ -143,3 +143,41 @@ def test_a_module_without_a_forward_ad_rule_is_named(op, what):
         MeanFlowLoss()(model, x0, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="jvp_mode must be one of"):
         SCTLoss(jvp_mode="fused")
+
+
+class _ConvCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket is torch.ops.aten.convolution
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_one_pass_runs_two_convolutions_per_conv_layer():
+    """Primal and tangent conv(x_t, W) only: torch's own rule adds a third, of the input with a zero weight
+    tangent."""
+    model = _model("sct", torch.float32, 0.0)
+    n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with _ConvCounter() as count:
+        SCTLoss(warmup_steps=10)(model, x0, 5, generator=torch.Generator().manual_seed(7))
+    assert count.n == 2 * n_convs
+
+
+@pytest.mark.parametrize("conv", [
+    dict(stride=2, padding=1), dict(groups=2, dilation=2, padding=2), dict(padding=1, padding_mode="reflect")])
+def test_the_conv_tangent_matches_torch_func_jvp(conv):
+    from fastcm.cm.jvp import dual_pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, **conv), nn.SiLU(), nn.Conv2d(6, 2, 1)).double()
+    x, v = torch.randn(2, 4, 9, 9, dtype=torch.float64), torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    out, tangent = dual_pass(model, model, (x,), (v,))
+    want_out, want_tangent = torch.func.jvp(model, (x,), (v,))
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(tangent, want_tangent)
+    (g,) = torch.autograd.grad(out.sum(), model[0].weight)
+    (want_g,) = torch.autograd.grad(model(x).sum(), model[0].weight)
+    torch.testing.assert_close(g, want_g)
