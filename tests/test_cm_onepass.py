@@ -145,25 +145,30 @@ def test_a_module_without_a_forward_ad_rule_is_named(op, what):
         SCTLoss(jvp_mode="fused")
 
 
-class _ConvCounter(torch.utils._python_dispatch.TorchDispatchMode):
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.n = 0
+        self.n = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.n += func.overloadpacket is torch.ops.aten.convolution
+        name = func.overloadpacket.__name__
+        self.n[name] = self.n.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
-def test_the_one_pass_runs_two_convolutions_per_conv_layer():
-    """Primal and tangent conv(x_t, W) only: torch's own rule adds a third, of the input with a zero weight
-    tangent."""
+def test_the_one_pass_runs_two_convolutions_per_conv_layer_and_the_native_group_norm():
+    """Primal and tangent conv(x_t, W) only (torch's own rule adds a third, of the input with a zero weight
+    tangent); the trainable GroupNorm output is torch.group_norm's, whose fused backward the plain step uses."""
+    from fastcm.ops import GroupNorm
+
     model = _model("sct", torch.float32, 0.0)
     n_convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    n_norms = sum(isinstance(m, GroupNorm) for m in model.modules())
     x0 = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    with _ConvCounter() as count:
-        SCTLoss(warmup_steps=10)(model, x0, 5, generator=torch.Generator().manual_seed(7))
-    assert count.n == 2 * n_convs
+    with _OpCounter() as count:
+        SCTLoss(warmup_steps=10)(model, x0, 5, generator=torch.Generator().manual_seed(7)).mean().backward()
+    assert count.n["convolution"] == 2 * n_convs
+    assert count.n["native_group_norm"] == n_norms and count.n["native_group_norm_backward"] == n_norms
 
 
 @pytest.mark.parametrize("conv", [
