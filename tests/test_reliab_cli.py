@@ -129,6 +129,9 @@ def _cases(d: Path):
         ("weights-passwd", "cli", ["fid", "digits:test", "digits:test", "--features", "inception", "--weights",
                                    "/etc/passwd"]),
         ("weights-dir", "cli", ["fid", "digits:test", "digits:test", "--features", "inception", "--weights", d]),
+        ("other-pth", "py", f"import torch; torch.save({{'fc.weight': torch.zeros(3)}}, {str(d / 'other.pth')!r})"),
+        ("weights-other", "cli", ["fid", "digits:test", "digits:test", "--features", "inception", "--weights",
+                                  d / "other.pth"]),
         ("ck-dir", "py", f"os.mkdir({str(d / 'empty.safetensors')!r})"),
         ("ck-directory", "cli", ["sample", "--checkpoint", d / "empty.safetensors", "--out", d / "s7"]),
         # item 5: images beside class folders (the root images were dropped) through `fastcm stats`
@@ -248,6 +251,8 @@ def test_statistics_files_and_weights_through_the_command(runs):
     _refused(runs, "fid-spaces", "fid", "holds 'pixels' statistics")
     _refused(runs, "weights-passwd", "fid", "'/etc/passwd' is neither a PyTorch .pth file nor .safetensors")
     _refused(runs, "weights-dir", "fid", "is a directory")
+    assert runs["other-pth"]["code"] == 0, runs["other-pth"]
+    _refused(runs, "weights-other", "fid", "not the FID Inception-v3 state dict")  # was 3-8 lines
     assert runs["ck-dir"]["code"] == 0, runs["ck-dir"]
     _refused(runs, "ck-directory", "sample", "is a directory without checkpoints")
 
