@@ -27,6 +27,17 @@ DRIVER = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGINT)
         threading.Thread(target=watch, daemon=True).start()
 
+    def rival_when(config, src, dst):  # a second trainer of the run: writes dst once this one has (re)started
+        before = os.stat(config).st_mtime_ns
+        def watch():
+            while os.stat(config).st_mtime_ns == before:
+                time.sleep(0.005)
+            tmp = dst + ".rival"
+            with open(src, "rb") as f, open(tmp, "wb") as g:
+                g.write(f.read())
+            os.replace(tmp, dst)
+        threading.Thread(target=watch, daemon=True).start()
+
     for name, kind, arg in json.loads(sys.argv[1]):
         if kind == "py":
             try:
@@ -151,6 +162,18 @@ def _cases(d: Path):
         ("locked-left", "py", f"from fastcm.train import load_checkpoint\n"
                               f"assert sorted(os.listdir({str(locked)!r})) == ['ckpt_00000002.safetensors']\n"
                               f"assert load_checkpoint({str(locked / 'ckpt_00000002.safetensors')!r})[1]['step'] == 2"),
+        # item 12: two `train --resume` of one run at once (the second was told to "pass overwrite=True"): the
+        # rival writes step 16 while this process trains steps 9..16 from ckpt_8
+        ("train16", "cli", [*TRAIN, "--steps", 16, "--save-every", 4, "--out", d / "r16"]),
+        ("rival", "py", f"import shutil; shutil.copytree({str(d / 'r16')!r}, {str(d / 'r16b')!r})\n"
+                        f"for s in (12, 16): os.remove({str(d / 'r16b' / 'checkpoints')!r} + f'/ckpt_{{s:08d}}.safetensors')\n"
+                        f"rival_when({str(d / 'r16b' / 'config.json')!r}, "
+                        f"{str(d / 'r16' / 'checkpoints' / 'ckpt_00000016.safetensors')!r}, "
+                        f"{str(d / 'r16b' / 'checkpoints' / 'ckpt_00000016.safetensors')!r})"),
+        ("collide", "cli", [*TRAIN, "--steps", 16, "--save-every", 8, "--resume", "--out", d / "r16b"]),
+        ("collide-left", "py", f"assert open({str(d / 'r16' / 'checkpoints' / 'ckpt_00000016.safetensors')!r}, "
+                               f"'rb').read() == open({str(d / 'r16b' / 'checkpoints' / 'ckpt_00000016.safetensors')!r}"
+                               ", 'rb').read()"),
         # item 10 on a real full file system: a 2 MB tmpfs cannot hold a 3.4 MB checkpoint
         ("tmpfs", "py", f"assert os.environ.get('FASTCM_TEST_UNSHARED') == '1', 'no private mount namespace'\n"
                         f"os.makedirs({str(disk)!r})\n"
@@ -272,3 +295,13 @@ def test_an_unwritable_checkpoint_directory_is_one_line(runs):
     _refused(runs, "locked-resume", "train", "Operation not permitted", "ckpt_00000004.safetensors",
              "ckpt_00000002.safetensors is intact")
     assert runs["unlock"]["code"] == 0 and runs["locked-left"]["code"] == 0, (runs["unlock"], runs["locked-left"])
+
+
+def test_two_resumes_of_one_run_are_told_so(runs):
+    """Item 12: the second of two colliding `train --resume` was told to "pass overwrite=True" (no CLI option);
+    the rival's checkpoint stays as it wrote it."""
+    assert runs["train16"]["code"] == 0 and runs["rival"]["code"] == 0, (runs["train16"], runs["rival"])
+    _refused(runs, "collide", "train", "ckpt_00000016.safetensors already exists: another process is training",
+             "nothing was replaced")
+    assert "overwrite" not in runs["collide"]["err"] and "Errno" not in runs["collide"]["err"]
+    assert runs["collide-left"]["code"] == 0, runs["collide-left"]
