@@ -216,6 +216,33 @@ def test_unsupported_version_raises_one_line_and_changes_nothing(monkeypatch):
     assert not any(isinstance(m, GroupNorm) for m in model.modules()) and fastcm.unpatch(model) is False
 
 
+@pytest.mark.parametrize("move", ["load_state_dict(assign=True)", "meta -> to_empty -> load"])
+def test_unpatch_hands_back_the_weights_loaded_after_patching(move):
+    """On a diffusers U-Net (fused ResnetBlock2D, GroupNorms, attention): unpatch used to put back the
+    GroupNorms of patch time (stale weights after assign=True, meta tensors after to_empty)."""
+    src, twin = unet2d(True), unet2d(True)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    twin.load_state_dict(src.state_dict())
+    if move.startswith("meta"):
+        with torch.device("meta"):
+            model = unet2d(True)
+        fastcm.patch(model, impl="torch")
+        model.to_empty(device="cpu")
+        model.load_state_dict(src.state_dict())
+    else:
+        model = unet2d(True)
+        fastcm.patch(model, impl="torch")
+        model.load_state_dict(src.state_dict(), assign=True)
+    fastcm.unpatch(model)
+    assert not any(isinstance(m, GroupNorm) for m in model.modules())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    args = [a.detach() for a in inputs(twin)]
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args).sample, twin(*args).sample, rtol=0, atol=0)
+
+
 def test_deepcopy_of_a_patched_unet_unpatches_itself():
     model = unet2d_cond(torch.float32)
     fastcm.patch(model, impl="torch")

@@ -4,7 +4,12 @@ refused before anything is built, the training data's fingerprint, and the demo 
 import copy
 import errno
 import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +117,7 @@ CRAFTED_RESUME = {
     "no guard": (lambda m: m.pop("guard"), "guard is missing"),
     "no optimizer": (lambda m: m.pop("optimizer"), "optimizer is missing"),
     "step 1e30": (lambda m: m.__setitem__("step", 10 ** 30), "step must be an integer"),
+    "step inf": (lambda m: m.__setitem__("step", float("inf")), "step must be an integer"),  # was OverflowError
     "negative lr": (lambda m: m["optimizer"]["param_groups"][0].__setitem__("lr", -1.0), r"\.lr must be"),
 }
 
@@ -190,3 +196,34 @@ def test_the_fd_goal_is_judged_in_the_held_out_space():
         "statement"]
     report["metrics"]["fd_finetuned"] = row(90.0, 1.2)
     assert quality_checks(report, QUALITY)["fd_reduction"]["passed"]
+
+
+STRICT = textwrap.dedent("""
+    import runpy, sys
+    import fastcm.demo
+    from fastcm.demo import QUALITY
+    from fastcm.eval.demo_report import quality_checks
+
+    def row(feat, held):
+        return {"fd_features": feat, "fd_heldout": held, "fd_pixels": 10.0, "cas": 0.95}
+
+    held_after = float(sys.argv[1])  # the held-out judge's FD after the FD stage (before: 2.0)
+    report = {"metrics": {"one_step": row(100.0, 2.0), "fd_finetuned": row(23.0, held_after)}}
+
+    def run_demo(cfg, out=None, overwrite=False, cache=None):  # the demo's report, without its training
+        return {**report, "quality": quality_checks(report, QUALITY)}
+
+    fastcm.demo.run_demo = run_demo
+    sys.argv = ["fastcm", "demo", "--strict", "--no-progress"]
+    runpy.run_module("fastcm.cli", run_name="__main__", alter_sys=True)
+""")
+
+
+def test_strict_judges_the_fd_stage_by_the_held_out_space(tmp_path):
+    """Item 15 through the command: `fastcm demo --strict` exits 3 when the FD stage improved the space it optimised
+    by 77 % but the held-out judge's by 5 % only, and 0 when the held-out judge's FD fell by 40 %."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1",
+           "PYTHONWARNINGS": "ignore"}
+    codes = [subprocess.run([sys.executable, "-c", STRICT, held], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300) for held in ("1.9", "1.2")]
+    assert [p.returncode for p in codes] == [3, 0], [p.stderr[-2000:] for p in codes]

@@ -56,7 +56,8 @@ def cmd_stats(args) -> int:
 
 
 def cmd_fid(args) -> int:
-    from fastcm.fid import dataset_stats, frechet_distance
+    from fastcm.fid import dataset_stats
+    from fastcm.fid.metric import stats_distance
 
     if args.checkpoint is not None:
         return _checkpoint_fid(args)
@@ -68,7 +69,7 @@ def cmd_fid(args) -> int:
     if a.dim != b.dim:
         raise UsageError(f"A and B have features of different sizes ({a.dim} vs {b.dim}): compare statistics "
                          "computed with the same --features")
-    value = float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    value = stats_distance(a, b, (f"A ({args.a!r})", f"B ({args.b!r})"))  # a non-finite FD names its statistics
     name = "FID" if features == "inception" else f"FD ({features} features)"
     if args.json:
         print(json.dumps({"features": features, "fd": value, "n_a": a.n, "n_b": b.n}))

@@ -12,6 +12,7 @@ unwritable directory is one OSError naming the file. Non-finite floating tensors
 fails its check is evidence: it is never overwritten or deleted. This module knows nothing of models or methods.
 """
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -185,7 +186,8 @@ class CheckpointManager:
         try:
             path = save_checkpoint(self.path(step), tensors, {**dict(meta), "step": int(step)})
         except FileExistsError:  # two processes training in one run directory (two --resume at once)
-            raise FileExistsError(f"{self.path(step)} already exists: another process is training in "
+            # errno set (no filename: the message names it), so callers that rewrap OSErrors keep the message
+            raise FileExistsError(errno.EEXIST, f"{self.path(step)} already exists: another process is training in "
                                   f"{self.directory.parent} (stop it, or give this run another --out / out_dir); "
                                   "nothing was replaced") from None
         if self.keep_last is not None:
