@@ -15,7 +15,6 @@ This file holds the public ops, their references, validation and dispatch, the r
 contract declarations; the Triton route (custom ops, autograd and forward-mode rules) is ``_attention_triton.py``.
 """
 import functools
-import numbers
 import warnings
 from typing import Optional
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
+
+from fastcm._checks import check_bool, check_int, check_real
 
 from . import _describe
 from ._attention_triton import out_view, qkv_views, triton_attention, triton_qkv_attention
@@ -151,14 +152,11 @@ def _merge_heads(out: Tensor, qkv_shape) -> Tensor:
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0.0 < float(scale) < float("inf")):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return float(scale)
+    return check_real("scale", scale, positive=True)
 
 
 def _check_deterministic(deterministic) -> None:
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    check_bool("deterministic", deterministic)
 
 
 def _validate(q, k, v, scale) -> float:
@@ -178,8 +176,7 @@ def _validate(q, k, v, scale) -> float:
 
 def _validate_qkv(qkv, num_heads) -> int:
     check_tensor("qkv", qkv, ndim=4)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = check_int("num_heads", num_heads)
     channels = qkv.shape[1]
     if channels % (3 * num_heads) != 0 or channels == 0:
         raise ValueError(f"qkv must have 3 * C channels with C divisible by num_heads={num_heads}, "

@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import check_bool
 from fastcm._io import atomic_write
 from fastcm.cm import get_method, method_of_model
 from fastcm.data import data_fingerprint, derive_seed, save_grid
@@ -124,14 +125,12 @@ class Trainer:
         another fingerprint is refused unless ``allow_data_change``."""
         if self.started:
             raise RuntimeError("start() was already called")
-        if not isinstance(allow_data_change, bool):
-            raise TypeError(f"allow_data_change must be a bool, got {allow_data_change!r}")
-        self.started, self.allow_data_change = True, allow_data_change
+        self.started, self.allow_data_change = True, check_bool("allow_data_change", allow_data_change)
         self.data = None if data is None else data_fingerprint(data)
         if not isinstance(resume, (bool, str, os.PathLike)) and resume is not None:
             raise TypeError(f"resume must be a bool or a checkpoint path, got {type(resume).__name__}")
-        if not isinstance(restart, bool) or (restart and resume not in (False, None)):
-            raise ValueError(f"restart must be a bool and excludes resume, got restart={restart!r}, resume={resume!r}")
+        if check_bool("restart", restart) and resume not in (False, None):
+            raise ValueError(f"restart excludes resume, got restart=True, resume={resume!r}")
         if isinstance(resume, (str, os.PathLike)):
             path = Path(resume)
             found = (path, *load_checkpoint(path))
