@@ -3,7 +3,7 @@ in one line that names the argument and says what was expected (TypeError for a 
 a wrong value).
 
     check_tensor, check_same_device, check_choice   tensors, devices and choices (the fast ops' contract)
-    is_int, check_int, check_real                   scalar arguments (bool is never an int here)
+    is_int, check_int, check_bool, check_real       scalar arguments (bool is never an int here)
     check_ascending                                 strictly ascending 1-D grids (noise levels)
     as_images, as_labels                            image batches in [-1, 1] and integer class labels
     note, FastcmNote                                a one-line note (a warning) for input fastcm accepted but changed
@@ -88,10 +88,15 @@ def is_real(value) -> bool:
         and math.isfinite(value)
 
 
-def check_real(name: str, value, *, positive: bool = False) -> float:
-    """``value`` as a float, or ValueError naming ``name`` unless it is a finite real (> 0 with ``positive``)."""
-    if not (is_real(value) and (value > 0 or not positive)):
-        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number, got {value!r}")
+def check_real(name: str, value, *, positive: bool = False, minimum: Optional[float] = None,
+               maximum: Optional[float] = None) -> float:
+    """``value`` as a float, or ValueError naming ``name`` unless it is a finite real, > 0 with ``positive`` and
+    within the closed bounds ``minimum`` / ``maximum`` where given."""
+    if not (is_real(value) and (value > 0 or not positive) and (minimum is None or value >= minimum)
+            and (maximum is None or value <= maximum)):
+        bounds = (f" in [{minimum:g}, {maximum:g}]" if minimum is not None and maximum is not None else
+                  f" >= {minimum:g}" if minimum is not None else f" <= {maximum:g}" if maximum is not None else "")
+        raise ValueError(f"{name} must be a {'positive ' if positive else ''}finite number{bounds}, got {value!r}")
     return float(value)
 
 

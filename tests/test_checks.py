@@ -28,6 +28,19 @@ def test_reals():
         check_real("rho", 0, positive=True)
 
 
+def test_real_bounds_are_closed_and_named_in_the_message():
+    assert check_real("ratio", 0, minimum=0.0, maximum=1.0) == 0.0
+    assert check_real("ratio", 1, minimum=0, maximum=1) == 1.0
+    assert check_real("p", 0.0, minimum=0.0) == 0.0 and check_real("x", -5, maximum=-5) == -5.0
+    for bad in (-1e-12, 1.0 + 1e-12, float("nan"), True):
+        with pytest.raises(ValueError, match=r"^ratio must be a finite number in \[0, 1\], got "):
+            check_real("ratio", bad, minimum=0.0, maximum=1.0)
+    with pytest.raises(ValueError, match="^p must be a finite number >= 0, got -0.5"):
+        check_real("p", -0.5, minimum=0.0)
+    with pytest.raises(ValueError, match="^x must be a finite number <= 2, got 3"):
+        check_real("x", 3, maximum=2)
+
+
 @pytest.mark.parametrize("grid", [[1.0, 1.0, 2.0], [1.0, 2.0, 2.0], [2.0, 1.0, 3.0], [1.0]])
 def test_ascending_grid_rejects_equal_or_falling_neighbours(grid):
     with pytest.raises(ValueError, match="sigmas must"):

@@ -91,7 +91,7 @@ def test_tangent_is_cos_t_times_total_derivative_of_f():
 def test_tangent_warmup_scales_only_the_second_term():
     assert [tangent_warmup(k, 10_000) for k in (0, 2500, 10_000, 50_000)] == [0.0, 0.25, 1.0, 1.0]
     assert tangent_warmup(0, 0) == 1.0
-    with pytest.raises(ValueError, match="step must be an int >= 0"):
+    with pytest.raises(ValueError, match="step must be an integer >= 0"):
         tangent_warmup(-1, 10)
     F_minus, jvp_out, x_t, dxt, _ = (torch.randn(3, 1, 4, 4, dtype=torch.float64) for _ in range(5))
     t = torch.tensor([0.2, 0.8, 1.5], dtype=torch.float64)
@@ -139,7 +139,7 @@ def test_time_proposal_is_lognormal_in_sigma():
     assert bool(((t > 0) & (t < math.pi / 2)).all())
     log_sigma = (SD * t.tan()).log()  # log(sigma_d tan t) ~ N(P_mean, P_std^2)
     assert abs(log_sigma.mean().item() + 1.0) < 0.01 and abs(log_sigma.std().item() - 1.4) < 0.01
-    with pytest.raises(ValueError, match="P_std must be a finite number > 0"):
+    with pytest.raises(ValueError, match="P_std must be a positive finite number"):
         sct_sample_t(3, -1.0, 0.0)
 
 

@@ -55,7 +55,7 @@ def test_report_fields(demo):
     assert report["feature_network"]["test_accuracy"] > 0.95
     q = report["quality"]
     one, fd = report["metrics"]["one_step"], report["metrics"]["fd_finetuned"]
-    # item 15 of issue 21: the FD stage is judged by the held-out judge's space, never the one it optimised
+    # the FD stage is judged in the held-out judge's feature space, never in the space it optimised
     assert q["fd_reduction"]["metric"] == "fd_heldout" and all("fd_heldout" in report["metrics"][k] for k in STAGES)
     assert q["fd_reduction"]["value"] == pytest.approx((one["fd_heldout"] - fd["fd_heldout"]) / one["fd_heldout"])
     assert report["fd_stage"]["optimised"] == "digits" and report["fd_stage"]["judged_by"] == "digits-heldout"

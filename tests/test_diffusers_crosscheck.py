@@ -98,7 +98,7 @@ def test_adapter_bad_input_and_properties():
     assert net.input_shape == (3, 8, 8) and net.num_classes == 4 and DiffusersUNet(tiny_unet()).num_classes == 0
     with pytest.raises(TypeError, match="unet must be a diffusers UNet2DModel-like model"):
         DiffusersUNet(torch.nn.Conv2d(3, 3, 1))
-    with pytest.raises(ValueError, match="timestep_scale must be a positive number"):
+    with pytest.raises(ValueError, match="timestep_scale must be a positive finite number"):
         DiffusersUNet(unet, timestep_scale=0)
     with pytest.raises(ValueError, match="in_channels=3, out_channels=4"):
         DiffusersUNet(UNet2DModel(sample_size=8, in_channels=3, out_channels=4, block_out_channels=(8, 16),

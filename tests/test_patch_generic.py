@@ -182,7 +182,7 @@ def _load(model, src, assign):
     model.load_state_dict(src.state_dict(), assign=assign)
 
 
-# issue 21.1: what happened to the patched model between patch and unpatch, and the dtype it ends in
+# Ways a patched model changes between patch and unpatch (weights loaded, dtype moved), and the dtype it ends in
 MOVES = {
     "load_state_dict": (lambda m, src: _load(m, src, False), torch.float32),
     "load_state_dict(assign=True)": (lambda m, src: _load(m, src, True), torch.float32),

@@ -1,4 +1,4 @@
-"""Issue 21, in process: the checkpoint header under its checksum, write failures as one OSError, crafted headers
+"""Failure handling in process: the checkpoint header under its checksum, write failures as one OSError, crafted headers
 refused before anything is built, the training data's fingerprint, and the demo judged by its held-out space.
 (The same items through the `fastcm` command in a subprocess: test_reliab_cli.py.)"""
 import copy

@@ -1,4 +1,5 @@
-"""Issue 21 through the real `fastcm` entry point, as users run it: one driver process runs every case in order
+"""Failure handling through the real `fastcm` entry point, as users run it (crafted checkpoints, full disks,
+bad arguments, interrupted runs): one driver process runs every case in order
 (``python -m fastcm.cli`` by runpy, so the matrix costs one interpreter start-up), with a few Python steps between
 them that craft files. Under ``unshare -m`` (a private mount namespace, gone with the process) the driver mounts a
 real 2 MB tmpfs for the full-disk cases; where that is not allowed they are skipped with the reason.

@@ -179,7 +179,7 @@ def test_the_bound_is_documented_and_the_caller_can_raise_it(tmp_path):
         with pytest.raises(ValueError, match="above the bound of 20,000 bytes"):
             FeatureStats.load(path, max_bytes=20_000)  # 64 * 65 * 8 + 8 = 33,288 bytes declared
         assert FeatureStats.load(path, max_bytes=40_000).dim == 64
-    with pytest.raises(ValueError, match="max_bytes must be a positive integer"):
+    with pytest.raises(ValueError, match="max_bytes must be an integer >= 1"):
         FeatureStats.load(path, max_bytes=0)
 
 

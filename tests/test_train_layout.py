@@ -9,6 +9,7 @@ MOVED = [
     ("fastcm.train.loop", "fastcm.train.guards",
      ("NonFiniteError", "DivergenceError", "TrainingInterrupted", "NonFiniteGuard", "grad_norm", "weight_rms",
       "all_finite")),
+    ("fastcm.train.loop", "fastcm.train.build", ("as_consistency_model", "sampling_method")),
     ("fastcm.train.checkpoint", "fastcm.train.checkpoint_file",
      ("CheckpointError", "CheckpointManager", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
       "set_aside_run", "FORMAT", "VERSION")),

@@ -10,24 +10,17 @@ z_0 = z_1 - u(z_1, 0, 1), or z_r = z_t - (t - r) u(z_t, r, t) over a schedule.
 The paper's text was not available here: the constants (logit-normal(-2, 2) for both times, 75 % of pairs with
 r != t, p = 0.75, c = 1e-3 on CIFAR-10) are those of the official PyTorch code (py-meanflow, "v0 = paper config").
 """
-import math
 import numbers
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from fastcm._checks import check_choice, check_tensor
+from fastcm._checks import check_choice, check_int, check_real, check_tensor
 
 from .jvp import JVP_MODES, dual_pass, network_jvp
 from .precond import UNetWrapper, find_wrapped, unwrap
 from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_labels, resolve_seeds
-
-
-def _check_real(name: str, v, lo: float = -math.inf, hi: float = math.inf) -> float:
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not lo <= v <= hi or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {v!r}")
-    return float(v)
 
 
 def meanflow_sample_times(n: int, P_mean: float = -2.0, P_std: float = 2.0, ratio: float = 0.75,
@@ -40,10 +33,9 @@ def meanflow_sample_times(n: int, P_mean: float = -2.0, P_std: float = 2.0, rati
     Then, with probability 1 - ``ratio``, r = t (plain flow matching for that sample): ``ratio`` is the fraction
     of pairs with r != t.
     """
-    _check_real("P_mean", P_mean)
-    if _check_real("P_std", P_std, 0.0) == 0.0:
-        raise ValueError("P_std must be > 0")
-    _check_real("ratio", ratio, 0.0, 1.0)
+    check_real("P_mean", P_mean)
+    check_real("P_std", P_std, positive=True)
+    check_real("ratio", ratio, minimum=0.0, maximum=1.0)
     if (r_P_mean is None) != (r_P_std is None):
         raise ValueError("r_P_mean and r_P_std must be given together")
     dev = generator.device if generator is not None else device
@@ -52,9 +44,8 @@ def meanflow_sample_times(n: int, P_mean: float = -2.0, P_std: float = 2.0, rati
         b = torch.sigmoid(P_mean + P_std * torch.randn(n, generator=generator, device=dev, dtype=torch.float64))
         t, r = torch.maximum(a, b), torch.minimum(a, b)
     else:
-        _check_real("r_P_mean", r_P_mean)
-        if not _check_real("r_P_std", r_P_std, 0.0) > 0:
-            raise ValueError("r_P_std must be > 0")
+        check_real("r_P_mean", r_P_mean)
+        check_real("r_P_std", r_P_std, positive=True)
         b = torch.sigmoid(r_P_mean + r_P_std * torch.randn(n, generator=generator, device=dev, dtype=torch.float64))
         t, r = a, torch.minimum(a, b)
     same = torch.rand(n, generator=generator, device=dev, dtype=torch.float64) >= ratio
@@ -83,7 +74,7 @@ class MeanFlowModel(UNetWrapper):
     def _time(self, name: str, v, z: Tensor) -> Tensor:
         acc = torch.promote_types(z.dtype, torch.float32)
         if isinstance(v, numbers.Real) and not isinstance(v, bool):
-            v = torch.full((z.shape[0],), _check_real(name, v, 0.0, 1.0), device=z.device, dtype=acc)
+            v = torch.full((z.shape[0],), check_real(name, v, minimum=0.0, maximum=1.0), device=z.device, dtype=acc)
         check_tensor(name, v, shape=(z.shape[0],))
         return v.to(device=z.device, dtype=acc)
 
@@ -135,10 +126,8 @@ class MeanFlowLoss:
                  c: float = 1e-3, *, r_P_mean: Optional[float] = None, r_P_std: Optional[float] = None,
                  jvp_impl: Optional[str] = None, jvp_mode: str = "one_pass"):
         meanflow_sample_times(1, P_mean, P_std, ratio, r_P_mean=r_P_mean, r_P_std=r_P_std)  # validates
-        self.p = _check_real("p", p, 0.0)
-        if not _check_real("c", c, 0.0) > 0:
-            raise ValueError(f"c must be > 0, got {c!r}")
-        self.c = float(c)
+        self.p = check_real("p", p, minimum=0.0)
+        self.c = check_real("c", c, positive=True)
         self.P_mean, self.P_std, self.ratio = float(P_mean), float(P_std), float(ratio)
         self.r_P_mean, self.r_P_std, self.jvp_impl = r_P_mean, r_P_std, jvp_impl
         check_choice("jvp_mode", jvp_mode, JVP_MODES)
@@ -199,11 +188,9 @@ def meanflow_sample(model, n: int, class_labels=None, steps: int = 1, times: Opt
     ``steps`` + 1 equal intervals from 1 to 0; one step is z_0 = z_1 - u(z_1, 0, 1). Sample j depends on seeds[j] only.
     """
     mf = find_meanflow(model)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     if times is None:
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        check_int("steps", steps)
         times = [1.0 - k / steps for k in range(steps + 1)]
     times = _check_times(times)
     noise = PerSampleNoise(resolve_seeds(n, seeds, generator))

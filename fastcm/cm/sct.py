@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcm._checks import check_choice, check_tensor
+from fastcm._checks import check_choice, check_int, check_real, check_tensor
 
 from .jvp import JVP_MODES, dual_pass, network_jvp
 from .precond import UNetWrapper, find_wrapped
@@ -27,14 +27,6 @@ from .sampling import PerSampleNoise, Seeds, eval_mode, model_device, resolve_la
 
 TANGENT_NORMS = ("l2", "rms")
 OUTPUTS = ("f", "F", "F_and_weight")
-
-
-def _check_real(name: str, v, lo: float = -math.inf, lo_open: bool = True) -> float:
-    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) and (v > lo or
-                                                                                        (not lo_open and v == lo))
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if lo_open else '>='} {lo}, got {v!r}")
-    return float(v)
 
 
 def trigflow_time(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
@@ -56,8 +48,8 @@ def trigflow_interpolate(x0: Tensor, z: Tensor, t: Tensor) -> Tensor:
 def sct_sample_t(n: int, P_mean: float = -1.0, P_std: float = 1.4, sigma_data: float = 0.5,
                  generator: Optional[torch.Generator] = None, device=None, dtype=torch.float32) -> Tensor:
     """sCT's time proposal (Alg. 1): log(sigma_d tan t) ~ N(P_mean, P_std^2), i.e. t = arctan(e^tau / sigma_d)."""
-    _check_real("P_std", P_std, 0.0)
-    _check_real("P_mean", P_mean)
+    check_real("P_std", P_std, positive=True)
+    check_real("P_mean", P_mean)
     dev = generator.device if generator is not None else device
     tau = P_mean + P_std * torch.randn(n, generator=generator, device=dev, dtype=torch.float64)
     return torch.atan(tau.exp() / sigma_data).to(device=device, dtype=dtype)
@@ -100,10 +92,9 @@ class TrigFlowModel(UNetWrapper):
         super().__init__()
         if not isinstance(unet, nn.Module):
             raise TypeError(f"unet must be an nn.Module, got {type(unet).__name__}")
-        self.sigma_data = _check_real("sigma_data", sigma_data, 0.0)
-        self.sigma_max = _check_real("sigma_max", sigma_max, 0.0)
-        if isinstance(weight_channels, bool) or not isinstance(weight_channels, int) or weight_channels < 0:
-            raise ValueError(f"weight_channels must be an int >= 0, got {weight_channels!r}")
+        self.sigma_data = check_real("sigma_data", sigma_data, positive=True)
+        self.sigma_max = check_real("sigma_max", sigma_max, positive=True)
+        check_int("weight_channels", weight_channels, minimum=0)
         self.unet = unet
         self.weight = AdaptiveWeight(weight_channels) if weight_channels else None
 
@@ -148,8 +139,7 @@ def find_trigflow(model: nn.Module) -> TrigFlowModel:
 
 def tangent_warmup(step: int, warmup_steps: int) -> float:
     """r = min(1, step / H) (Alg. 1; H = 10 000 in every sCM experiment); H = 0 disables the warm-up (r = 1)."""
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    check_int("step", step, minimum=0)
     return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
 
 
@@ -201,9 +191,8 @@ class SCTLoss:
                  jvp_mode: str = "one_pass"):
         sct_sample_t(1, P_mean, P_std)  # validates P_mean, P_std
         if tangent_c is not None:
-            _check_real("tangent_c", tangent_c, 0.0)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+            check_real("tangent_c", tangent_c, positive=True)
+        check_int("warmup_steps", warmup_steps, minimum=0)
         check_choice("tangent_norm", tangent_norm, TANGENT_NORMS)
         check_choice("jvp_mode", jvp_mode, JVP_MODES)
         self.jvp_mode = jvp_mode
@@ -274,8 +263,7 @@ def sct_sample(model, n: int, class_labels=None, ts: Optional[Sequence[float]] =
     experiment). Sample j depends on seeds[j] only (see fastcm.cm.sampling.resolve_seeds).
     """
     tf = find_trigflow(model)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_int("n", n)
     if ts is None:
         if steps not in (1, 2):
             raise ValueError(f"steps must be 1 or 2 when ts is None (pass ts for more), got {steps!r}")

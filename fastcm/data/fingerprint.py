@@ -1,8 +1,9 @@
-"""A cheap fingerprint of a training set, recorded in config.json and every checkpoint so that a resume on other
-data is refused (fastcm.train.loop): the dataset string it was loaded from, its size, image shape, class count and
-the SHA-256 of up to 64 evenly spaced items (their float32 images in [-1, 1] and int64 labels). Reading 64 items
-costs milliseconds for any dataset size; a changed split, subset, class layout or edited file changes at least one
-of these fields in practice, and a deliberate switch is an explicit option (``--allow-data-change``).
+"""A cheap fingerprint of a training set, recorded in config.json and every checkpoint so that a resume on other data is
+refused (fastcm.train.checkpoint.check_same_data): the dataset string it was loaded from, its size, image shape,
+class count and the SHA-256 of up to 64 evenly spaced items (their float32 images in [-1, 1] and int64 labels).
+Reading 64 items costs milliseconds for any dataset size; a changed split, subset, class layout or edited file
+changes at least one of these fields in practice, and a deliberate switch is an explicit option
+(``--allow-data-change``).
 """
 import hashlib
 from typing import Optional

@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from fastcm._checks import note
+from fastcm._checks import check_int, note
 from fastcm._io import atomic_write, check_input_file
 
 MAX_STATS_BYTES = 512 * 2 ** 20
@@ -73,8 +73,7 @@ def read_stats(path, max_bytes: Optional[int] = None) -> Tuple[np.ndarray, np.nd
     """(mu, sigma, n or None, features or None) of a statistics file, every field checked (module docstring)."""
     path = check_input_file(check_suffix(path), "statistics file", "a .npz or .safetensors file of mu and sigma")
     limit = MAX_STATS_BYTES if max_bytes is None else max_bytes
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise ValueError(f"max_bytes must be a positive integer (bytes), got {max_bytes!r}")
+    limit = check_int("max_bytes", limit)
     try:
         arrays, features, unverified = (_read_npz if path.suffix == ".npz" else _read_safetensors)(path, limit)
     except _Refused as e:

@@ -9,6 +9,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import check_real
+
 
 class DiffusersUNet(nn.Module):
     """``ConsistencyModel(DiffusersUNet(unet))`` trains and samples a diffusers ``UNet2DModel``.
@@ -33,9 +35,7 @@ class DiffusersUNet(nn.Module):
         if getattr(config, "out_channels", config.in_channels) != config.in_channels:
             raise ValueError(f"unet must predict as many channels as it reads, got in_channels={config.in_channels}, "
                              f"out_channels={config.out_channels}")
-        if isinstance(timestep_scale, bool) or not isinstance(timestep_scale, numbers.Real) or timestep_scale <= 0:
-            raise ValueError(f"timestep_scale must be a positive number, got {timestep_scale!r}")
-        self.unet, self.timestep_scale = unet, float(timestep_scale)
+        self.unet, self.timestep_scale = unet, check_real("timestep_scale", timestep_scale, positive=True)
 
     @property
     def input_shape(self) -> tuple:

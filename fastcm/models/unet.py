@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from fastcm.nn import SeededDropout
 from fastcm.ops import GroupNorm, qkv_attention
-from fastcm._checks import IMPLS, check_bool, check_choice, check_real, check_tensor, is_int, is_real
+from fastcm._checks import IMPLS, check_bool, check_choice, check_int, check_real, check_tensor, is_int, is_real
 
 EMBEDDINGS = ("fourier", "positional")
 
@@ -56,8 +56,7 @@ class UNetConfig:
 
 def _validate_config(c: UNetConfig) -> None:
     for name in ("img_resolution", "in_channels", "model_channels", "num_blocks", "num_groups"):
-        if not is_int(getattr(c, name), 1):
-            raise ValueError(f"{name} must be a positive int, got {getattr(c, name)!r}")
+        check_int(name, getattr(c, name))
     if not c.channel_mult or not all(is_int(m, 1) for m in c.channel_mult):
         raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {c.channel_mult!r}")
     if c.img_resolution % 2 ** (len(c.channel_mult) - 1):
@@ -74,10 +73,9 @@ def _validate_config(c: UNetConfig) -> None:
         raise ValueError(f"model_channels must be even (cos/sin embedding halves), got {c.model_channels}")
     if not (is_real(c.dropout) and 0 <= c.dropout < 1):
         raise ValueError(f"dropout must be in [0, 1), got {c.dropout!r}")
-    if c.dropout_max_resolution is not None and not is_int(c.dropout_max_resolution, 1):
-        raise ValueError(f"dropout_max_resolution must be None or a positive int, got {c.dropout_max_resolution!r}")
-    if not is_int(c.num_classes, 0):
-        raise ValueError(f"num_classes must be an int >= 0, got {c.num_classes!r}")
+    if c.dropout_max_resolution is not None:
+        check_int("dropout_max_resolution", c.dropout_max_resolution)
+    check_int("num_classes", c.num_classes, minimum=0)
     if c.embedding not in EMBEDDINGS:
         raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {c.embedding!r}")
     check_real("fourier_scale", c.fourier_scale, positive=True)

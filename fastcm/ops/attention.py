@@ -10,9 +10,11 @@ D <= 256 work (masked tails, padded head-dim block), which the Triton tutorial's
 
 ``qkv_attention`` takes the packed output of a 1x1 convolution, (N, 3*C, H, W), and reads q, k, v through strides,
 so the U-Net needs no permute/contiguous copies around attention.
+
+This file holds the public ops, their references, validation and dispatch, the registry inputs and the fast-ops
+contract declarations; the Triton route (custom ops, autograd and forward-mode rules) is ``_attention_triton.py``.
 """
 import functools
-import numbers
 import warnings
 from typing import Optional
 
@@ -21,8 +23,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
+from fastcm._checks import check_bool, check_int, check_real
+
 from . import _describe
-from ._jvp import FusedJvpRule, has_tangent
+from ._attention_triton import out_view, qkv_views, triton_attention, triton_qkv_attention
+from ._jvp import has_tangent
 from ._utils import check_same_device, check_tensor, resolve_impl
 
 # FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
@@ -75,7 +80,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
         return attention_ref(q, k, v, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
-    return _triton_attention(q, k, v, scale, deterministic)
+    return triton_attention(q, k, v, scale, deterministic)
 
 
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -115,7 +120,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
         return qkv_attention_ref(qkv, num_heads, scale)
     if backend == "sdpa":
         return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
-    return _triton_qkv_attention(qkv, num_heads, scale, deterministic)
+    return triton_qkv_attention(qkv, num_heads, scale, deterministic)
 
 
 def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None) -> Tensor:
@@ -147,14 +152,11 @@ def _merge_heads(out: Tensor, qkv_shape) -> Tensor:
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
         return head_dim ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (0.0 < float(scale) < float("inf")):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    return float(scale)
+    return check_real("scale", scale, positive=True)
 
 
 def _check_deterministic(deterministic) -> None:
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
+    check_bool("deterministic", deterministic)
 
 
 def _validate(q, k, v, scale) -> float:
@@ -174,8 +176,7 @@ def _validate(q, k, v, scale) -> float:
 
 def _validate_qkv(qkv, num_heads) -> int:
     check_tensor("qkv", qkv, ndim=4)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, numbers.Integral) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    num_heads = check_int("num_heads", num_heads)
     channels = qkv.shape[1]
     if channels % (3 * num_heads) != 0 or channels == 0:
         raise ValueError(f"qkv must have 3 * C channels with C divisible by num_heads={num_heads}, "
@@ -211,218 +212,6 @@ def _backend(impl: str, x: Tensor, head_dim: int) -> str:
         warnings.warn(f"fastcm attention: {reason} is not supported by the Triton kernels; "
                       "using torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
     return "sdpa"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Triton path as torch.library custom ops (opaque to Inductor, traced by torch.compile(fullgraph=True)).
-# Forward returns (out, lse); lse is the row log-sum-exp in base 2 (fp32, fp64 for fp64 inputs), saved for backward.
-
-def _lse_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("fastcm::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                   deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    from fastcm.kernels.attention import attention_fwd
-
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = attention_fwd(q, k, v, out, scale)
-    return out, lse
-
-
-@_attention_fwd.register_fake
-def _(q, k, v, scale, deterministic=False):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
-
-
-@torch.library.custom_op("fastcm::attention_bwd", mutates_args=())
-def _attention_bwd(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from fastcm.kernels.attention import attention_bwd
-
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    attention_bwd(d_out, q, k, v, out, lse, dq, dk, dv, scale, deterministic)
-    return dq, dk, dv
-
-
-@_attention_bwd.register_fake
-def _(d_out, q, k, v, out, lse, scale, deterministic):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _deterministic_setup(ctx, inputs, n_args: int) -> None:
-    """The backward's schedule: the call's ``deterministic`` (the custom op's and the forward-AD rule's last
-    input) or torch's switch, read when the backward runs (as torch's own ops read it)."""
-    ctx.n_inputs = len(inputs)
-    ctx.deterministic = bool(inputs[n_args]) if len(inputs) > n_args else False
-
-
-def _deterministic(ctx) -> bool:
-    return ctx.deterministic or torch.are_deterministic_algorithms_enabled()
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, scale = inputs[:4]
-    ctx.save_for_backward(q, k, v, output[0], output[1])
-    ctx.scale = scale
-    _deterministic_setup(ctx, inputs, 4)
-
-
-def _attention_backward(ctx, d_out, d_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    # .sum().backward() hands an expanded (stride-0) gradient: make it dense before the kernels read it.
-    dq, dk, dv = torch.ops.fastcm.attention_bwd(d_out.contiguous(), q, k, v, out, lse, ctx.scale,
-                                                _deterministic(ctx))
-    return (dq, dk, dv) + (None,) * (ctx.n_inputs - 3)
-
-
-_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
-
-
-@torch.library.custom_op("fastcm::qkv_attention_fwd", mutates_args=())
-def _qkv_attention_fwd(qkv: Tensor, num_heads: int, scale: float,
-                       deterministic: bool = False) -> tuple[Tensor, Tensor]:
-    from fastcm.kernels.attention import attention_fwd
-
-    N, C3, Hs, Ws = qkv.shape
-    out = torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device)
-    q, k, v = _qkv_views(qkv, num_heads)
-    lse = attention_fwd(q, k, v, _out_view(out, num_heads), scale)
-    return out, lse
-
-
-@_qkv_attention_fwd.register_fake
-def _(qkv, num_heads, scale, deterministic=False):
-    N, C3, Hs, Ws = qkv.shape
-    out = qkv.new_empty((N, C3 // 3, Hs, Ws))
-    return out, qkv.new_empty((N, num_heads, Hs * Ws), dtype=_lse_dtype(qkv))
-
-
-@torch.library.custom_op("fastcm::qkv_attention_bwd", mutates_args=())
-def _qkv_attention_bwd(d_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                       scale: float, deterministic: bool) -> Tensor:
-    from fastcm.kernels.attention import attention_bwd
-
-    d_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    q, k, v = _qkv_views(qkv, num_heads)
-    dq, dk, dv = _qkv_views(d_qkv, num_heads)
-    attention_bwd(_out_view(d_out, num_heads), q, k, v, _out_view(out, num_heads), lse, dq, dk, dv, scale,
-                  deterministic)
-    return d_qkv
-
-
-@_qkv_attention_bwd.register_fake
-def _(d_out, qkv, out, lse, num_heads, scale, deterministic):
-    return qkv.new_empty(qkv.shape)
-
-
-def _qkv_setup(ctx, inputs, output):
-    qkv, num_heads, scale = inputs[:3]
-    ctx.save_for_backward(qkv, output[0], output[1])
-    ctx.num_heads, ctx.scale = num_heads, scale
-    _deterministic_setup(ctx, inputs, 3)
-
-
-def _qkv_backward(ctx, d_out, d_lse):
-    qkv, out, lse = ctx.saved_tensors
-    d_qkv = torch.ops.fastcm.qkv_attention_bwd(d_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale,
-                                               _deterministic(ctx))
-    return (d_qkv,) + (None,) * (ctx.n_inputs - 1)
-
-
-_qkv_attention_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Forward-mode AD through fastcm.ops._jvp: a custom_op has no forward-AD hook (torch.func.jvp over one silently
-# returns a zero tangent), so a call whose inputs carry a tangent goes through a FusedJvpRule: ONE launch of the
-# forward-with-tangent kernel (kernels.attention.attention_fwd_jvp, sCM App. F) gives the output, its tangent and the
-# log-sum-exp, and the output's backward is the custom op's own on (out, lse). No plain forward kernel runs first,
-# so sCT / MeanFlow's one-pass step (autograd on) and torch.func.jvp (no graph) both cost one launch per layer.
-# Calls without a tangent, and so torch.compile of a forward/backward, see the plain custom ops; a tangent under
-# torch.compile raises (pytorch#192985 would drop the rule and return a wrong tangent).
-
-@torch.library.custom_op("fastcm::attention_fwd_jvp", mutates_args=())
-def _attention_fwd_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor, tk: Tensor, tv: Tensor,
-                       scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from fastcm.kernels.attention import attention_fwd_jvp
-
-    out, tout = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(2))
-    lse = attention_fwd_jvp(q, k, v, tq, tk, tv, out, tout, scale)
-    return out, tout, lse
-
-
-@_attention_fwd_jvp.register_fake
-def _(q, k, v, tq, tk, tv, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
-
-
-@torch.library.custom_op("fastcm::qkv_attention_fwd_jvp", mutates_args=())
-def _qkv_attention_fwd_jvp(qkv: Tensor, t_qkv: Tensor, num_heads: int,
-                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    from fastcm.kernels.attention import attention_fwd_jvp
-
-    N, C3, Hs, Ws = qkv.shape
-    out, tout = (torch.empty((N, C3 // 3, Hs, Ws), dtype=qkv.dtype, device=qkv.device) for _ in range(2))
-    lse = attention_fwd_jvp(*_qkv_views(qkv, num_heads), *_qkv_views(t_qkv, num_heads), _out_view(out, num_heads),
-                            _out_view(tout, num_heads), scale)
-    return out, tout, lse
-
-
-@_qkv_attention_fwd_jvp.register_fake
-def _(qkv, t_qkv, num_heads, scale):
-    N, C3, Hs, Ws = qkv.shape
-    out = qkv.new_empty((N, C3 // 3, Hs, Ws))
-    return out, torch.empty_like(out), qkv.new_empty((N, num_heads, Hs * Ws), dtype=_lse_dtype(qkv))
-
-
-def _tangent(t: Optional[Tensor], like: Tensor) -> Tensor:
-    """A missing tangent (input not being differentiated) is zero."""
-    return torch.zeros_like(like) if t is None else t
-
-
-def _attention_fused(args, tangents):
-    (q, k, v, scale, *_), (tq, tk, tv, *_) = args, tangents  # the rest: the backward's schedule (no tangent)
-    out, t_out, lse = torch.ops.fastcm.attention_fwd_jvp(q, k, v, _tangent(tq, q), _tangent(tk, k),
-                                                         _tangent(tv, v), scale)
-    return (out, lse), t_out
-
-
-def _qkv_attention_fused(args, tangents):
-    (qkv, num_heads, scale, *_), t_qkv = args, tangents[0]
-    out, t_out, lse = torch.ops.fastcm.qkv_attention_fwd_jvp(qkv, _tangent(t_qkv, qkv), num_heads, scale)
-    return (out, lse), t_out
-
-
-_ATTENTION_JVP = FusedJvpRule("attention", _attention_fused, _attention_setup, _attention_backward)
-_QKV_ATTENTION_JVP = FusedJvpRule("qkv_attention", _qkv_attention_fused, _qkv_setup, _qkv_backward)
-
-
-def _triton_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, deterministic: bool = False) -> Tensor:
-    if has_tangent(q, k, v):
-        return _ATTENTION_JVP.apply(q, k, v, scale, deterministic)
-    return torch.ops.fastcm.attention_fwd(q, k, v, scale, deterministic)[0]
-
-
-def _triton_qkv_attention(qkv: Tensor, num_heads: int, scale: float, deterministic: bool = False) -> Tensor:
-    if has_tangent(qkv):
-        return _QKV_ATTENTION_JVP.apply(qkv, num_heads, scale, deterministic)
-    return torch.ops.fastcm.qkv_attention_fwd(qkv, num_heads, scale, deterministic)[0]
-
-
-def _qkv_views(qkv: Tensor, num_heads: int):
-    """(B, H, L, D)-indexed strided views of q, k, v inside a packed (N, 3*C, H, W) tensor (no copy unless the
-    pixels cannot be flattened, e.g. a cropped view)."""
-    N, C3, Hs, Ws = qkv.shape
-    packed = qkv.reshape(N, 3, num_heads, C3 // (3 * num_heads), Hs * Ws)  # (N, 3, heads, D, L)
-    return packed.transpose(-1, -2).unbind(1)
-
-
-def _out_view(out: Tensor, num_heads: int) -> Tensor:
-    """(N, heads, L, D) strided view of an (N, C, H, W) tensor, channel = head * D + d."""
-    N, C, Hs, Ws = out.shape
-    return out.reshape(N, num_heads, C // num_heads, Hs * Ws).transpose(-1, -2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,7 +260,7 @@ def min_work(direction: str, q: Tensor, k: Tensor, v: Tensor, **_) -> "_describe
 
 
 def qkv_min_work(direction: str, qkv: Tensor, num_heads: int, **_) -> "_describe.Work":
-    return min_work(direction, *_qkv_views(qkv, num_heads))
+    return min_work(direction, *qkv_views(qkv, num_heads))
 
 
 def qkv_aot_jobs(call: dict, dtypes, sm_counts=()):
@@ -483,15 +272,15 @@ def qkv_aot_jobs(call: dict, dtypes, sm_counts=()):
         for precision in _describe.fp32_precisions(dtype):
             def run(dtype=dtype, precision=precision):
                 qkv, out = _describe.meta(N, C3, Hs, Ws, dtype=dtype), _describe.meta(N, C3 // 3, Hs, Ws, dtype=dtype)
-                q, k, v = _qkv_views(qkv, heads)
-                o = _out_view(out, heads)
+                q, k, v = qkv_views(qkv, heads)
+                o = out_view(out, heads)
                 with _describe.fp32_matmul(precision):
                     lse = kernels.attention_fwd(q, k, v, o, 0.125)
                     for deterministic in (False, True):  # both backward schedules
-                        kernels.attention_bwd(o, q, k, v, o, lse, *_qkv_views(torch.empty_like(qkv), heads), 0.125,
+                        kernels.attention_bwd(o, q, k, v, o, lse, *qkv_views(torch.empty_like(qkv), heads), 0.125,
                                               deterministic)
-                    kernels.attention_fwd_jvp(q, k, v, *_qkv_views(torch.empty_like(qkv), heads), o,
-                                              _out_view(torch.empty_like(out), heads), 0.125)
+                    kernels.attention_fwd_jvp(q, k, v, *qkv_views(torch.empty_like(qkv), heads), o,
+                                              out_view(torch.empty_like(out), heads), 0.125)
             yield _describe.Job("attention", f"qkv {N}x{C3}x{Hs}x{Ws} heads={heads} D={C3 // 3 // heads}"
                                 + (f" fp32 matmuls {precision}" if precision else ""), dtype, "attention", run,
                                 functools.partial(_aot_check, dtype))

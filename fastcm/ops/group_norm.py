@@ -7,7 +7,6 @@ with scale, shift of shape (N, C) projected from the noise-level (and class) emb
 act in {None, "silu"}. Eager PyTorch runs this as 4-5 kernels; the Triton path folds every per-(n, c) factor into
 one multiply-add after the group statistics, so scale, shift and SiLU cost no extra pass over memory.
 """
-import numbers
 from typing import Optional
 
 import torch
@@ -16,6 +15,8 @@ from torch import Tensor, nn
 
 from . import _describe
 from ._jvp import FusedJvpRule, has_tangent
+from fastcm._checks import check_real
+
 from ._utils import check_choice, check_int, check_same_device, check_tensor, resolve_impl
 
 ACTS = (None, "silu")
@@ -115,8 +116,7 @@ def _validate(x, num_groups, weight, bias, eps, scale, shift, act) -> None:
 
 
 def _check_eps(eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < float(eps) < float("inf")):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    check_real("eps", eps, positive=True)
 
 
 class GroupNorm(nn.Module):

@@ -3,11 +3,12 @@
 iCT takes the norm per sample over all non-batch dims, with c = 0.00054 * sqrt(d) (d = C*H*W), and weights each
 sample by lambda(sigma_i); diffusers' LCM scripts apply the same formula per element. Both are offered (``per``).
 """
-import numbers
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from fastcm._checks import check_real
 
 from . import _describe
 from ._jvp import JvpRule, has_tangent
@@ -82,8 +83,7 @@ def _weight_and_reduce(loss: Tensor, weight: Optional[Tensor], reduction: str) -
 def _validate(pred, target, c, weight, reduction, per) -> None:
     check_tensor("pred", pred, min_ndim=1)
     check_tensor("target", target, shape=tuple(pred.shape))
-    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not (0.0 < float(c) < float("inf")):
-        raise ValueError(f"c must be a positive finite number, got {c!r}")
+    check_real("c", c, positive=True)
     if weight is not None:
         check_tensor("weight", weight, shape=(pred.shape[0],))
     check_same_device(pred=pred, target=target, weight=weight)

@@ -16,8 +16,10 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import note
 from fastcm.cm import ConsistencyModel, MeanFlowModel, TrigFlowModel, method_from_metadata, method_of_model
 from fastcm.cm.precond import unwrap
+from fastcm.data import data_change
 
 from .checkpoint_file import (FORMAT, VERSION, CheckpointError, CheckpointManager, PathLike,  # noqa: F401
                               load_checkpoint, read_checkpoint_meta, save_checkpoint, set_aside_run)
@@ -144,6 +146,20 @@ def check_resumable(path, meta: dict, stage: str, cfg: TrainConfig, cm: Consiste
         if a != b:
             raise ValueError(f"cannot resume from {path}: the model's {key} differs from the checkpoint's "
                              f"({a!r} saved, {b!r} now)")
+
+
+def check_same_data(path, saved: Optional[dict], current: Optional[dict], allow_change: bool) -> None:
+    """Refuse to resume on other data than the checkpoint's (fastcm.data.data_change), unless ``allow_change``.
+    ``current`` None: the run was given no data to compare; ``saved`` None: an older checkpoint that records none."""
+    if current is None:
+        return
+    if saved is None:
+        note(f"{path} does not record its training data (an older checkpoint): the data is not checked")
+        return
+    change = data_change(saved, current)
+    if change is not None and not allow_change:
+        raise ValueError(f"cannot resume from {path} on other data: {change}; pass --allow-data-change "
+                         "(allow_data_change=True) to switch deliberately")
 
 
 def load_model(path: Union[str, os.PathLike], weights: str = "ema", device: Union[str, torch.device] = "cpu",

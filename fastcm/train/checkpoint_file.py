@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from fastcm._checks import note
+from fastcm._checks import check_int, note
 from fastcm._io import atomic_write, check_input_file, remove_stale_temporaries
 
 FORMAT = "fastcm-checkpoint"
@@ -166,9 +166,7 @@ class CheckpointManager:
     _TMP = re.compile(r"^\.ckpt_\d{8,}\.safetensors\.tmp-(\d+)$")
 
     def __init__(self, directory: PathLike, keep_last: Optional[int] = 3):
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
-                                      or keep_last < 1):
-            raise ValueError(f"keep_last must be a positive int or None (keep all), got {keep_last!r}")
+        keep_last = None if keep_last is None else check_int("keep_last", keep_last)  # None keeps all
         self.directory, self.keep_last = Path(directory), keep_last
 
     def path(self, step: int) -> Path:

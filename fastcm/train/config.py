@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from fastcm._checks import check_choice, is_int, is_real
+from fastcm._checks import check_bool, check_choice, check_int, check_real, is_int, is_real
 from fastcm.cm.hyperparameters import check_hyperparameters
 
 METHOD_NAMES = ("ict", "sct", "meanflow")  # fastcm.cm.METHODS (checked against it in fastcm.train.ict)
@@ -188,14 +188,12 @@ def _validate(c: TrainConfig) -> None:
             "num_samples": 1, "save_every": 0, "max_nonfinite": 1, "s0": 1, "s1": 1, "queue_size": 1,
             "tangent_warmup": 0, "eval_every": 0, "eval_batch_size": 1}
     for name, lo in ints.items():
-        if hasattr(c, name) and not is_int(getattr(c, name), lo):
-            raise ValueError(f"{name} must be an int >= {lo}, got {getattr(c, name)!r}")
-    if c.keep_last is not None and not is_int(c.keep_last, 1):
-        raise ValueError(f"keep_last must be a positive int or None, got {c.keep_last!r}")
+        if hasattr(c, name):
+            check_int(name, getattr(c, name), lo)
+    if c.keep_last is not None:
+        check_int("keep_last", c.keep_last)
     for name in ("lr", "ema_beta", "weight_decay", "ict_weight", "fd_ema_beta"):
-        v = getattr(c, name, 0.0)
-        if not is_real(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        check_real(name, getattr(c, name, 0.0), minimum=0.0)
     if hasattr(c, "method"):
         check_choice("method", c.method, METHOD_NAMES)
     if not c.lr > 0 or not 0 <= c.ema_beta < 1 or (hasattr(c, "fd_ema_beta") and not 0 <= c.fd_ema_beta < 1):
@@ -212,8 +210,8 @@ def _validate(c: TrainConfig) -> None:
         if hasattr(c, name) and getattr(c, name) not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {getattr(c, name)!r}")
     for name in ("compile", "hflip", "fd_normalize", "fd_dropout", "balanced_labels"):
-        if hasattr(c, name) and not isinstance(getattr(c, name), bool):
-            raise ValueError(f"{name} must be a bool, got {getattr(c, name)!r}")
+        if hasattr(c, name):
+            check_bool(name, getattr(c, name))
     if not isinstance(c.compile_backend, str) or not c.compile_backend:
         raise ValueError(f"compile_backend must be a backend name, got {c.compile_backend!r}")
     _validate_eval(c)

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
+from fastcm._checks import check_int
+
 
 class NonFiniteError(RuntimeError):
     """Training produced non-finite losses or gradients too many steps in a row."""
@@ -71,8 +73,7 @@ class NonFiniteGuard:
     a row raise DivergenceError."""
 
     def __init__(self, max_consecutive: int = 10, max_weight_rms: Optional[float] = None):
-        if isinstance(max_consecutive, bool) or not isinstance(max_consecutive, int) or max_consecutive < 1:
-            raise ValueError(f"max_consecutive must be a positive int, got {max_consecutive!r}")
+        max_consecutive = check_int("max_consecutive", max_consecutive)
         self.max_consecutive, self.max_weight_rms = max_consecutive, max_weight_rms
         self.skipped = self.consecutive = self.diverged = 0
 

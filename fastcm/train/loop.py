@@ -12,6 +12,10 @@ Stopping early, always with the last checkpoint intact:
 - SIGINT / SIGTERM: the step in flight finishes, a checkpoint is written, and :class:`TrainingInterrupted` is raised
   (its ``exit_code`` is 130 / 143, what a shell reports for those signals). A second signal ends the process at
   once with the signal's default action; checkpoint writes are atomic, so nothing on disk is left half-written.
+
+Around the loop: build.py makes the model, optimizer and autocast dtype; guards.py holds the errors, the signal
+handler and the NaN/divergence guard; progress.py the log interval and metrics; checkpoint.py what a checkpoint
+holds and whether a run may resume from it; evaluate.py the FID evaluations during training.
 """
 import json
 import os
@@ -24,13 +28,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from fastcm._checks import check_bool
 from fastcm._io import atomic_write
-from fastcm.cm import ConsistencyModel, get_method, method_of_model
-from fastcm._checks import note
-from fastcm.data import data_change, data_fingerprint, derive_seed, save_grid
+from fastcm.cm import get_method, method_of_model
+from fastcm.data import data_fingerprint, derive_seed, save_grid
 
-from .checkpoint import (check_resumable, model_meta, optimizer_from_flat, optimizer_to_flat, restore_rng, rng_tensors,
-                         split_state, take)
+from .build import as_consistency_model, autocast_dtype, make_optimizer, sampling_method  # noqa: F401
+from .checkpoint import (check_resumable, check_same_data, model_meta, optimizer_from_flat, optimizer_to_flat,
+                         restore_rng, rng_tensors, split_state, take)
 from .checkpoint_schema import check_optimizer_tensors, check_training_meta
 from .checkpoint_file import CheckpointManager, load_checkpoint, set_aside_run
 from .config import TrainConfig
@@ -38,7 +43,7 @@ from .distributed import all_reduce_sum, any_rank, broadcast_str, init_distribut
 from .ema import EMA
 from .guards import (DivergenceError, NonFiniteError, NonFiniteGuard, StopSignals, TrainingInterrupted,  # noqa: F401
                      all_finite, grad_norm, weight_rms)
-from .progress import RunLogger
+from .progress import LogInterval, RunLogger
 from .evaluate import BEST_NAME, adopt_best_file, build_evaluator, evaluator_options, write_best
 
 
@@ -54,25 +59,6 @@ class TrainResult:
     skipped_steps: int = 0                               # steps thrown away by the NaN/inf guard
     best: Optional[dict] = None                          # the best evaluation {"step", "metric", "value"} (eval_every)
     best_checkpoint: Optional[Path] = None               # checkpoints/best.safetensors once written (rank 0)
-
-
-def as_consistency_model(model: nn.Module) -> nn.Module:
-    """A method's model (ConsistencyModel, TrigFlowModel or MeanFlowModel) as given, or an iCT ConsistencyModel with
-    the default sigmas around a bare U-Net."""
-    if isinstance(model, nn.Module):
-        try:
-            method_of_model(model)
-            return model
-        except TypeError:
-            if hasattr(model, "input_shape"):
-                return ConsistencyModel(model)
-    raise TypeError(f"model must be a fastcm ConsistencyModel, TrigFlowModel, MeanFlowModel or U-Net, got "
-                    f"{type(model).__name__}")
-
-
-def sampling_method(name: str):
-    """``fastcm.cm.get_method(name)``, the Method for sampling (kept: its first name)."""
-    return get_method(name)
 
 
 class Trainer:
@@ -104,8 +90,8 @@ class Trainer:
             # (fastcm.cm.jvp: compiled code drops custom jvp rules, pytorch#192985, and dual inputs' tangents).
             self.cm.compile(fullgraph=True, backend=cfg.compile_backend)
             self.ema.module.compile(fullgraph=True, backend=cfg.compile_backend)
-        self.opt = _make_optimizer(cfg, self.cm.parameters())
-        self.amp_dtype = _autocast_dtype(cfg.precision, self.device)
+        self.opt = make_optimizer(cfg, self.cm.parameters())
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.guard = NonFiniteGuard(cfg.max_nonfinite, cfg.max_weight_rms)
         self.extra: Dict[str, object] = {}
@@ -139,14 +125,12 @@ class Trainer:
         another fingerprint is refused unless ``allow_data_change``."""
         if self.started:
             raise RuntimeError("start() was already called")
-        if not isinstance(allow_data_change, bool):
-            raise TypeError(f"allow_data_change must be a bool, got {allow_data_change!r}")
-        self.started, self.allow_data_change = True, allow_data_change
+        self.started, self.allow_data_change = True, check_bool("allow_data_change", allow_data_change)
         self.data = None if data is None else data_fingerprint(data)
         if not isinstance(resume, (bool, str, os.PathLike)) and resume is not None:
             raise TypeError(f"resume must be a bool or a checkpoint path, got {type(resume).__name__}")
-        if not isinstance(restart, bool) or (restart and resume not in (False, None)):
-            raise ValueError(f"restart must be a bool and excludes resume, got restart={restart!r}, resume={resume!r}")
+        if check_bool("restart", restart) and resume not in (False, None):
+            raise ValueError(f"restart excludes resume, got restart=True, resume={resume!r}")
         if isinstance(resume, (str, os.PathLike)):
             path = Path(resume)
             found = (path, *load_checkpoint(path))
@@ -202,7 +186,7 @@ class Trainer:
         check_training_meta(path, meta)  # types and ranges of every field read below
         check_optimizer_tensors(path, tensors)
         check_resumable(path, meta, self.stage, self.cfg, self.cm)
-        self._check_data(path, meta.get("data"))
+        check_same_data(path, meta.get("data"), self.data, self.allow_data_change)
         self.cm.load_state_dict(take(tensors, "model/"))
         self.ema.load_state_dict(take(tensors, "ema/"))
         self.opt.load_state_dict(optimizer_from_flat(tensors, meta["optimizer"]))
@@ -216,18 +200,6 @@ class Trainer:
             self.evaluator.load_state_dict(meta.get("eval"), source=str(path))
         self.step = int(meta["step"])
         self.last_checkpoint = path
-
-    def _check_data(self, path: Path, saved) -> None:
-        """Refuse to resume on other data than the checkpoint's (unless allow_data_change)."""
-        if self.data is None:
-            return
-        if saved is None:
-            note(f"{path} does not record its training data (an older checkpoint): the data is not checked")
-            return
-        change = data_change(saved, self.data)
-        if change is not None and not self.allow_data_change:
-            raise ValueError(f"cannot resume from {path} on other data: {change}; pass --allow-data-change "
-                             "(allow_data_change=True) to switch deliberately")
 
     def checkpoint_state(self):
         """(tensors, meta) of the current training state, as written to a checkpoint."""
@@ -261,7 +233,7 @@ class Trainer:
         cfg = self.cfg
         log = RunLogger(self.out_dir, self.step, cfg.total_steps, self.info.is_main, self.progress,
                         self.callbacks, desc=self.stage)
-        interval = _Interval()
+        interval = LogInterval()
         self._saved_at, self._save_clock = self.step, time.monotonic()
         t_run, self._eval_budget = self.budget_clock(), 0.0
         if self.evaluator is not None and self.step == 0:  # the curve's starting point (fresh runs only)
@@ -301,7 +273,7 @@ class Trainer:
         spent = self.budget_clock() - t_run - self._eval_budget  # evaluations do not count against the budget
         return any_rank([spent >= self.max_seconds], self.info)[0]
 
-    def _after_step(self, log: RunLogger, interval: "_Interval", stop: int, final: bool = False) -> None:
+    def _after_step(self, log: RunLogger, interval: "LogInterval", stop: int, final: bool = False) -> None:
         """Log, sample and save after a step; an interrupted step logs and saves whatever the schedule says; a
         ``final`` step (the time budget is spent) is treated like the last one."""
         cfg, step = self.cfg, self.step
@@ -316,7 +288,7 @@ class Trainer:
         if done or stop or (cfg.save_every and step % cfg.save_every == 0) or (due_by_time and self.info.is_main):
             self._save(log)
 
-    def _train_step(self, loss_fn, interval: "_Interval", signals: "StopSignals") -> int:
+    def _train_step(self, loss_fn, interval: "LogInterval", signals: "StopSignals") -> int:
         """One optimizer step; returns the signal number every rank agrees to stop on after it (0 = go on)."""
         step = self.step
         self.opt.zero_grad(set_to_none=True)
@@ -349,15 +321,9 @@ class Trainer:
                      finite)
         return signal.SIGINT if stops[0] else signal.SIGTERM if stops[1] else 0
 
-    def _record(self, interval: "_Interval") -> dict:
-        keys = sorted(interval.sums)
-        vec = torch.stack([interval.sums[k].reshape(()).double().cpu() for k in keys])
-        vec = all_reduce_sum(vec.to(self.device), self.info).cpu()  # sums over steps and ranks
-        total = dict(zip(keys, vec.tolist()))
-        good = total.pop("finite_steps")
-        rec = {"stage": self.stage, "step": self.step}
-        rec.update({k: (v / good if good else float("nan")) for k, v in total.items()})
-        rec.update(interval.last)
+    def _record(self, interval: "LogInterval") -> dict:
+        rec = {"stage": self.stage, "step": self.step,
+               **interval.means(lambda vec: all_reduce_sum(vec.to(self.device), self.info).cpu())}
         now = time.perf_counter()
         rec.update(lr=self.opt.param_groups[0]["lr"],
                    img_per_s=self.cfg.batch_size * interval.count / max(now - interval.t_start, 1e-9),
@@ -378,7 +344,7 @@ class Trainer:
             save_grid(images, self.out_dir / "samples" / f"step_{self.step:08d}.png", nrow=nrow, overwrite=True)
         log.event("on_sample", self.step, images)
 
-    def _evaluate(self, log: RunLogger, interval: "_Interval") -> None:
+    def _evaluate(self, log: RunLogger, interval: "LogInterval") -> None:
         """FID of the EMA model now (every rank takes part); rank 0 logs it and keeps checkpoints/best.safetensors.
         A failed evaluation is one metrics record with ``eval_error`` and one line on stderr; training goes on. Its
         time is left out of the next record's img_per_s and of the ``max_seconds`` budget."""
@@ -413,42 +379,3 @@ class Trainer:
                 raise OSError(e.errno, f"{e.strerror} (the checkpoint of step {self.step} was not written; {last})",
                               e.filename) from e
             log.event("on_checkpoint", self.step, self.last_checkpoint)
-
-
-class _Interval:
-    """Sums of the logged values since the last record: 0-d tensors are summed (then averaged over the finite steps
-    and the ranks), numbers keep their last value."""
-
-    def __init__(self):
-        self.t_run = time.perf_counter()
-        self.reset(self.t_run)
-
-    def reset(self, now: float) -> None:
-        self.sums: Dict[str, Tensor] = {}
-        self.last: Dict[str, float] = {}
-        self.count, self.t_start = 0, now
-
-    def add(self, values: dict, finite: bool) -> None:
-        for k, v in values.items():
-            if isinstance(v, Tensor):
-                self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
-            else:
-                self.last[k] = v
-        self.sums["finite_steps"] = self.sums.get("finite_steps", 0.0) + torch.tensor(float(finite)).double()
-        self.count += 1
-
-
-def _make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
-    cls = torch.optim.RAdam if cfg.optimizer == "radam" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """None for fp32; bf16/fp16 autocast on CUDA ("auto": bf16 where supported); CPU trains in fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type != "cuda":
-        raise ValueError(f"precision={precision!r} needs a CUDA device; use 'fp32' (or 'auto') on {device.type}")
-    return torch.bfloat16 if precision == "bf16" else torch.float16

@@ -8,8 +8,9 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 
@@ -116,6 +117,38 @@ class RunLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class LogInterval:
+    """Sums of the logged values since the last record: 0-d tensors are summed (then averaged over the finite steps
+    and the ranks), numbers keep their last value."""
+
+    def __init__(self):
+        self.t_run = time.perf_counter()
+        self.reset(self.t_run)
+
+    def reset(self, now: float) -> None:
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.last: Dict[str, float] = {}
+        self.count, self.t_start = 0, now
+
+    def add(self, values: dict, finite: bool) -> None:
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+            else:
+                self.last[k] = v
+        self.sums["finite_steps"] = self.sums.get("finite_steps", 0.0) + torch.tensor(float(finite)).double()
+        self.count += 1
+
+    def means(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+        """Each summed value over the interval's finite steps (NaN if none), then the numbers' last values.
+        ``reduce_sum`` sums a float64 vector over the ranks (identity when alone)."""
+        keys = sorted(self.sums)
+        vec = reduce_sum(torch.stack([self.sums[k].reshape(()).double().cpu() for k in keys]))
+        total = dict(zip(keys, vec.tolist()))
+        good = total.pop("finite_steps")
+        return {**{k: (v / good if good else float("nan")) for k, v in total.items()}, **self.last}
 
 
 def bar_postfix(record: dict) -> dict:
