@@ -179,6 +179,25 @@ def test_resume_on_other_data_is_refused_unless_allowed(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == data_fingerprint(b)
 
 
+def test_a_failed_save_without_an_errno_keeps_its_message(tmp_path, monkeypatch):
+    """The trainer's save-failure wrapper rebuilt every OSError from its errno: one with only a message (errno None)
+    came out as "[Errno None] None"."""
+    digits = load_digits("train")
+    data = ArrayDataset(digits.images[:8], digits.labels[:8], 10)
+    cfg = ICTConfig(total_steps=1, batch_size=2, s0=2, s1=4, sample_every=0, log_every=1)
+
+    def gone(self, step, tensors, meta):
+        raise OSError("the volume went away")
+
+    monkeypatch.setattr(CheckpointManager, "save", gone)
+    torch.manual_seed(0)
+    model = ConsistencyModel(build_unet("tiny", num_classes=10, impl="torch"))
+    with pytest.raises(OSError) as info:
+        train_ict(cfg, data, model, out_dir=tmp_path / "run", progress=False)
+    msg = str(info.value)
+    assert "the volume went away" in msg and "step 1 was not written" in msg and "Errno" not in msg
+
+
 def test_the_fd_goal_is_judged_in_the_held_out_space():
     """Item 15: a fine-tune that lowers the FD of its own feature space by 77 % but the held-out judge's by 5 %
     does not meet the goal (it did when the trained-on space decided)."""

@@ -376,6 +376,8 @@ class Trainer:
                 self.last_checkpoint = self.ckpt.save(self.step, tensors, meta)
             except OSError as e:  # ENOSPC, EACCES, EROFS … (fastcm._io.write_error): the older files are intact
                 last = "no earlier checkpoint" if self.last_checkpoint is None else f"{self.last_checkpoint} is intact"
-                raise OSError(e.errno, f"{e.strerror} (the checkpoint of step {self.step} was not written; {last})",
-                              e.filename) from e
+                what = f"the checkpoint of step {self.step} was not written; {last}"
+                if e.errno is None:  # a message without an errno: OSError(None, ...) would print "[Errno None]"
+                    raise OSError(f"{e} ({what})") from e
+                raise OSError(e.errno, f"{e.strerror} ({what})", e.filename) from e
             log.event("on_checkpoint", self.step, self.last_checkpoint)
