@@ -3,6 +3,8 @@ two-pass oracle (torch.func.jvp without graph, then a trainable forward with the
 every parameter gradient agree, with dropout on and off, on the reference ops (fp64, tight) and on the Triton route
 under the interpreter (fp32); per attention / GroupNorm layer one forward-side launch; a module without a forward-AD
 rule is named."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -186,3 +188,40 @@ def test_the_conv_tangent_matches_torch_func_jvp(conv):
     (g,) = torch.autograd.grad(out.sum(), model[0].weight)
     (want_g,) = torch.autograd.grad(model(x).sum(), model[0].weight)
     torch.testing.assert_close(g, want_g)
+
+
+@pytest.mark.parametrize("op", ["group_norm", "qkv_attention"])
+def test_split_duals_saves_no_tangents_and_keeps_value_tangent_and_gradient(op):
+    """Under split_duals (entered by the one pass) a reference route on forward-AD duals takes its trainable output
+    from the primals, so autograd saves plain tensors (no tangent kept alive until the level closes), and computes
+    the tangent without a graph: value, tangent and gradient equal torch.func.jvp / autograd of the reference."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fastcm.ops import group_norm, qkv_attention
+    from fastcm.ops._jvp import split_duals
+
+    g = torch.Generator().manual_seed(0)
+    if op == "group_norm":
+        x, v = torch.randn(2, 8, 5, 5, generator=g, dtype=torch.float64), torch.randn(2, 8, 5, 5, generator=g,
+                                                                                        dtype=torch.float64)
+        w = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+        f = lambda x: group_norm(x, 4, w, None, 1e-5, None, None, "silu", impl="torch")  # noqa: E731
+    else:
+        x, v = torch.randn(2, 24, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 24, 3, 5, generator=g,
+                                                                                         dtype=torch.float64)
+        w = x.requires_grad_()  # the gradient is taken with respect to the primal input itself
+        f = lambda x: qkv_attention(x, 2, impl="torch")  # noqa: E731
+    with torch.no_grad():
+        want, want_t = torch.func.jvp(f, (x,), (v,))
+    (want_g,) = torch.autograd.grad(f(x).square().sum(), w)
+    for split, saved_duals in ((True, 0), (False, None)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with fwAD.dual_level(), (split_duals() if split else contextlib.nullcontext()):
+                y, t = fwAD.unpack_dual(f(fwAD.make_dual(x, v)))
+                n = sum(fwAD.unpack_dual(s).tangent is not None for s in saved)
+        torch.testing.assert_close(y, want)
+        torch.testing.assert_close(t, want_t)
+        (got_g,) = torch.autograd.grad(y.square().sum(), w)  # after the level closes, as in the one pass
+        torch.testing.assert_close(got_g, want_g)
+        assert (n == 0) if split else (n > 0), (split, n)

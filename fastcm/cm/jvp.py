@@ -8,9 +8,11 @@ inputs under autograd gives the trainable output with its graph and its tangent,
 stop-gradient) and whose own graph is cut at every leaf module (:func:`_cut_tangents`). The call is the model's
 ``__call__`` (so DDP all-reduces the gradients) and runs eagerly (``torch.compiler.set_stance("force_eager")``:
 compiled code drops custom ``jvp`` rules, pytorch#192985, and a compiled module fed duals returns a wrong tangent).
-Memory: torch keeps the tangent of every tensor saved for backward until the dual level closes (autograd's
-SavedVariable holds its forward grad), so the forward peaks higher than a plain forward (cifar10-small batch 8, CPU:
-3.35x; benchmarks/results/jvp-memory.md); after the pass 1.33x stays resident. two_pass peaks at 1.00x. Under the
+Memory: forward AD keeps the tangent of every dual tensor autograd saves for backward until the dual level
+closes; so the pass computes conv tangents as conv(x_t, W) (:func:`_lean_conv_tangents`) and fastcm's reference ops
+take their trainable output from the primals and their tangent without a graph (``fastcm.ops._jvp.split_duals``).
+cifar10-small batch 8, CPU: the forward peaks at 1.27x a plain step's, and nothing more than a plain forward's
+activations stays resident for the backward (benchmarks/results/jvp-memory.md; 3.35x / 1.33x before). Under the
 caller's ``torch.autocast`` the tangent is computed at the autocast precision, like the primal (sCM's FP16 recipe
 relies on the JVP rearrangement, which the sCT loss applies).
 ``jvp_mode="two_pass"`` (:func:`network_jvp`, the oracle of the tests): ``torch.func.jvp`` under
@@ -34,8 +36,8 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from fastcm.models.unet import UNet
-from fastcm.ops import GroupNorm, group_norm, group_norm_ref, qkv_attention, qkv_attention_ref, resolve_impl, use_impl
-from fastcm.ops._jvp import has_tangent
+from fastcm.ops import group_norm, group_norm_ref, qkv_attention, qkv_attention_ref, resolve_impl, use_impl
+from fastcm.ops._jvp import has_tangent, split_duals
 
 JVP_MODES = ("one_pass", "two_pass")
 _PROBED = {}  # device -> None (the Triton route carries tangents) or the reason it does not
@@ -112,7 +114,7 @@ def dual_pass(model: nn.Module, fn: Callable, primals: Sequence[Tensor], tangent
     tangents = tuple(t.contiguous() for t in tangents)
     _probe_route(model, primals[0], impl)
     with fwAD.dual_level(), ops_impl(model, impl), torch.compiler.set_stance("force_eager"), _cut_tangents(model), \
-            _lean_tangents(model):
+            _lean_conv_tangents(model), split_duals():
         duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
         try:
             out = fn(*duals)
@@ -155,25 +157,18 @@ def _cut_tangents(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _lean_tangents(model: nn.Module):
-    """While the pass runs, compute the tangents of two kinds of leaf module the cheap way (values unchanged):
+def _lean_conv_tangents(model: nn.Module):
+    """While the pass runs, give every nn.Conv1d/2d/3d the tangent conv(x_t, W) (values unchanged).
 
-    * nn.Conv1d/2d/3d: a conv is linear in its input, so with constant weights its tangent is the bias-free
-      conv(x_t, W). torch's forward-AD rule for convolution (torch 2.13) also convolves the input with the weight's
-      tangent, a materialised zero for a parameter that carries none: a third full convolution per layer.
-    * fastcm GroupNorm on the reference route: the trainable output comes from ``torch.group_norm`` (whose fused
-      backward the plain step uses; autograd through the readable formula's dozen elementwise ops costs more), and
-      the tangent from forward AD of the readable formula (:func:`fastcm.ops.group_norm_ref`) without a graph.
-      The Triton route is left alone: its output-and-tangent kernel already does both in one launch.
-    Neither tangent needs a graph: :func:`_cut_tangents` detaches it at every leaf module anyway. cifar10-small,
-    batch 8, one thread: the one-pass sCT step went from 2.04x to about 1.55x a plain step
-    (benchmarks/bench_jvp.py)."""
+    A conv is linear in its input, so with constant weights its tangent is the bias-free conv of the input's
+    tangent. torch's forward-AD rule for convolution (torch 2.13) also convolves the input with the weight's
+    tangent, a materialised zero for a parameter that carries none: a third full convolution per layer. The tangent
+    needs no graph (:func:`_cut_tangents` detaches it at every leaf module anyway). fastcm's own reference ops get
+    the same treatment from ``fastcm.ops._jvp.split_duals``."""
     lean = {}
     for m in model.modules():
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
             lean[m] = _lean_conv(m, m.forward)
-        elif isinstance(m, GroupNorm):
-            lean[m] = _lean_group_norm(m, m.forward)
     saved = {m: m.__dict__.get("forward") for m in lean}  # an instance-level forward the caller set, if any
     for m, forward in lean.items():
         m.forward = forward
@@ -195,18 +190,6 @@ def _lean_conv(m: nn.Module, forward: Callable) -> Callable:
         with torch.no_grad():
             t = m._conv_forward(tangent, m.weight, None)
         return fwAD.make_dual(m._conv_forward(primal, m.weight, m.bias), t)
-    return lean_forward
-
-
-def _lean_group_norm(m: nn.Module, forward: Callable) -> Callable:
-    def lean_forward(x, scale=None, shift=None, impl=None):
-        if (not has_tangent(x, scale, shift) or has_tangent(m.weight, m.bias)
-                or resolve_impl(m.impl if impl is None else impl, x) != "torch"):
-            return forward(x, scale, shift, impl)
-        y = forward(*(None if v is None else fwAD.unpack_dual(v).primal for v in (x, scale, shift)), impl=impl)
-        with torch.no_grad():
-            t = fwAD.unpack_dual(forward(x, scale, shift, impl)).tangent
-        return fwAD.make_dual(y, t)
     return lean_forward
 
 

@@ -20,6 +20,7 @@ and ``torch.autograd.forward_ad`` leaves the tangent None. And Dynamo refuses a
 ``forward_ad`` alike, eagerly and while Dynamo traces. A JvpRule is generic (attention can use it): it holds the
 custom op call, its setup_context/backward pair and a tangent function of (inputs, outputs, tangents).
 """
+import contextlib
 from typing import Callable, Sequence
 
 import torch
@@ -33,6 +34,40 @@ _SAVED = object()  # marks the positions of tensors kept with ctx.save_for_forwa
 def has_tangent(*values) -> bool:
     """True when any tensor among ``values`` carries a forward-mode tangent (torch.func.jvp or forward_ad)."""
     return any(isinstance(v, Tensor) and fwAD.unpack_dual(v).tangent is not None for v in values)
+
+
+_SPLITTING = [False]  # set by split_duals(): forward-AD duals of fastcm.cm.jvp.dual_pass, never torch.func
+
+
+@contextlib.contextmanager
+def split_duals():
+    """While active, a reference route called on ``torch.autograd.forward_ad`` duals (under autograd) computes its
+    trainable output from the primals alone and its tangent by forward AD without a graph (:func:`split_dual`).
+    Only for forward_ad dual levels (``torch.func.jvp`` wraps tensors its own way): ``fastcm.cm.jvp.dual_pass``
+    enters it."""
+    before, _SPLITTING[0] = _SPLITTING[0], True
+    try:
+        yield
+    finally:
+        _SPLITTING[0] = before
+
+
+def split_dual(ref: Callable, *args, **kwargs):
+    """``ref(*args, **kwargs)``, the same value and tangent, computed as two calls when :func:`split_duals` is
+    active and some tensor argument carries a tangent (else one plain call):
+
+    * the output, with its autograd graph, from the primals: autograd saves plain tensors for the backward (not
+      their tangents, which forward AD keeps alive with every saved dual until the level closes) and the op's
+      native backward runs (e.g. torch.group_norm's fused one instead of a dozen elementwise backward ops);
+    * the tangent from forward AD of ``ref`` under ``torch.no_grad()``: its intermediates are freed at once.
+    The tangent carries no graph, which the continuous-time methods never need (they stop its gradient)."""
+    if not (_SPLITTING[0] and torch.is_grad_enabled() and has_tangent(*args, *kwargs.values())):
+        return ref(*args, **kwargs)
+    primal = lambda v: fwAD.unpack_dual(v).primal if isinstance(v, Tensor) else v  # noqa: E731
+    out = ref(*map(primal, args), **{k: primal(v) for k, v in kwargs.items()})
+    with torch.no_grad():
+        tangent = fwAD.unpack_dual(ref(*args, **kwargs)).tangent
+    return out if tangent is None else fwAD.make_dual(out, tangent)
 
 
 def _refuse_compiled(name: str) -> None:

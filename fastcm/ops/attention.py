@@ -27,7 +27,7 @@ from fastcm._checks import check_bool, check_int, check_real
 
 from . import _describe
 from ._attention_triton import out_view, qkv_views, triton_attention, triton_qkv_attention
-from ._jvp import has_tangent
+from ._jvp import has_tangent, split_dual
 from ._utils import check_same_device, check_tensor, resolve_impl
 
 # FlashAttention-2's limit, and kernels/attention.py's MAX_HEAD_DIM (the iCT cifar10 preset has one 256-wide head);
@@ -77,7 +77,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     q, k, v = _autocast(q, k, v)
     backend = _backend(impl, q, q.shape[-1])
     if backend == "torch":
-        return attention_ref(q, k, v, scale)
+        return split_dual(attention_ref, q, k, v, scale)
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
     return triton_attention(q, k, v, scale, deterministic)
@@ -117,7 +117,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
     (qkv,) = _autocast(qkv)
     backend = _backend(impl, qkv, head_dim)
     if backend == "torch":
-        return qkv_attention_ref(qkv, num_heads, scale)
+        return split_dual(qkv_attention_ref, qkv, num_heads, scale)
     if backend == "sdpa":
         return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
     return triton_qkv_attention(qkv, num_heads, scale, deterministic)

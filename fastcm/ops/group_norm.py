@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _describe
-from ._jvp import FusedJvpRule, has_tangent
+from ._jvp import FusedJvpRule, has_tangent, split_dual
 from fastcm._checks import check_real
 
 from ._utils import check_choice, check_int, check_same_device, check_tensor, resolve_impl
@@ -44,7 +44,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     """
     _validate(x, num_groups, weight, bias, eps, scale, shift, act)
     if resolve_impl(impl, x) == "torch":
-        return group_norm_ref(x, num_groups, weight, bias, eps, scale, shift, act)
+        return split_dual(group_norm_ref, x, num_groups, weight, bias, eps, scale, shift, act)
     args = (x, int(num_groups), weight, bias, float(eps), scale, shift, act == "silu", 0)
     if has_tangent(x, weight, bias, scale, shift):  # torch.func.jvp / forward_ad: the op's tangent rule
         return _JVP.apply(*args)
