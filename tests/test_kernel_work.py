@@ -129,3 +129,20 @@ def test_bf16_counts_equal_fp16_counts(op):
     half, bf16 = (_ratios(op, "fwd+bwd", dtype=dt)[2] for dt in (torch.float16, torch.bfloat16))
     assert {k: (v.loaded, v.stored, v.dot_flops) for k, v in half.kernels.items()} == \
         {k: (v.loaded, v.stored, v.dot_flops) for k, v in bf16.kernels.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_the_pseudo_huber_backward_glue_is_one_pass_over_the_gradient(dtype):
+    """Per sample, the kernel writes d loss / d pred in the forward; the backward's only torch op scales it by the
+    incoming per-sample gradient: one read and one write of the gradient in its own dtype (an fp32 product cast
+    back moved 3x that, and materialised zeros for the saved gradient's own gradient added one more write)."""
+    from fastcm.perf.work import materialize
+
+    spec = REGISTRY["pseudo_huber_loss"]
+    call = spec.aot_calls((2, 3, 8, 8))[0]
+    assert call["per"] == "sample"
+    kwargs = materialize("pseudo_huber_loss", call, dtype)
+    count = work.triton_count(spec, kwargs, "fwd+bwd")
+    grad_bytes = kwargs["pred"].numel() * kwargs["pred"].element_size()
+    assert count.bytes == spec.min_work("fwd+bwd", **kwargs).bytes
+    assert 2 * grad_bytes <= count.glue_bytes <= 2 * grad_bytes + 64  # + the (B,) loss, its mean and gradient

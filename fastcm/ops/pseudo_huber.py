@@ -121,6 +121,7 @@ def _(pred, target, c, per_sample, need_grad):
 def _setup_context(ctx, inputs, output):
     pred, target, c, per_sample, need_grad = inputs
     ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)  # nothing reads the saved gradient's own gradient: no zeros of its size
     ctx.per_sample = per_sample
     ctx.need_grad = need_grad
 
@@ -131,9 +132,13 @@ def _backward(ctx, d_loss, d_grad):
         raise RuntimeError("pseudo_huber_fwd ran without need_grad=True, so it saved no gradient")
     # The kernel already wrote d loss / d pred; backward only scales it by the incoming gradient (which may be an
     # expanded, stride-0 tensor after .sum().backward(): broadcasting reads it correctly).
+    if d_loss is None:  # the loss was not used (grads are not materialised: _setup_context)
+        return None, None, None, None, None
     if ctx.per_sample:
         d_loss = d_loss.view(-1, *([1] * (grad.dim() - 1)))
-    d_pred = (grad * d_loss).to(grad.dtype)
+    # One elementwise pass in grad's dtype (the product is formed in fp32 and rounded once): (grad * d_loss).to()
+    # would write an fp32 copy and read it back, 3x the bytes.
+    d_pred = torch.mul(grad, d_loss, out=torch.empty_like(grad))
     d_target = -d_pred if ctx.needs_input_grad[1] else None
     return d_pred, d_target, None, None, None
 

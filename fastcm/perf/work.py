@@ -56,7 +56,8 @@ class _Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.namespace != self.skip and not func.is_view and func._opname not in _NO_TRAFFIC:
-            for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # an out= buffer is written, not read
+            for t in torch.utils._pytree.tree_leaves((args, inputs, out)):
                 if isinstance(t, torch.Tensor):
                     self.bytes += t.numel() * t.element_size()
         return out
