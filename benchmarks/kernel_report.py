@@ -65,13 +65,15 @@ def measure(name: str, call: dict, dtype_name: str):
     return out
 
 
-def collect(presets, dtypes, batch):
-    """CSV rows, one per (preset, op, call, dtype, direction), counts scaled to ``batch`` (sqrtm: as called)."""
+def collect(presets, dtypes, batch, ops=None):
+    """CSV rows, one per (preset, op, call, dtype, direction), counts scaled to ``batch`` (sqrtm: as called);
+    ``ops``: only these ops (None: all)."""
     rows = []
     jobs = [(p, name, call, n, batch) for p in presets
             for name, calls in preset_calls(p, 1).items() if name != "sqrtm" for call, n in calls]
     jobs += [("fid / covariance pooling", "sqrtm", {"a": torch.empty(G, n, n, device="meta")}, 1, 1)
              for G, n in SQRTM_SIZES]
+    jobs = [j for j in jobs if ops is None or j[1] in ops]
     for preset, name, call, times, scale in jobs:
         for dt in dtypes:
             if name == "sqrtm" and dt != "fp32":
@@ -100,7 +102,7 @@ def _sum(rows, keys):
     return {k: sum(r[k] * r["times"] for r in rows) for k in keys}
 
 
-def write_markdown(rows, path: Path, seconds: float, batch: int) -> None:
+def write_markdown(rows, path: Path, seconds: float, batch: int, updated=None) -> None:
     keys = ("launches", "loaded", "stored", "dot_flops", "half_flops", "min_bytes", "min_flops", "glue_bytes",
             "eager_bytes", "eager_flops")
     groups = {}
@@ -109,7 +111,10 @@ def write_markdown(rows, path: Path, seconds: float, batch: int) -> None:
     lines = [
         "# Kernel work: bytes and FLOPs of every Triton route against its minimum (no GPU)",
         "",
-        f"Written by `make kernel-report` (benchmarks/kernel_report.py) in {seconds:.0f} s on CPU, torch "
+        f"Written by `make kernel-report` (benchmarks/kernel_report.py) "
+        + (f"in {seconds:.0f} s" if not updated else
+           f"(the rows of {', '.join(updated)} re-run with --update in {seconds:.0f} s, the rest from the full run)")
+        + f" on CPU, torch "
         f"{torch.__version__}. Each op's Triton route ran under the interpreter probe (kernels/_probe.py) at every "
         f"distinct call one forward of the preset's U-Net makes (and the loss on its image batch), at batch 1; the "
         f"figures are for a batch of {batch}, the batch-1 counts times {batch} (every launch scales linearly in the "
@@ -119,7 +124,7 @@ def write_markdown(rows, path: Path, seconds: float, batch: int) -> None:
         "Minimum: the op's own declaration (`min_work` beside its reference in fastcm/ops/<op>.py: each input read "
         "once, each output written once; attention FLOPs 4 B H Lq Lk D forward, 8 backward, 12 forward with "
         "tangent). Ratio: counted / minimum (bytes; FLOPs where the op has matmuls). AI: counted FLOPs per counted "
-        "byte. Floors: max(bytes / bandwidth, FLOPs / peak) on an H100 SXM (3.35 TB/s; 989 TFLOP/s fp16/bf16 "
+        "byte. With glue: (counted + glue bytes) / minimum, what the route moves end to end. Floors: max(bytes / bandwidth, FLOPs / peak) on an H100 SXM (3.35 TB/s; 989 TFLOP/s fp16/bf16 "
         "tensor cores; fp32 dots at torch's default IEEE precision on the 67 TFLOP/s FMA units) and an H200 "
         "(4.8 TB/s, same compute). Glue: bytes of the torch ops the Triton route runs around its kernels. Eager: "
         "the op's PyTorch reference, every aten op's inputs + outputs (`TorchDispatchMode`) and its FLOPs "
@@ -128,10 +133,11 @@ def write_markdown(rows, path: Path, seconds: float, batch: int) -> None:
         "Caveats:",
         *[f"- {c}" for c in CAVEATS],
         "",
-        "| preset | op | direction | dtype | launches | loaded MB | stored MB | GFLOP | bytes ratio | FLOP ratio | "
+        "| preset | op | direction | dtype | launches | loaded MB | stored MB | GFLOP | bytes ratio | with glue | "
+        "FLOP ratio | "
         "AI | H100 floor µs | H200 floor µs | glue MB | eager MB | eager GFLOP | eager H100 floor µs | "
         "eager / fused bytes |",
-        "|" + "---|" * 18,
+        "|" + "---|" * 19,
     ]
     for (preset, op, direction, dt), rs in groups.items():
         s = _sum(rs, keys)
@@ -142,11 +148,18 @@ def write_markdown(rows, path: Path, seconds: float, batch: int) -> None:
         ai = f"{s['dot_flops'] / nbytes:.1f}" if s["dot_flops"] else "0"
         lines.append(
             f"| {preset} | {op} | {direction} | {dt} | {s['launches']} | {s['loaded'] / 1e6:.2f} | "
-            f"{s['stored'] / 1e6:.2f} | {s['dot_flops'] / 1e9:.2f} | {nbytes / s['min_bytes']:.2f} | {flop_ratio} | "
+            f"{s['stored'] / 1e6:.2f} | {s['dot_flops'] / 1e9:.2f} | {nbytes / s['min_bytes']:.2f} | "
+            f"{(nbytes + s['glue_bytes']) / s['min_bytes']:.2f} | {flop_ratio} | "
             f"{ai} | {h100:.1f} | {h200:.1f} | {s['glue_bytes'] / 1e6:.2f} | {s['eager_bytes'] / 1e6:.2f} | "
             f"{s['eager_flops'] / 1e9:.2f} | {eager_floor:.1f} | {s['eager_bytes'] / nbytes:.2f} |")
     lines += ["", "Per call and per kernel (loaded / stored bytes / FLOPs): kernel-work.csv."]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _read_rows(path: Path) -> list:
+    """The rows of an earlier report's CSV, numbers as ints."""
+    with open(path, newline="") as f:
+        return [{k: int(v) if v.lstrip("-").isdigit() else v for k, v in r.items()} for r in csv.DictReader(f)]
 
 
 def main(argv=None) -> int:
@@ -155,16 +168,27 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", type=Path, default=OUT / "kernel-work.md")
+    parser.add_argument("--ops", default=None, help="only these ops (comma-separated REGISTRY names)")
+    parser.add_argument("--update", action="store_true",
+                        help="with --ops: replace those ops' rows in the existing .csv and rewrite the report")
     args = parser.parse_args(argv)
+    ops = None if args.ops is None else args.ops.split(",")
+    for op in ops or ():
+        if op not in REGISTRY:
+            parser.error(f"--ops: unknown op {op!r} (expected one of {', '.join(REGISTRY)})")
+    if args.update and ops is None:
+        parser.error("--update needs --ops (the ops whose rows are re-run)")
     torch.set_num_threads(1)
     start = time.time()
-    rows = collect(args.presets.split(","), args.dtypes.split(","), args.batch)
+    rows = collect(args.presets.split(","), args.dtypes.split(","), args.batch, ops)
     seconds = time.time() - start
+    if args.update:
+        rows = [r for r in _read_rows(args.out.with_suffix(".csv")) if r["op"] not in ops] + rows
     with open(args.out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    write_markdown(rows, args.out, seconds, args.batch)
+    write_markdown(rows, args.out, seconds, args.batch, ops if args.update else None)
     print(f"{len(rows)} rows in {seconds:.0f} s -> {args.out} and .csv")
     return 0
 

@@ -185,7 +185,9 @@ make_inputs.cases = ("tiny", "digits", "cifar10", "imagenet64")
 def min_work(direction: str, pred: Tensor, target: Tensor, c: float = 0.0, weight: Optional[Tensor] = None,
              reduction: str = "mean", per: str = "sample", **_) -> "_describe.Work":
     acc = 8 if pred.dtype == torch.float64 else 4
-    loss = acc * (pred.shape[0] if per == "sample" else pred.numel())
+    # The op's output: one value per sample or per element for reduction="none", else one scalar (a per-element
+    # loss that the route writes and then reduces is its own overhead, not part of the minimum).
+    loss = acc * ((pred.shape[0] if per == "sample" else pred.numel()) if reduction == "none" else 1)
     inputs = _describe.nbytes(pred, target)
     grads = _describe.nbytes(pred if pred.requires_grad else None, target if target.requires_grad else None)
     fwd = _describe.Work(inputs + loss)
