@@ -1,5 +1,6 @@
 """One comparison helper for every kernel test (fast op vs reference)."""
 import math
+import textwrap
 
 import torch
 
@@ -41,3 +42,25 @@ def torchrun(script, *args, nproc: int = 2, timeout: float = 300):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+# Source of run_cli(argv), for the test drivers that run many `fastcm` commands in one subprocess (one interpreter
+# start-up for a whole matrix): prepend it to the driver's source.
+CLI_IN_PROCESS = textwrap.dedent('''
+    def run_cli(argv):
+        """`fastcm *argv` in this process: (exit code, stderr); a traceback is exit code 1 with it as stderr."""
+        import io, runpy, sys, traceback
+        sys.argv = ["fastcm", *argv]
+        err = io.StringIO()
+        stderr, sys.stderr = sys.stderr, err
+        try:
+            runpy.run_module("fastcm.cli", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException:  # a traceback: what the tests must never see
+            code, _ = 1, traceback.print_exc(file=err)
+        finally:
+            sys.stderr = stderr
+        return code, err.getvalue()
+''')

@@ -22,10 +22,11 @@ from fastcm.data import ArrayDataset, load_digits
 from fastcm.models import build_unet
 from fastcm.train import ICTConfig, load_checkpoint, train_ict
 from fastcm.train.checkpoint_file import CheckpointManager, _digest
+from helpers import CLI_IN_PROCESS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DRIVER = textwrap.dedent('''
+DRIVER = CLI_IN_PROCESS + textwrap.dedent('''
     import builtins, errno, io, json, os, runpy, sys
     readonly = os.path.realpath(sys.argv[1])
 
@@ -52,20 +53,8 @@ DRIVER = textwrap.dedent('''
     os.mkdir, builtins.open, io.open, os.open = mkdir, open_, open_, os_open
     results = []
     for argv in json.loads(sys.argv[2]):
-        sys.argv = ["fastcm", *argv]
-        err = io.StringIO()
-        stderr, sys.stderr = sys.stderr, err
-        try:
-            runpy.run_module("fastcm.cli", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        except BaseException as e:  # a traceback: what the test must never see
-            import traceback
-            code, _ = 1, traceback.print_exc(file=err)
-        finally:
-            sys.stderr = stderr
-        results.append({"argv": argv, "code": code, "err": err.getvalue()})
+        code, err = run_cli(argv)
+        results.append({"argv": argv, "code": code, "err": err})
     print(json.dumps(results))
 ''')
 

@@ -2,13 +2,12 @@
 covariances and input validation."""
 import math
 
-import numpy as np
 import pytest
-import scipy.linalg
 import torch
 
 from fastcm.ops import FrechetReference, frechet_distance, trace_sqrt_product
 from fastcm.ops.frechet import congruence, congruence_torch, psd_factor
+from fastcm.perf.baselines import frechet_eigvals, frechet_scipy_sqrtm
 
 F64 = torch.float64
 
@@ -23,18 +22,6 @@ def _stats(n, d, seed, scale=1.0, shift=0.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=F64) @ torch.randn(d, d, generator=g, dtype=F64) * scale + shift
     return x.mean(0), torch.cov(x.T)
-
-
-def _scipy_fd(mu1, s1, mu2, s2):
-    """pytorch-fid / clean-fid / EDM2's route."""
-    covmean = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy())
-    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * np.trace(covmean).real)
-
-
-def _eigvals_fd(mu1, s1, mu2, s2):
-    """torchmetrics' route."""
-    return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace()
-                 - 2 * torch.linalg.eigvals(s1 @ s2).sqrt().real.sum())
 
 
 def test_returns_fp64_scalar():
@@ -108,8 +95,8 @@ def test_agrees_with_scipy_sqrtm_and_eigvals_routes():
     mu1, s1 = _stats(600, 64, seed=6)
     mu2, s2 = _stats(500, 64, seed=7, scale=0.8, shift=-0.2)
     fd = frechet_distance(mu1, s1, mu2, s2).item()
-    assert fd == pytest.approx(_scipy_fd(mu1, s1, mu2, s2), rel=1e-10)
-    assert fd == pytest.approx(_eigvals_fd(mu1, s1, mu2, s2), rel=1e-10)
+    assert fd == pytest.approx(frechet_scipy_sqrtm(mu1, s1, mu2, s2), rel=1e-10)
+    assert fd == pytest.approx(frechet_eigvals(mu1, s1, mu2, s2), rel=1e-10)
 
 
 def test_nuclear_norm_identity():
@@ -142,7 +129,7 @@ def test_few_samples_finite_and_close_to_eigvals():
     mu2, s2 = _stats(30, 48, seed=12, shift=0.5)
     fd = frechet_distance(mu1, s1, mu2, s2).item()
     assert math.isfinite(fd) and fd > 0
-    assert fd == pytest.approx(_eigvals_fd(mu1, s1, mu2, s2), rel=1e-6)
+    assert fd == pytest.approx(frechet_eigvals(mu1, s1, mu2, s2), rel=1e-6)
 
 
 def test_numpy_and_fp32_inputs():
@@ -210,7 +197,7 @@ def test_torch_route_with_lapack_disabled_matches_scipy_formula(impl, monkeypatc
     d = 300
     mu1, s1 = _stats(500, d, seed=17)
     mu2, s2 = _stats(500, d, seed=18, scale=0.9, shift=0.1)
-    expected = _scipy_fd(mu1, s1, mu2, s2)
+    expected = frechet_scipy_sqrtm(mu1, s1, mu2, s2)
     if impl == "torch":
         monkeypatch.setattr("fastcm.ops._lapack.lapack", _NoLapack())
     else:  # "auto" without scipy falls back to torch
@@ -295,7 +282,7 @@ def test_covariances_far_from_unit_scale_are_rescaled(scale):
     (means kept) work too; a distance beyond fp64 is refused in one line."""
     mu1, s1 = _stats(100, 16, seed=3)
     mu2, s2 = _stats(100, 16, seed=4, scale=1.5, shift=0.3)
-    expected = _scipy_fd(mu1, s1, mu2, s2)
+    expected = frechet_scipy_sqrtm(mu1, s1, mu2, s2)
     a = math.sqrt(scale)
     for impl in ("auto", "torch"):
         fd = frechet_distance(mu1 * a, s1 * scale, mu2 * a, s2 * scale, impl=impl)

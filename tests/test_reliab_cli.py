@@ -14,10 +14,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import CLI_IN_PROCESS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-DRIVER = textwrap.dedent('''
+DRIVER = CLI_IN_PROCESS + textwrap.dedent('''
     import io, json, os, runpy, signal, subprocess, sys, threading, time
     results = {}
 
@@ -49,20 +50,8 @@ DRIVER = textwrap.dedent('''
             continue
         if results.get("tmpfs", {}).get("code", 0) and name.startswith("disk-"):
             continue  # no tmpfs here
-        sys.argv = ["fastcm", *arg]
-        err = io.StringIO()
-        stderr, sys.stderr = sys.stderr, err
-        try:
-            runpy.run_module("fastcm.cli", run_name="__main__", alter_sys=True)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        except BaseException:  # a traceback: what the test must never see
-            import traceback
-            code, _ = 1, traceback.print_exc(file=err)
-        finally:
-            sys.stderr = stderr
-        results[name] = {"code": code, "err": err.getvalue()}
+        code, err = run_cli(arg)
+        results[name] = {"code": code, "err": err}
     print(json.dumps(results))
 ''')
 
