@@ -212,7 +212,7 @@ def test_stage1_budget_stops_early(tmp_path, tmp_path_factory):
                      stage1_seconds=1e-6, stage1_clock="cpu", method="meanflow")
     report = run_demo(cfg, out=str(tmp_path / "r"), cache=str(tmp_path_factory.getbasetemp() / "fastcm-cache"),
                       verbose=False)
-    planned = json.loads((tmp_path / "r" / "meanflow" / "config.json").read_text())["total_steps"]
+    planned = json.loads((tmp_path / "r" / "meanflow" / "config.json").read_text())["config"]["total_steps"]
     assert planned == report["stage1_steps"] == STAGE1_STEPS["meanflow"] < 4000
     records = report["curves"]["meanflow"]
     assert [r["step"] for r in records if "eval_seconds" not in r] == [1]
