@@ -10,10 +10,12 @@ METHOD_LABELS = {"ict": "iCT", "sct": "sCT", "meanflow": "MeanFlow"}
 
 # Stage-1 steps of `fastcm demo --method M` when --steps is not given: the compute of iCT's 4,000 calibrated steps
 # (batch 64, about 6.5 min on the project's 2-core CPU), counted as `--compare` counts it, in CPU seconds per step.
-# Measured here (digits preset, batch 64, one thread, CPU time per step, interleaved runs): an sCT or MeanFlow step
-# (one forward on dual tensors with its graph + one backward, fastcm.cm.jvp) costs STEP_COST x an iCT step
-# (2 forwards + 1 backward), so they get 4,000 / STEP_COST steps, rounded to 100.
-STEP_COST = {"ict": 1.0, "sct": 1.55, "meanflow": 1.55}
+# STEP_COST[M] = CPU time of an M step / an iCT step (iCT: 2 forwards + 1 backward; sCT and MeanFlow: 1 forward on
+# dual tensors with its graph + 1 backward, fastcm.cm.jvp), measured here on the digits preset at batch 64 with one
+# thread, medians of 6 interleaved rounds of 5 steps: iCT 0.149 s, sCT 0.290 s (1.95x), MeanFlow 0.286 s (1.92x)
+# (a loaded machine; the equal-time --compare of the two-pass route had measured 1.81x and 1.88x). M gets
+# 4,000 / STEP_COST[M] steps, rounded to 100.
+STEP_COST = {"ict": 1.0, "sct": 1.95, "meanflow": 1.92}
 ICT_STEPS = 4000
 STAGE1_STEPS = {m: int(round(ICT_STEPS / cost, -2)) for m, cost in STEP_COST.items()}
 
