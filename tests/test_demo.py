@@ -4,6 +4,7 @@ equal independent recomputations from the saved .npz files (scipy sqrtm FD, scik
 The quality goals themselves (one-step CAS >= 0.92, FD fine-tune lowering the feature FD by >= 20 %) need the full
 default run (`make demo`, ~10 minutes); its measured numbers are in the README.
 """
+import dataclasses
 import json
 import warnings
 
@@ -204,14 +205,66 @@ def test_compare_runs_every_method_and_writes_one_table(tmp_path, tmp_path_facto
 
 
 def test_stage1_budget_stops_early(tmp_path, tmp_path_factory):
-    from fastcm.demo import DemoConfig, run_demo
+    """A spent budget stops stage 1 at its first step; without ict_steps the plan is the method's STAGE1_STEPS."""
+    from fastcm.demo import STAGE1_STEPS, DemoConfig, run_demo
 
-    cfg = DemoConfig(ict_steps=50, batch_size=16, fd_steps=0, per_class=2, cas_seeds=0, progress=False, threads=1,
+    cfg = DemoConfig(batch_size=16, fd_steps=0, per_class=2, cas_seeds=0, progress=False, threads=1,
                      stage1_seconds=1e-6, stage1_clock="cpu", method="meanflow")
     report = run_demo(cfg, out=str(tmp_path / "r"), cache=str(tmp_path_factory.getbasetemp() / "fastcm-cache"),
                       verbose=False)
+    planned = json.loads((tmp_path / "r" / "meanflow" / "config.json").read_text())["config"]["total_steps"]
+    assert planned == report["stage1_steps"] == STAGE1_STEPS["meanflow"] < 4000
     records = report["curves"]["meanflow"]
     assert [r["step"] for r in records if "eval_seconds" not in r] == [1]
     assert [r["step"] for r in records if "eval_seconds" in r] == [0, 1]  # FID at the start and where it stopped
     with pytest.raises(ValueError, match="stage1_clock must be"):
         DemoConfig(stage1_clock="gpu")
+
+
+def test_old_import_names_are_the_package_objects():
+    """fastcm.demo became a package and fastcm.demo_compare its compare module: the old names still import."""
+    import fastcm.demo as demo
+    import fastcm.demo_compare as old_compare
+    from fastcm.demo import compare, config, pipeline, run
+
+    assert old_compare.run_compare is compare.run_compare is demo.run_compare
+    assert old_compare.COMPARE_SECONDS == demo.COMPARE_SECONDS == 240.0
+    assert old_compare.COMPARE_METHODS == demo.COMPARE_METHODS == ("ict", "sct", "meanflow")
+    assert demo.run_demo is run.run_demo and demo.DemoConfig is config.DemoConfig
+    assert demo.QUALITY is config.QUALITY and demo.METHOD_LABELS is config.METHOD_LABELS
+    assert demo.run_pipeline is pipeline.run_pipeline and demo.setup is pipeline.setup
+
+
+def test_compare_imports_only_the_public_pipeline():
+    """compare (and run) use the pipeline's public names: no underscore name crosses a module of the package."""
+    import ast
+    import inspect
+
+    from fastcm.demo import compare, run
+
+    for module in (compare, run):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("fastcm.demo")):
+                assert not [a.name for a in node.names if a.name.startswith("_")], module.__name__
+
+
+def test_method_demos_get_iCT_steps_compute(monkeypatch, tmp_path):
+    """`fastcm demo --method M` without --steps plans the compute of iCT's 4,000 steps (4,000 / STEP_COST[M],
+    rounded to 100); --steps is taken as given; --compare caps every method at iCT's 4,000 (its budget is time)."""
+    import fastcm.demo
+    import fastcm.demo.compare
+    from fastcm.demo import STAGE1_STEPS, STEP_COST, DemoConfig, run_compare
+
+    seen = []
+    monkeypatch.setattr(fastcm.demo, "run_demo", lambda cfg, **kw: seen.append(cfg) or {"quality": {}})
+    for method in ("ict", "sct", "meanflow"):
+        assert main(["demo", "--method", method]) == 0
+        assert seen[-1].ict_steps is None and seen[-1].stage1_steps == STAGE1_STEPS[method]
+        assert abs(STAGE1_STEPS[method] * STEP_COST[method] - 4000) <= 50 * STEP_COST[method]
+    assert STAGE1_STEPS["ict"] == 4000 and STAGE1_STEPS["sct"] < 4000 and STAGE1_STEPS["meanflow"] < 4000
+    assert main(["demo", "--method", "sct", "--steps", "7"]) == 0 and seen[-1].stage1_steps == 7
+    monkeypatch.setattr(fastcm.demo.compare, "_compare", lambda cfg, *a: seen.append(cfg))
+    run_compare(DemoConfig(method="sct"), out=str(tmp_path / "cmp"))
+    assert seen[-1].ict_steps == 4000 and dataclasses.replace(seen[-1], method="meanflow").stage1_steps == 4000
+    with pytest.raises(ValueError, match="ict_steps must be an integer >= 1"):
+        DemoConfig(ict_steps=0)

@@ -44,7 +44,7 @@ def _sampling_args(p) -> None:
 
 
 def _add_demo(sub) -> None:
-    from fastcm.demo import DemoConfig
+    from fastcm.demo import STAGE1_STEPS, DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="the embedded digits demo: iCT, samples, FD/CAS evaluation, FD fine-tune",
@@ -54,7 +54,9 @@ def _add_demo(sub) -> None:
                                    "fine-tune with the FD loss, evaluate again, and write report.json/report.md, "
                                    "sample .npz files, PNG grids and a training-curve plot to --out.")
     _out_args(p, "the demo's files")
-    p.add_argument("--steps", type=int, default=d.ict_steps, help=f"stage-1 steps (default: {d.ict_steps})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="stage-1 steps (default: the compute of 4,000 iCT steps: "
+                        + ", ".join(f"{m} {n:,}" for m, n in STAGE1_STEPS.items()) + "; --compare: at most 4,000)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"stage-1 batch (default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"stage-1 RAdam learning rate (default: {d.lr})")
     p.add_argument("--fd-steps", type=int, default=d.fd_steps,

@@ -13,8 +13,7 @@ from fastcm.cli.generate import cmd_edit, cmd_sample, cmd_train  # noqa: F401  (
 
 
 def cmd_demo(args) -> int:
-    from fastcm.demo import DemoConfig, run_demo
-    from fastcm.demo_compare import run_compare
+    from fastcm.demo import DemoConfig, run_compare, run_demo
 
     if args.compare and args.method != "ict":
         raise UsageError("--compare trains every method; drop --method")
@@ -26,7 +25,7 @@ def cmd_demo(args) -> int:
                      seed=args.seed, threads=args.threads, progress=not args.no_progress, method=args.method,
                      stage1_seconds=args.budget_seconds, eval_every=args.eval_every)
     if args.compare:
-        cfg = dataclasses.replace(cfg, stage1_clock="cpu")  # see fastcm.demo_compare.COMPARE_SECONDS
+        cfg = dataclasses.replace(cfg, stage1_clock="cpu")  # see fastcm.demo.compare.COMPARE_SECONDS
         run_compare(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)
         return 0
     report = run_demo(cfg, out=args.out, overwrite=args.overwrite, cache=args.cache)

@@ -148,7 +148,7 @@ def _train_fd_stage(args, data, common):
         raise UsageError(f"--init makes {tuple(model.input_shape)} images but {args.data} holds "
                          f"{tuple(data.image_shape)}")
     features = args.features or ("digits" if data.image_shape == (1, 8, 8) else "inception")
-    # Digits features: batch mode measured better than the queue in the demo's FD stage (see fastcm/demo.py).
+    # Digits features: batch mode measured better than the queue in the demo's FD stage (see fastcm/demo/pipeline.py).
     mode = args.fd_mode or ("batch" if features == "digits" else "queue")
     cfg = FDConfig(**common, fd_mode=mode, fd_normalize=args.fd_normalize)
     net = feature_extractor(features, weights=args.feature_weights, device=args.device or "cpu")
