@@ -11,12 +11,12 @@ METHOD_LABELS = {"ict": "iCT", "sct": "sCT", "meanflow": "MeanFlow"}
 # Stage-1 steps of `fastcm demo --method M` when --steps is not given: the compute of iCT's 4,000 calibrated steps
 # (batch 64, about 6.5 min on the project's 2-core CPU), counted as `--compare` counts it, in CPU seconds per step.
 # STEP_COST[M] = CPU time of an M step / an iCT step (iCT: 2 forwards + 1 backward; sCT and MeanFlow: 1 forward on
-# dual tensors with its graph + 1 backward, fastcm.cm.jvp), measured here on the digits preset at batch 64 with one
-# thread, medians of 11 interleaved rounds of 5 steps (a loaded machine): iCT 0.144 s, sCT 0.291 s (2.02x), MeanFlow
-# 0.278 s (1.94x). At this size the one pass costs what the two-pass route does (sCT 0.287 s, MeanFlow 0.292 s in the
-# same run; --compare of the two-pass route had measured 1.81x and 1.88x). M gets 4,000 / STEP_COST[M] steps,
-# rounded to 100.
-STEP_COST = {"ict": 1.0, "sct": 2.02, "meanflow": 1.94}
+# dual tensors with its graph + 1 backward, fastcm.cm.jvp), measured on the digits preset at batch 64 with one
+# thread, RAdam included, medians of 7 interleaved rounds of 3 steps (a loaded machine): iCT 0.136 s, sCT 0.225 s
+# (1.65x), MeanFlow 0.214 s (1.57x), after the one pass stopped running torch's third convolution per layer and
+# took the reference GroupNorm/attention outputs from the primals (2.02x and 1.94x before). M gets
+# 4,000 / STEP_COST[M] steps, rounded to 100.
+STEP_COST = {"ict": 1.0, "sct": 1.65, "meanflow": 1.57}
 ICT_STEPS = 4000
 STAGE1_STEPS = {m: int(round(ICT_STEPS / cost, -2)) for m, cost in STEP_COST.items()}
 
