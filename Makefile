@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report diffusers-suite
+.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report diffusers-suite compat
 
 setup: $(STAMP)
 
@@ -67,6 +67,12 @@ diffusers-suite: $(STAMP)
 # torch and a short benchmark subset -> benchmarks/results/gpu-check-<device>.md (< 10 min). Without CUDA: the gate only.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# Throwaway environments under .compat/ for torch:triton pairs, each running the compile-gate subset plus the
+# interpreted kernel and patch tests: benchmarks/results/compat.md (about 10-20 min a pair on 2 CPU cores, most of it
+# the download of a CUDA torch). Not part of make test. COMPAT_ARGS="--pairs 2.13.0:3.6.0,2.14.1:3.9.0 --keep"
+compat:
+	OMP_NUM_THREADS=1 nice -n 5 $(PYTHON) benchmarks/compat.py $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
