@@ -70,10 +70,20 @@ def _requirements(py: Path) -> list:
 
 
 def install(env_dir: Path, torch_v: str, triton_v: str, log: Path, keep: bool) -> tuple:
-    """Build the environment; return (python, note, error)."""
+    """Build the environment (or, with ``keep``, reuse a complete one); return (python, note, error, seconds)."""
+    py, marker, t0 = env_dir / "bin" / "python", env_dir / ".installed.json", time.time()
+    if keep and marker.exists():
+        done = json.loads(marker.read_text())
+        return py, done["note"], None, done["install_s"]
+    py, note, error = _install(env_dir, torch_v, triton_v, log)
+    seconds = round(time.time() - t0)
+    if error is None:
+        marker.write_text(json.dumps({"note": note, "install_s": seconds}) + "\n")
+    return py, note, error, seconds
+
+
+def _install(env_dir: Path, torch_v: str, triton_v: str, log: Path) -> tuple:
     py = env_dir / "bin" / "python"
-    if keep and (env_dir / ".installed").exists():
-        return py, (env_dir / ".installed").read_text().strip(), None
     if env_dir.exists():
         subprocess.run(["rm", "-rf", str(env_dir)], check=True)
     pip = [str(py), "-m", "pip", "install", "-q"]
@@ -90,7 +100,6 @@ def install(env_dir: Path, torch_v: str, triton_v: str, log: Path, keep: bool) -
         return py, note, "pip install --no-deps -e . failed"
     if _run(pip + _requirements(py), log):
         return py, note, "the test requirements did not install"
-    (env_dir / ".installed").write_text(note + "\n")
     return py, note, None
 
 
@@ -133,11 +142,10 @@ def run_pair(torch_v: str, triton_v: str, args) -> dict:
     env_dir = Path(args.root).resolve() / f"torch-{torch_v}_triton-{triton_v}"
     env_dir.parent.mkdir(parents=True, exist_ok=True)
     log = env_dir.parent / f"torch-{torch_v}_triton-{triton_v}.log"
-    log.write_text("")
+    if not args.keep:
+        log.write_text("")
     row = {"pair": f"{torch_v}:{triton_v}", "date": time.strftime("%Y-%m-%d"), "log": str(log.relative_to(ROOT))}
-    t0 = time.time()
-    py, row["note"], error = install(env_dir, torch_v, triton_v, log, args.keep)
-    row["install_s"] = round(time.time() - t0)
+    py, row["note"], error, row["install_s"] = install(env_dir, torch_v, triton_v, log, args.keep)
     if error is None:
         got = subprocess.run([str(py), "-c", VERSIONS], capture_output=True, text=True, cwd="/")
         parts = got.stdout.split()
@@ -147,8 +155,9 @@ def run_pair(torch_v: str, triton_v: str, args) -> dict:
             row.update(zip(("python", "torch", "triton", "numpy"), parts))
             if parts[1].split("+")[0] != torch_v or parts[2] != triton_v:
                 error = f"pip left torch {parts[1]} / triton {parts[2]}, not the pair asked for"
-    if error is not None:
-        row.update(error=error, passed=0, failed=0, errors=0, skipped=0, test_s=0, first_failures=[])
+    if error is not None or args.install_only:
+        row.update(error=error or "installed only (--install-only)", passed=0, failed=0, errors=0, skipped=0,
+                   test_s=0, rc=0, first_failures=[])
         return row
     t0 = time.time()
     row.update(run_tests(py, env_dir, log, args.timeout))
@@ -185,17 +194,21 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", default="2.13.0:3.6.0,2.14.1:3.9.0", help="TORCH:TRITON,... (default: %(default)s)")
     ap.add_argument("--root", default=str(ROOT / ".compat"), help="where the environments go (default: .compat/)")
     ap.add_argument("--keep", action="store_true", help="reuse an environment that installed completely before")
+    ap.add_argument("--install-only", action="store_true", help="build the environments, run no test")
     ap.add_argument("--timeout", type=int, default=3600, help="seconds for one pair's tests (default: %(default)s)")
     ap.add_argument("--out", default=str(RESULTS / "compat.md"), help="the report (default: %(default)s)")
     args = ap.parse_args(argv)
     pairs = parse_pairs(args.pairs)
     out = Path(args.out)
     store = out.with_suffix(".json")
-    rows = json.loads(store.read_text()) if store.exists() else {}
     bad = 0
     for torch_v, triton_v in pairs:
         print(f"[compat] torch {torch_v} + triton {triton_v} ...", flush=True)
         row = run_pair(torch_v, triton_v, args)
+        if args.install_only:
+            print(f"[compat] {row['pair']}: {row['error']} in {row['install_s']} s", flush=True)
+            continue
+        rows = json.loads(store.read_text()) if store.exists() else {}  # re-read: another run may have added rows
         rows[row["pair"]] = row
         store.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
         write_report(rows, out)
