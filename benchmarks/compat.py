@@ -32,12 +32,13 @@ VERSIONS = ("import sys, numpy, torch, triton; print(sys.version.split()[0], tor
 
 
 def parse_pairs(text: str) -> list:
+    """``TORCH:TRITON[:NUMPY]`` items -> (torch, triton, numpy or None) triples."""
     pairs = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        torch_v, sep, triton_v = item.partition(":")
-        if not sep or not re.fullmatch(r"[\w.+]+", torch_v) or not re.fullmatch(r"[\w.+]+", triton_v):
-            raise SystemExit(f"--pairs: expected TORCH:TRITON items such as 2.13.0:3.6.0, got {item!r}")
-        pairs.append((torch_v, triton_v))
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not all(re.fullmatch(r"[\w.+]+", p) for p in parts):
+            raise SystemExit(f"--pairs: expected TORCH:TRITON[:NUMPY] items such as 2.13.0:3.6.0, got {item!r}")
+        pairs.append((parts[0], parts[1], parts[2] if len(parts) == 3 else None))
     if not pairs:
         raise SystemExit("--pairs: expected at least one TORCH:TRITON pair, got none")
     return pairs
@@ -55,8 +56,9 @@ def _run(cmd, log, env=None, timeout=None):
             return 124
 
 
-def _requirements(py: Path) -> list:
-    """fastcm's runtime and ``test`` requirements (from its installed metadata) without torch and triton."""
+def _requirements(py: Path, numpy_v) -> list:
+    """fastcm's runtime and ``test`` requirements (from its installed metadata) without torch and triton, with
+    numpy pinned to ``numpy_v`` where one is given."""
     code = ("import importlib.metadata as m, json; print(json.dumps(m.requires('fastcm')))")
     reqs = json.loads(subprocess.run([py, "-c", code], capture_output=True, text=True, check=True).stdout)
     keep = []
@@ -65,25 +67,25 @@ def _requirements(py: Path) -> list:
         name = re.match(r"[A-Za-z0-9_.-]+", spec.strip()).group(0).lower()
         if name in PINNED or ("extra" in marker and "'test'" not in marker.replace('"', "'")):
             continue
-        keep.append(spec.strip())
+        keep.append(f"numpy=={numpy_v}" if name == "numpy" and numpy_v else spec.strip())
     return keep
 
 
-def install(env_dir: Path, torch_v: str, triton_v: str, log: Path, keep: bool) -> tuple:
+def install(env_dir: Path, versions: tuple, log: Path, keep: bool) -> tuple:
     """Build the environment (or, with ``keep``, reuse a complete one); return (python, note, error, seconds)."""
     py, marker, t0 = env_dir / "bin" / "python", env_dir / ".installed.json", time.time()
     if keep and marker.exists():
         done = json.loads(marker.read_text())
         return py, done["note"], None, done["install_s"]
-    py, note, error = _install(env_dir, torch_v, triton_v, log)
+    py, note, error = _install(env_dir, versions, log)
     seconds = round(time.time() - t0)
     if error is None:
         marker.write_text(json.dumps({"note": note, "install_s": seconds}) + "\n")
     return py, note, error, seconds
 
 
-def _install(env_dir: Path, torch_v: str, triton_v: str, log: Path) -> tuple:
-    py = env_dir / "bin" / "python"
+def _install(env_dir: Path, versions: tuple, log: Path) -> tuple:
+    (torch_v, triton_v, numpy_v), py = versions, env_dir / "bin" / "python"
     if env_dir.exists():
         subprocess.run(["rm", "-rf", str(env_dir)], check=True)
     pip = [str(py), "-m", "pip", "install", "-q"]
@@ -98,7 +100,7 @@ def _install(env_dir: Path, torch_v: str, triton_v: str, log: Path) -> tuple:
             return py, note, f"pip could not install torch=={torch_v} / triton=={triton_v}"
     if _run(pip + ["--no-deps", "-e", "."], log):
         return py, note, "pip install --no-deps -e . failed"
-    if _run(pip + _requirements(py), log):
+    if _run(pip + _requirements(py, numpy_v), log):
         return py, note, "the test requirements did not install"
     return py, note, None
 
@@ -138,14 +140,17 @@ def run_tests(py: Path, env_dir: Path, log: Path, timeout: int) -> dict:
     return {"rc": rc, **_counts(junit), "first_failures": _failures(junit)}
 
 
-def run_pair(torch_v: str, triton_v: str, args) -> dict:
-    env_dir = Path(args.root).resolve() / f"torch-{torch_v}_triton-{triton_v}"
+def run_pair(versions: tuple, args) -> dict:
+    torch_v, triton_v, numpy_v = versions
+    name = f"torch-{torch_v}_triton-{triton_v}" + (f"_numpy-{numpy_v}" if numpy_v else "")
+    env_dir = Path(args.root).resolve() / name
     env_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = env_dir.parent / f"torch-{torch_v}_triton-{triton_v}.log"
+    log = env_dir.parent / f"{name}.log"
     if not args.keep:
         log.write_text("")
-    row = {"pair": f"{torch_v}:{triton_v}", "date": time.strftime("%Y-%m-%d"), "log": str(log.relative_to(ROOT))}
-    py, row["note"], error, row["install_s"] = install(env_dir, torch_v, triton_v, log, args.keep)
+    row = {"pair": ":".join(v for v in versions if v), "date": time.strftime("%Y-%m-%d"),
+           "log": str(log.relative_to(ROOT))}
+    py, row["note"], error, row["install_s"] = install(env_dir, versions, log, args.keep)
     if error is None:
         got = subprocess.run([str(py), "-c", VERSIONS], capture_output=True, text=True, cwd="/")
         parts = got.stdout.split()
@@ -153,8 +158,8 @@ def run_pair(torch_v: str, triton_v: str, args) -> dict:
             error = f"the environment does not import torch/triton/numpy: {got.stderr.strip().splitlines()[-1:]}"
         else:
             row.update(zip(("python", "torch", "triton", "numpy"), parts))
-            if parts[1].split("+")[0] != torch_v or parts[2] != triton_v:
-                error = f"pip left torch {parts[1]} / triton {parts[2]}, not the pair asked for"
+            if parts[1].split("+")[0] != torch_v or parts[2] != triton_v or numpy_v not in (None, parts[3]):
+                error = f"pip left torch {parts[1]} / triton {parts[2]} / numpy {parts[3]}, not what was asked for"
     if error is not None or args.install_only:
         row.update(error=error or "installed only (--install-only)", passed=0, failed=0, errors=0, skipped=0,
                    test_s=0, rc=0, first_failures=[])
@@ -173,7 +178,7 @@ def write_report(rows: dict, path: Path) -> None:
              "on 2 CPU cores (no GPU). Install and test times are wall seconds.", "",
              "| pair | python | torch | triton | numpy | passed | failed | errors | skipped | install s | test s "
              "| date | result |", "|" + "---|" * 13]
-    for key in sorted(rows, key=lambda k: [int(x) if x.isdigit() else x for x in re.split(r"[.:]", k)]):
+    for key in sorted(rows, key=lambda k: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"[.:]", k)]):
         r = rows[key]
         ok = "error: " + r["error"] if r.get("error") else ("pass" if not (r["failed"] or r["errors"] or r["rc"])
                                                              else f"fail (pytest exit {r['rc']})")
@@ -191,7 +196,8 @@ def write_report(rows: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", default="2.13.0:3.6.0,2.14.1:3.9.0", help="TORCH:TRITON,... (default: %(default)s)")
+    ap.add_argument("--pairs", default="2.13.0:3.6.0,2.14.1:3.9.0", help="TORCH:TRITON[:NUMPY],... (default: %(default)s); "
+                    "NUMPY pins numpy (else the newest that installs)")
     ap.add_argument("--root", default=str(ROOT / ".compat"), help="where the environments go (default: .compat/)")
     ap.add_argument("--keep", action="store_true", help="reuse an environment that installed completely before")
     ap.add_argument("--install-only", action="store_true", help="build the environments, run no test")
@@ -202,9 +208,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     store = out.with_suffix(".json")
     bad = 0
-    for torch_v, triton_v in pairs:
-        print(f"[compat] torch {torch_v} + triton {triton_v} ...", flush=True)
-        row = run_pair(torch_v, triton_v, args)
+    for versions in pairs:
+        print(f"[compat] torch {versions[0]} + triton {versions[1]}" + (f" + numpy {versions[2]}" if versions[2]
+                                                                        else "") + " ...", flush=True)
+        row = run_pair(versions, args)
         if args.install_only:
             print(f"[compat] {row['pair']}: {row['error']} in {row['install_s']} s", flush=True)
             continue
