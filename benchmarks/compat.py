@@ -50,7 +50,8 @@ def _run(cmd, log, env=None, timeout=None):
         f.write(f"\n$ {' '.join(map(str, cmd))}\n")
         f.flush()
         try:
-            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=timeout).returncode
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT, timeout=timeout)
+            return proc.returncode
         except subprocess.TimeoutExpired:
             f.write(f"\n[timed out after {timeout} s]\n")
             return 124
@@ -95,9 +96,13 @@ def _install(env_dir: Path, versions: tuple, log: Path) -> tuple:
     if _run(pip + [f"torch=={torch_v}", f"triton=={triton_v}"], log):
         if "ResolutionImpossible" not in log.read_text():
             return py, note, f"pip could not install torch=={torch_v} triton=={triton_v}"
-        note = f"torch {torch_v} pins another triton: triton {triton_v} installed over it (--no-deps)"
-        if _run(pip + [f"torch=={torch_v}"], log) or _run(pip + ["--no-deps", f"triton=={triton_v}"], log):
-            return py, note, f"pip could not install torch=={torch_v} / triton=={triton_v}"
+        if _run(pip + [f"torch=={torch_v}"], log):
+            return py, note, f"pip could not install torch=={torch_v}"
+        code = "import importlib.metadata as m; print([r for r in m.requires('torch') if r.startswith('triton')])"
+        pin = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd="/").stdout.strip()
+        note = f"torch {torch_v} requires {pin}: triton {triton_v} installed over it with --no-deps"
+        if _run(pip + ["--no-deps", f"triton=={triton_v}"], log):
+            return py, note, f"pip could not install triton=={triton_v}"
     if _run(pip + ["--no-deps", "-e", "."], log):
         return py, note, "pip install --no-deps -e . failed"
     if _run(pip + _requirements(py, numpy_v), log):
@@ -178,7 +183,10 @@ def write_report(rows: dict, path: Path) -> None:
              "on 2 CPU cores (no GPU). Install and test times are wall seconds.", "",
              "| pair | python | torch | triton | numpy | passed | failed | errors | skipped | install s | test s "
              "| date | result |", "|" + "---|" * 13]
-    for key in sorted(rows, key=lambda k: [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"[.:]", k)]):
+    def order(key):
+        return [(0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"[.:]", key)]
+
+    for key in sorted(rows, key=order):
         r = rows[key]
         ok = "error: " + r["error"] if r.get("error") else ("pass" if not (r["failed"] or r["errors"] or r["rc"])
                                                              else f"fail (pytest exit {r['rc']})")
@@ -196,8 +204,8 @@ def write_report(rows: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", default="2.13.0:3.6.0,2.14.1:3.9.0", help="TORCH:TRITON[:NUMPY],... (default: %(default)s); "
-                    "NUMPY pins numpy (else the newest that installs)")
+    ap.add_argument("--pairs", default="2.13.0:3.6.0,2.14.1:3.9.0",
+                    help="TORCH:TRITON[:NUMPY],... (default: %(default)s); NUMPY pins numpy (else the newest)")
     ap.add_argument("--root", default=str(ROOT / ".compat"), help="where the environments go (default: .compat/)")
     ap.add_argument("--keep", action="store_true", help="reuse an environment that installed completely before")
     ap.add_argument("--install-only", action="store_true", help="build the environments, run no test")
@@ -220,8 +228,9 @@ def main(argv=None) -> int:
         store.write_text(json.dumps(rows, indent=1, sort_keys=True) + "\n")
         write_report(rows, out)
         bad += bool(row.get("error") or row["failed"] or row["errors"] or row["rc"])
-        print(f"[compat] {row['pair']}: {row.get('error') or 'passed %(passed)s failed %(failed)s errors %(errors)s' % row}"
-              f" (install {row['install_s']} s, tests {row['test_s']} s; log {row['log']})", flush=True)
+        outcome = row.get("error") or "passed %(passed)s failed %(failed)s errors %(errors)s" % row
+        print(f"[compat] {row['pair']}: {outcome} (install {row['install_s']} s, tests {row['test_s']} s; "
+              f"log {row['log']})", flush=True)
     print(f"[compat] wrote {out}")
     return 1 if bad else 0
 
