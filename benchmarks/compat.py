@@ -98,8 +98,8 @@ def _install(env_dir: Path, versions: tuple, log: Path) -> tuple:
             return py, note, f"pip could not install torch=={torch_v} triton=={triton_v}"
         if _run(pip + [f"torch=={torch_v}"], log):
             return py, note, f"pip could not install torch=={torch_v}"
-        code = "import importlib.metadata as m; print([r for r in m.requires('torch') if r.startswith('triton')])"
-        pin = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd="/").stdout.strip()
+        code = "import importlib.metadata as m; print(*[r.split(';')[0] for r in m.requires('torch') if 'triton' in r])"
+        pin = subprocess.run([py, "-c", code], capture_output=True, text=True, cwd="/").stdout.strip() or "a triton"
         note = f"torch {torch_v} requires {pin}: triton {triton_v} installed over it with --no-deps"
         if _run(pip + ["--no-deps", f"triton=={triton_v}"], log):
             return py, note, f"pip could not install triton=={triton_v}"
