@@ -8,7 +8,8 @@ triton, checks that the pair is still the one asked for, and runs the compile-ga
 and patch tests. Every result is kept in ``benchmarks/results/compat.json`` (a pair run again replaces its row) and
 the table in ``benchmarks/results/compat.md`` is written from all of them.
 
-    python benchmarks/compat.py --pairs 2.13.0:3.6.0,2.14.1:3.9.0
+    python benchmarks/compat.py                  # 2.10.0:3.6.0:2.3.5 and 2.14.1:3.9.0, the tested floor and top
+    python benchmarks/compat.py --pairs 2.13.0:3.6.0,2.13.0:3.8.0:2.3.5  # TORCH:TRITON[:NUMPY]
     python benchmarks/compat.py --pairs 2.13.0:3.8.0 --keep      # reuse an existing environment
 """
 import argparse
@@ -204,7 +205,7 @@ def write_report(rows: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", default="2.13.0:3.6.0,2.14.1:3.9.0",
+    ap.add_argument("--pairs", default="2.10.0:3.6.0:2.3.5,2.14.1:3.9.0",  # the oldest and newest claimed
                     help="TORCH:TRITON[:NUMPY],... (default: %(default)s); NUMPY pins numpy (else the newest)")
     ap.add_argument("--root", default=str(ROOT / ".compat"), help="where the environments go (default: .compat/)")
     ap.add_argument("--keep", action="store_true", help="reuse an environment that installed completely before")
