@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastcm-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report diffusers-suite
+.PHONY: setup test demo compare bench clean gpu-compile gpu-check kernel-report diffusers-suite compat
 
 setup: $(STAMP)
 
@@ -67,6 +67,13 @@ diffusers-suite: $(STAMP)
 # torch and a short benchmark subset -> benchmarks/results/gpu-check-<device>.md (< 10 min). Without CUDA: the gate only.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# Throwaway environments under .compat/ for torch:triton pairs, each running the compile-gate subset plus the
+# interpreted kernel and patch tests: benchmarks/results/compat.md (15-40 min a pair on 2 CPU cores: a CUDA torch is
+# ~3 GB to fetch and unpack). Not part of make test. Default: torch 2.10.0 + triton 3.6.0 (numpy 2.3.5) and 2.14.1 +
+# 3.9.0. COMPAT_ARGS="--pairs 2.13.0:3.6.0,2.14.1:3.9.0 --keep" (TORCH:TRITON[:NUMPY]; --keep reuses environments)
+compat:
+	OMP_NUM_THREADS=1 nice -n 5 $(PYTHON) benchmarks/compat.py $(COMPAT_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

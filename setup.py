@@ -22,15 +22,16 @@ setup(
     packages=packages,
     package_dir={"fastcm.kernels": "kernels"},
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.10",  # the oldest torch `make compat` tested (README, Versions)
         "numpy",
         "einops",
         "safetensors",
         "tqdm",
         "pillow",
         "scipy",  # LAPACK dsygst for the Fréchet distance (a torch fallback exists, ~15% slower)
-        # A CUDA torch brings its own matching triton; an unpinned requirement keeps that one.
-        "triton; platform_system == 'Linux'",
+        # A CUDA torch brings its own matching triton; a floor without a cap keeps that one (3.6 is the oldest
+        # triton `make compat` tested; torch 2.10 brings it).
+        "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
         # diffusers: fastcm.patch's tests and the scheduler cross-checks (0.42.1 is the oldest version tested)
