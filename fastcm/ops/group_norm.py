@@ -285,11 +285,12 @@ def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift
     d = xg - xg.mean(-1, keepdim=True)
     rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
     xhat = d * rstd
-    xhat_dot = torch.zeros_like(xhat)
     if x_dot is not None:
         xg_dot = x_dot.to(acc).reshape(N, num_groups, -1)
         kappa = (xhat * xg_dot).mean(-1, keepdim=True)
         xhat_dot = rstd * (xg_dot - xg_dot.mean(-1, keepdim=True) - xhat * kappa)
+    else:
+        xhat_dot = torch.zeros_like(xhat)
     xhat, xhat_dot = xhat.reshape(x.shape), xhat_dot.reshape(x.shape)
 
     def c(t, shape):  # a parameter (or its tangent) broadcast over x, or 0 / 1 when absent

@@ -55,7 +55,9 @@ class _Traffic(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func.namespace != self.skip and not func.is_view and func._opname not in _NO_TRAFFIC:
+        leaves = torch.utils._pytree.tree_leaves(out)
+        metadata = not any(isinstance(t, torch.Tensor) for t in leaves)  # is_same_size & co. answer from shapes
+        if func.namespace != self.skip and not func.is_view and func._opname not in _NO_TRAFFIC and not metadata:
             inputs = {k: v for k, v in (kwargs or {}).items() if k != "out"}  # an out= buffer is written, not read
             for t in torch.utils._pytree.tree_leaves((args, inputs, out)):
                 if isinstance(t, torch.Tensor):
@@ -88,16 +90,22 @@ def run(fn, kwargs: dict, direction: str) -> None:
     """One call of ``fn(**kwargs)`` in ``direction``: "fwd" without autograd; "fwd+bwd" with the gradients of every
     input that requires one; "jvp" with ``torch.func.jvp``, a random tangent for each of those inputs."""
     diff = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    # The random gradient and tangents are the harness's, not the route's: made with the counting modes paused.
+    uncounted = torch.utils._python_dispatch._disable_current_modes
     if direction == "fwd":
         with torch.no_grad():
             fn(**kwargs)
     elif direction == "fwd+bwd":
         out = fn(**kwargs)
-        torch.autograd.grad(out, [kwargs[k] for k in diff], torch.randn_like(out))
+        with uncounted():
+            grad_out = torch.randn_like(out)
+        torch.autograd.grad(out, [kwargs[k] for k in diff], grad_out)
     elif direction == "jvp":
         fixed = {k: v for k, v in kwargs.items() if k not in diff}
         primals = tuple(kwargs[k].detach() for k in diff)
-        torch.func.jvp(lambda *xs: fn(**fixed, **dict(zip(diff, xs))), primals, tuple(map(torch.randn_like, primals)))
+        with uncounted():
+            tangents = tuple(map(torch.randn_like, primals))
+        torch.func.jvp(lambda *xs: fn(**fixed, **dict(zip(diff, xs))), primals, tangents)
     else:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
 
