@@ -9,7 +9,6 @@ a wrong value).
     note, FastcmNote                                a one-line note (a warning) for input fastcm accepted but changed
                                                     or could not verify
 """
-import math
 import numbers
 import warnings
 from typing import Iterable, Optional
@@ -84,8 +83,10 @@ def check_bool(name: str, value) -> bool:
 
 def is_real(value) -> bool:
     """True for a finite real number (Python or numpy, never bool)."""
+    # value - value == 0 is False exactly for inf and NaN; unlike math.isfinite it also traces under
+    # torch.compile(dynamic=True), where a float attribute becomes a SymFloat.
     return isinstance(value, (numbers.Real, np.floating)) and not isinstance(value, (bool, np.bool_)) \
-        and math.isfinite(value)
+        and bool(value - value == 0)
 
 
 def check_real(name: str, value, *, positive: bool = False, minimum: Optional[float] = None,
