@@ -5,9 +5,11 @@ and fastcm.patch(impl="triton") (interpreted Triton on CPU, a named subset under
 
 Every ``ModelMixin`` is patched after its outermost construction (benchmarks/diffusers_suite_plugin.py). The tests
 that download from the Hub are deselected in every run (this harness runs offline). Needs diffusers' test extras
-in the environment: accelerate, parameterized, requests-mock, transformers.
+in the environment (see EXTRAS): without peft, for one, diffusers skips its 13 PEFT/LoRA model tests (217 instead
+of 230 pass unpatched), so the harness refuses to run without them.
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,6 +19,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# pip name -> module: what diffusers' model tests import or skip without (require_peft_backend needs peft+transformers)
+EXTRAS = {"accelerate": "accelerate", "parameterized": "parameterized", "requests-mock": "requests_mock",
+          "transformers": "transformers", "peft": "peft"}
 FILES = [
     "models/unets/test_models_unet_2d.py",
     "models/unets/test_models_unet_2d_condition.py",
@@ -139,42 +144,93 @@ def overhead(repeats: int = 20) -> list:
     return rows
 
 
-def markdown(runs: dict, tests: Path, version: str, cost=None) -> str:
-    lines = ["# diffusers' own model tests on fastcm-patched models", "",
-             f"diffusers library {version}; tests from `{tests}` (run with `make diffusers-suite`); "
-             f"{len(HUB)} Hub-downloading tests deselected in every run; 1 torch thread; shared 2-core machine.", "",
-             "| run | files | passed | failed | errors | skipped | not reached | over per-test cap | patched models "
-             "| wall s | user s | sys s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+# tests that pass unpatched and not patched because they inspect what the patch changes on purpose: node id -> why
+BY_DESIGN = {}
+
+
+def lost(runs: dict, name: str) -> list:
+    """(node id, outcome) of the tests that pass unpatched but not in run ``name`` (not-reached ones excluded)."""
+    base = runs.get("unpatched", {}).get("tests", {})
+    tests = runs[name].get("tests", {})
+    return [(n, k) for n, k in sorted(tests.items()) if base.get(n) == "passed" and k not in ("passed", "not reached")]
+
+
+def _table(runs: dict) -> list:
+    lines = ["| run | files | selected | passed | failed | errors | skipped | not reached | over per-test cap | "
+             "passed unpatched, not here | patched models | wall s | user s | sys s | fastcm |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in runs.items():
-        o = r["outcomes"]
-        lines.append(f"| {name} | {len(r['files'])} | {o.get('passed', 0)} | {o.get('failed', 0)} | "
-                     f"{o.get('error', 0)} | {o.get('skipped', 0)} | {o.get('not reached', 0)} | "
-                     f"{o.get('over cap', 0)} | {r['patched_models']} | {r['wall']:.0f} | {r['user']:.0f} | "
-                     f"{r['system']:.0f} |")
+        o, gone = r["outcomes"], ("-" if name == "unpatched" or "unpatched" not in runs else len(lost(runs, name)))
+        lines.append(f"| {name} | {len(r['files'])} | {r.get('selected', '?')} | {o.get('passed', 0)} | "
+                     f"{o.get('failed', 0)} | {o.get('error', 0)} | {o.get('skipped', 0)} | "
+                     f"{o.get('not reached', 0)} | {o.get('over cap', 0)} | {gone} | {r['patched_models']} | "
+                     f"{r['wall']:.0f} | {r['user']:.0f} | {r['system']:.0f} | {r.get('commit', '?')} |")
+    return lines
+
+
+def _failures(runs: dict) -> list:
+    lines = []
     for name, r in runs.items():
         if r["failed"]:
             lines += ["", f"## {name}: failures", ""]
-            lines += [f"- `{node}` ({kind}): {msg}" for node, kind, msg in r["failed"]]
-    if cost:
-        lines += ["", "## CPU cost of patching (impl=\"torch\")", "",
-                  "CPU ms and minor page faults per call, 1 torch thread, unpatched / patched / unpatched again "
-                  "interleaved (shared, noisy 2-core machine); `python benchmarks/diffusers_suite.py --overhead`.", "",
-                  "| model | pass | unpatched ms | patched ms | unpatched again ms | faults unpatched | faults patched |",
-                  "|---|---|---|---|---|---|---|"]
-        for name, mode, c in cost:
-            lines.append(f"| {name} | {mode} | {c['unpatched'][0]:.1f} | {c['patched'][0]:.1f} | "
-                         f"{c['unpatched '][0]:.1f} | {c['unpatched'][1]:.0f} | {c['patched'][1]:.0f} |")
+            lines += [f"- `{node}` ({kind}): {BY_DESIGN.get(node, msg)}" for node, kind, msg in r["failed"]]
+        if name != "unpatched" and "unpatched" in runs:
+            gone = lost(runs, name)
+            lines += ["", f"{name}: {len(gone)} test(s) that pass unpatched do not pass here" + (":" if gone else ".")]
+            lines += [f"- `{n}` ({k}){' - by design: ' + BY_DESIGN[n] if n in BY_DESIGN else ''}" for n, k in gone]
+    base = runs.get("unpatched")
+    if base and base.get("skip_reasons"):
+        lines += ["", "Why the unpatched run skips what it skips (diffusers' own skip reasons, counts):", ""]
+        lines += [f"- {n} x {why}" for why, n in sorted(base["skip_reasons"].items(), key=lambda t: -t[1])]
+    return lines
+
+
+def _cost(cost) -> list:
+    lines = ["", "## CPU cost of patching (impl=\"torch\")", "",
+             "CPU ms and minor page faults per call, 1 torch thread, unpatched / patched / unpatched again "
+             "interleaved (shared, noisy 2-core machine); `python benchmarks/diffusers_suite.py --overhead`.", "",
+             "| model | pass | unpatched ms | patched ms | unpatched again ms | faults unpatched | faults patched |",
+             "|---|---|---|---|---|---|---|"]
+    for name, mode, c in cost:
+        lines.append(f"| {name} | {mode} | {c['unpatched'][0]:.1f} | {c['patched'][0]:.1f} | "
+                     f"{c['unpatched '][0]:.1f} | {c['unpatched'][1]:.0f} | {c['patched'][1]:.0f} |")
+    return lines
+
+
+def markdown(runs: dict, tests: Path, version: str, cost=None) -> str:
+    lines = ["# diffusers' own model tests on fastcm-patched models", "",
+             f"diffusers library {version}; tests from `{tests}` (run with `make diffusers-suite`); "
+             f"{len(HUB)} Hub-downloading tests deselected in every run; extras {', '.join(EXTRAS)} installed; "
+             "1 torch thread; shared 2-core machine. \"selected\": the tests run after the deselection; "
+             "\"fastcm\": the commit each run tested (+ = with uncommitted changes).", ""]
+    lines += _table(runs)
     if TRITON_NAME in runs:
         lines += ["", f"triton subset: {', '.join(runs[TRITON_NAME]['files'])}; "
                       f"per-test cap {runs[TRITON_NAME]['cap']:.0f} s, "
                       f"run cap {runs[TRITON_NAME]['deadline']:.0f} s."]
+    lines += _failures(runs)
+    if cost:
+        lines += _cost(cost)
     return "\n".join(lines) + "\n"
+
+
+def _commit() -> str:
+    """The fastcm commit under test, "+" when the work tree has uncommitted changes ("?" outside git)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+    return head + ("+" if dirty else "")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("tests", type=Path, help="a diffusers checkout's tests/ folder")
-    p.add_argument("--runs", default="none,torch,triton", help="comma-separated subset of none,torch,triton")
+    p.add_argument("--runs", default="none,torch,triton",
+                   help="comma-separated subset of none,torch,triton; the other runs saved in OUT's .json are kept")
     p.add_argument("--triton-deadline", type=float, default=900.0, help="seconds after which the triton run stops")
     p.add_argument("--triton-test-cap", type=float, default=120.0, help="seconds per test in the triton run")
     p.add_argument("--overhead", action="store_true", help="also measure the CPU cost of patching")
@@ -185,19 +241,23 @@ def main(argv=None) -> int:
     runs = [r for r in a.runs.split(",") if r]
     if not (runs or a.overhead) or not set(runs) <= {"none", "torch", "triton"}:
         p.error(f"--runs must be drawn from none,torch,triton, got {a.runs!r}")
+    missing = [pip for pip, mod in EXTRAS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        p.error(f"diffusers' tests need their extras, missing: pip install {' '.join(missing)}")
     import diffusers
 
     names = {"none": "unpatched", "torch": 'patched, impl="torch"', "triton": TRITON_NAME}
     saved = a.out.with_suffix(".json")
-    done = json.loads(saved.read_text()) if not runs and saved.exists() else {}  # --runs "" --overhead: add to it
+    done = json.loads(saved.read_text()) if saved.exists() else {}  # the runs not in --runs are kept
     cost = done.pop("overhead", None)
     for impl in runs:
         files, deadline, cap = (TRITON_SUBSET, a.triton_deadline, a.triton_test_cap) if impl == "triton" else (FILES, 0, 0)
-        done[names[impl]] = run(a.tests.resolve(), impl, files, deadline, cap)
+        done[names[impl]] = dict(run(a.tests.resolve(), impl, files, deadline, cap), commit=_commit())
+        done = {n: done[n] for n in names.values() if n in done}
         print(names[impl], done[names[impl]]["outcomes"], flush=True)
         a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(markdown(done, a.tests, diffusers.__version__))
-        saved.write_text(json.dumps(done, indent=1))
+        a.out.write_text(markdown(done, a.tests, diffusers.__version__, cost))
+        saved.write_text(json.dumps(dict(done, overhead=cost), indent=1))
     if a.overhead:
         cost = overhead()
     a.out.write_text(markdown(done, a.tests, diffusers.__version__, cost))
