@@ -202,7 +202,7 @@ def markdown(runs: dict, tests: Path, version: str, cost=None) -> str:
              f"diffusers library {version}; tests from `{tests}` (run with `make diffusers-suite`); "
              f"{len(HUB)} Hub-downloading tests deselected in every run; extras {', '.join(EXTRAS)} installed; "
              "1 torch thread; shared 2-core machine. \"selected\": the tests run after the deselection; "
-             "\"fastcm\": the commit each run tested (+ = with uncommitted changes).", ""]
+             "\"fastcm\": the commit each run tested (+ = fastcm/ or the harness had uncommitted changes).", ""]
     lines += _table(runs)
     if TRITON_NAME in runs:
         lines += ["", f"triton subset: {', '.join(runs[TRITON_NAME]['files'])}; "
@@ -215,12 +215,13 @@ def markdown(runs: dict, tests: Path, version: str, cost=None) -> str:
 
 
 def _commit() -> str:
-    """The fastcm commit under test, "+" when the work tree has uncommitted changes ("?" outside git)."""
+    """The fastcm commit under test, "+" when fastcm/ or this harness has uncommitted changes ("?" outside git)."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "fastcm",
+                                "benchmarks/diffusers_suite.py", "benchmarks/diffusers_suite_plugin.py"],
+                               cwd=HERE.parent, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "?"
     return head + ("+" if dirty else "")
