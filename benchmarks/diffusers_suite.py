@@ -5,8 +5,8 @@ and fastcm.patch(impl="triton") (interpreted Triton on CPU, a named subset under
 
 Every ``ModelMixin`` is patched after its outermost construction (benchmarks/diffusers_suite_plugin.py). The tests
 that download from the Hub are deselected in every run (this harness runs offline). Needs diffusers' test extras
-in the environment (see EXTRAS): without peft, for one, diffusers skips its 13 PEFT/LoRA model tests (217 instead
-of 230 pass unpatched), so the harness refuses to run without them.
+in the environment (see EXTRAS): without peft, for one, diffusers skips its 14 PEFT/LoRA model tests (217 instead
+of 231 pass unpatched), so the harness refuses to run without them.
 """
 import argparse
 import importlib.util
