@@ -57,7 +57,7 @@ kernel-report: $(STAMP)
 
 # diffusers' own model tests (from a diffusers checkout, e.g. tag v0.40.0) unpatched, fastcm.patch(impl="torch")
 # and impl="triton" (interpreted subset, capped): benchmarks/results/diffusers-suite.md (about 15 min on 2 CPU cores).
-# Needs the tests' extras: pip install accelerate parameterized requests-mock transformers. Not part of make test.
+# Needs the tests' extras: pip install accelerate parameterized requests-mock transformers peft. Not part of make test.
 diffusers-suite: $(STAMP)
 	test -n "$(DIFFUSERS_TESTS)" || { echo "set DIFFUSERS_TESTS=<a diffusers checkout's tests/ folder>"; exit 2; }
 	$(PY) benchmarks/diffusers_suite.py $(DIFFUSERS_TESTS) $(DIFFUSERS_SUITE_ARGS)

@@ -2,7 +2,8 @@
 
 Loaded with ``-p diffusers_suite_plugin`` (benchmarks/ on PYTHONPATH). Environment:
   FASTCM_SUITE_IMPL      "none" (unpatched run), "torch" or "triton": the ``impl`` of ``fastcm.patch``.
-  FASTCM_SUITE_RESULT    path of a JSON file this plugin writes: outcome counts and the failing node ids.
+  FASTCM_SUITE_RESULT    path of a JSON file this plugin writes: outcome counts, each test's outcome, the failing
+                         node ids with their first error line and the skip reasons.
   FASTCM_SUITE_DEADLINE  seconds since the session start after which the remaining tests are skipped as "not reached".
   FASTCM_SUITE_TEST_CAP  seconds per test (SIGALRM): a test running longer fails as "over the per-test cap".
 
@@ -26,7 +27,8 @@ if IMPL == "triton":  # CPU-only machine: the interpreter must be on before anyt
 import pytest  # noqa: E402
 
 _local = threading.local()
-_state = {"start": time.time(), "outcomes": {}, "failed": [], "patched_models": 0}
+_state = {"start": time.time(), "outcomes": {}, "failed": [], "patched_models": 0, "tests": {}, "skip_reasons": {},
+          "selected": 0, "deselected": 0}
 
 
 def _patch(module) -> None:
@@ -96,6 +98,14 @@ def pytest_collection_modifyitems(session, config, items):
             cls.block_class = staticmethod(_block_factory(block))
 
 
+def pytest_deselected(items):
+    _state["deselected"] += len(items)
+
+
+def pytest_collection_finish(session):
+    _state["selected"] = len(session.items)
+
+
 def _block_factory(block_class):
     @functools.wraps(block_class, updated=())
     def build(*args, **kwargs):
@@ -143,6 +153,11 @@ def pytest_runtest_logreport(report):
         else:
             kind = report.outcome
         _state["outcomes"][kind] = _state["outcomes"].get(kind, 0) + 1
+        _state["tests"][report.nodeid] = kind
+        if kind == "skipped":
+            why = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            why = why.removeprefix("Skipped: ").splitlines()[0][:120] if why else ""
+            _state["skip_reasons"][why] = _state["skip_reasons"].get(why, 0) + 1
         if kind in ("failed", "error", "over cap"):
             msg = getattr(report.longrepr, "reprcrash", None)
             _state["failed"].append([report.nodeid, kind, msg.message.splitlines()[0][:300] if msg else ""])
@@ -152,5 +167,4 @@ def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("FASTCM_SUITE_RESULT")
     if path:
         with open(path, "w") as f:
-            json.dump({"impl": IMPL, "seconds": time.time() - _state["start"], "outcomes": _state["outcomes"],
-                       "failed": _state["failed"], "patched_models": _state["patched_models"]}, f, indent=1)
+            json.dump(dict(_state, impl=IMPL, seconds=time.time() - _state["start"]), f, indent=1)
