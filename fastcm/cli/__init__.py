@@ -106,7 +106,7 @@ def _add_train(sub) -> None:
     p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=None,
                    help="consistency method of --stage ict: ict (iCT, Song & Dhariwal 2023), sct (continuous-time "
                         "CT in TrigFlow, Lu & Song 2025) or meanflow (Geng et al. 2025); sct and meanflow train "
-                        "through a network JVP, about 2x an iCT step (default: ict)")
+                        "through a network JVP, about 1.6x an iCT step (default: ict)")
     p.add_argument("--tangent-warmup", type=int, default=None, metavar="H",
                    help="sCT tangent warm-up steps H (default: 1000; the paper's 10000 suits 100k-step runs)")
     p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
@@ -132,6 +132,13 @@ def _add_train(sub) -> None:
     p.add_argument("--hflip", action="store_true", help="random horizontal flips")
     p.add_argument("--compile", action="store_true", help="torch.compile the model call (fullgraph)")
     p.add_argument("--device", default=None, help="cpu, cuda … (default: cuda if available; torchrun sets it)")
+    _add_train_schedule(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _out_args(p, "the run")
+
+
+def _add_train_schedule(p) -> None:
+    """fastcm train's checkpoint, evaluation and resume options."""
     p.add_argument("--save-every", type=int, default=None, metavar="STEPS",
                    help="steps between checkpoints, 0 = only at the end (default: the stage config's, 5000 for ict, "
                         "100 for fd)")
@@ -158,8 +165,6 @@ def _add_train(sub) -> None:
                         "(recorded in config.json and every checkpoint; refused by default)")
     p.add_argument("--restart", action="store_true", help="start over in an --out that holds a run: its files move "
                                                          "to --out/previous-<time>/ (nothing is deleted)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _out_args(p, "the run")
 
 
 def _add_sample(sub) -> None:
