@@ -34,33 +34,32 @@ def _bad(path, field: str, expected: str, value) -> CheckpointError:
     return CheckpointError(f"{path}: malformed checkpoint header: {field} must be {expected}, got {shown}")
 
 
-def _section(path, doc: Mapping, key: str, where: str = "", optional: bool = False):
-    """``doc[key]`` when it is a JSON object (None when absent or null and ``optional``)."""
+def _field(path, doc: Mapping, key: str, ok, expected: str, where: str, optional: bool):
+    """``doc[key]`` when ``ok(value)``, else the one-line CheckpointError naming ``where + key`` and ``expected``
+    (None when absent or null and ``optional``)."""
     value = doc.get(key)
     if value is None and optional:
         return None
-    if not isinstance(value, dict):
-        raise _bad(path, where + key, "a JSON object" + (" or null" if optional else ""),
-                   doc.get(key, _MISSING))
+    if not ok(value):
+        raise _bad(path, where + key, expected, doc.get(key, _MISSING))
     return value
+
+
+def _section(path, doc: Mapping, key: str, where: str = "", optional: bool = False):
+    """``doc[key]`` when it is a JSON object (None when absent or null and ``optional``)."""
+    return _field(path, doc, key, lambda v: isinstance(v, dict), "a JSON object" + (" or null" if optional else ""),
+                  where, optional)
 
 
 def _int(path, doc: Mapping, key: str, lo: int, hi: int, where: str = "", optional: bool = False):
-    value = doc.get(key)
-    if value is None and optional:
-        return None
-    if not (is_int(value) and lo <= value <= hi):
-        raise _bad(path, where + key, f"an integer in [{lo}, {hi}]", doc.get(key, _MISSING))
-    return value
+    return _field(path, doc, key, lambda v: is_int(v) and lo <= v <= hi, f"an integer in [{lo}, {hi}]", where,
+                  optional)
 
 
 def _real(path, doc: Mapping, key: str, lo: float, hi: float, where: str = "", optional: bool = False):
-    value = doc.get(key)
-    if value is None and optional:
-        return None
-    if not (is_real(value) and lo <= value <= hi):
-        raise _bad(path, where + key, f"a number in [{lo:g}, {hi:g}]", doc.get(key, _MISSING))
-    return float(value)
+    value = _field(path, doc, key, lambda v: is_real(v) and lo <= v <= hi, f"a number in [{lo:g}, {hi:g}]", where,
+                   optional)
+    return None if value is None else float(value)
 
 
 def check_model_meta(path, meta: Mapping) -> dict:
