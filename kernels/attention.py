@@ -61,15 +61,21 @@ def shared_bytes(kernel: str, config: triton.Config, block_d: int, dot_bytes: in
     bounds what Triton allocates for every config on sm_80 and sm_90 (tests/test_gpu_compile.py), so pruning by it
     happens before compiling."""
     m, n, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    # "dkdv_atomic" (the fast schedule's dK/dV kernel) also keeps k in the B-operand layout of dQ += dS^T K and
-    # converts dS^T (in the dot dtype) and one more fp32 tile through shared memory, plus barriers: sized on what the
-    # compile gate measured (213,504 B for bf16, D 256, BLOCK_M 32, BLOCK_N 64, 3 stages on sm_90).
     tiles = {"fwd": (m, 2 * n), "dkdv": (2 * n, 2 * m), "dkdv_atomic": (3 * n, 2 * m), "dq": (2 * m, 2 * n),
              "jvp": (2 * m, 4 * n)}
     resident, streamed = tiles[kernel]
-    if kernel.startswith("dkdv"):  # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy unpipelined
+    extra = 0
+    if kernel.startswith("dkdv"):
+        # q and dO feed dots in two layouts (k q^T and dS^T q): a second copy unpipelined; the fp32 rows of
+        # log-sum-exp and delta are pipelined with them (8 B per query row per stage).
         stages = max(stages, 2)
-    extra = (dot_bytes + 4) * m * n + 1024 if kernel == "dkdv_atomic" else 0
+        extra += 8 * m * stages
+    if kernel == "dkdv_atomic":
+        # The fast schedule's dK/dV kernel also keeps k in the B-operand layout of dQ += dS^T K and converts dS^T
+        # (in the dot dtype) and one more fp32 tile through shared memory, plus barriers; on sm_90 its wgmma path
+        # instead stages half a (BLOCK_N x D) k tile. Sized on the compile gate's measurements: 213,504 B for bf16,
+        # D 256, BLOCK_M 32, BLOCK_N 64, 3 stages and 147,584 B at BLOCK_M 16, 2 stages (sm_90).
+        extra += max((dot_bytes + 4) * m * n + 1024, dot_bytes * n * block_d // 2 + 256)
     return dot_bytes * block_d * (resident + stages * streamed) + 4 * m * n + extra
 
 
