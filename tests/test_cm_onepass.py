@@ -225,3 +225,84 @@ def test_split_duals_saves_no_tangents_and_keeps_value_tangent_and_gradient(op):
         (got_g,) = torch.autograd.grad(y.square().sum(), w)  # after the level closes, as in the one pass
         torch.testing.assert_close(got_g, want_g)
         assert (n == 0) if split else (n > 0), (split, n)
+
+
+def _dual_call(f, primals, tangents):
+    """f on forward-AD duals under split_duals, as the one pass calls it: (value, tangent) after the level closes."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fastcm.ops._jvp import split_duals
+
+    with fwAD.dual_level(), split_duals():
+        duals = [p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+        y, t = fwAD.unpack_dual(f(*duals))
+    return y, t
+
+
+@pytest.mark.parametrize("case", ["all-cl", "bias-only", "scale-tangents", "no-act-weightless", "1x1-groups"])
+def test_the_group_norm_closed_form_tangent_equals_forward_ad_of_the_reference(case):
+    """The reference route's one-pass rule (torch.native_group_norm's statistics and pre-activation feed the
+    closed-form tangent) against torch.func.jvp of the reference: value, tangent and every parameter gradient,
+    with channels_last, absent parameters and tangents on scale/shift (the U-Net's embedding)."""
+    from fastcm.ops import group_norm, group_norm_ref
+
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    shape, G = ((1, 6, 1, 1), 6) if case == "1x1-groups" else ((2, 6, 5, 3), 3)
+    x, x_t = r(*shape), r(*shape)
+    if case == "all-cl":
+        x, x_t = x.to(memory_format=torch.channels_last), x_t.to(memory_format=torch.channels_last)
+    N, C = shape[:2]
+    w, b, s, sh = r(C), r(C), r(N, C), r(N, C)
+    use = {"all-cl": "wbst", "bias-only": "b", "scale-tangents": "wbst", "no-act-weightless": "bs",
+           "1x1-groups": "wbst"}[case]
+    params = [p.requires_grad_() if n in use else None for n, p in zip("wbst", (w, b, s, sh))]
+    p_tangents = [r(*p.shape) if p is not None and (case == "scale-tangents" or n in "st") else None
+                  for n, p in zip("wbst", params)]
+    act = None if case == "no-act-weightless" else "silu"
+    present = [i for i, p in enumerate(params) if p is not None]
+
+    def call(fn, x, *ps):
+        full = list(params)
+        for i, p in zip(present, ps):
+            full[i] = p
+        return fn(x, G, full[0], full[1], 1e-5, full[2], full[3], act)
+
+    ps = [params[i] for i in present]
+    pts = [p_tangents[i] for i in present]
+    with torch.no_grad():
+        want, want_t = torch.func.jvp(lambda *a: call(group_norm_ref, *a), (x, *ps),
+                                      (x_t, *[torch.zeros_like(p) if t is None else t for p, t in zip(ps, pts)]))
+    y, t = _dual_call(lambda *a: call(lambda *b: group_norm(*b, impl="torch"), *a), (x, *ps), (x_t, *pts))
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(t, want_t)
+    got = torch.autograd.grad(y.square().sum(), ps)
+    ref = torch.autograd.grad(call(group_norm_ref, x, *ps).square().sum(), ps)
+    for a, b_ in zip(got, ref):
+        torch.testing.assert_close(a, b_)
+
+
+@pytest.mark.parametrize("which", ["qkv", "q", "kv", "v"])
+def test_the_attention_closed_form_tangent_equals_forward_ad_of_the_reference(which):
+    """attention(impl="torch")'s one-pass rule (4 matmuls from the trainable pass's softmax weights) against
+    torch.func.jvp of the reference, with tangents on any subset of q, k, v, sliced (non-contiguous) inputs and
+    Lq != Lk; the gradients of the trainable output equal autograd of the reference."""
+    from fastcm.ops import attention, attention_ref
+
+    g = torch.Generator().manual_seed(4)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q = r(2, 3, 7, 10)[..., :8].requires_grad_()
+    k, v = r(2, 3, 5, 8).requires_grad_(), r(2, 3, 5, 8).transpose(-1, -2).contiguous().transpose(-1, -2)
+    v.requires_grad_()
+    tangents = [r(*a.shape) if n in which else None for n, a in zip("qkv", (q, k, v))]
+    with torch.no_grad():
+        want, want_t = torch.func.jvp(lambda a, b, c: attention_ref(a, b, c, 0.3), (q, k, v),
+                                      tuple(torch.zeros_like(a) if t is None else t
+                                            for a, t in zip((q, k, v), tangents)))
+    y, t = _dual_call(lambda a, b, c: attention(a, b, c, 0.3, impl="torch"), (q, k, v), tangents)
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(t, want_t)
+    got = torch.autograd.grad(y.square().sum(), (q, k, v))
+    ref = torch.autograd.grad(attention_ref(q, k, v, 0.3).square().sum(), (q, k, v))
+    for a, b_ in zip(got, ref):
+        torch.testing.assert_close(a, b_)

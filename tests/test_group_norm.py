@@ -416,3 +416,20 @@ def test_cuda_deterministic_and_matches_reference(batch):
     grads64 = torch.autograd.grad(y64, [v for v in ref.values() if isinstance(v, torch.Tensor)], torch.ones_like(y64))
     for g, g64 in zip(runs[0][1:], grads64):
         assert_close(g, g64, torch.float16, reduce_len=batch * 1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_route_frozen_channels_last_input_trains_weight_and_bias(dtype):
+    """torch 2.13's CPU group-norm backward segfaults on a channels_last input that wants no gradient while weight
+    and bias do (fine-tuning a norm after frozen layers); the reference route must give the gradients of the same
+    call on a contiguous input, and keep x's layout."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 5, 3, generator=g, dtype=dtype)
+    w = torch.randn(6, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(6, generator=g, dtype=dtype, requires_grad=True)
+    y = group_norm(x.to(memory_format=torch.channels_last), 3, w, b, act="silu", impl="torch")
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(y.square().sum(), (w, b))
+    want = torch.autograd.grad(F.silu(F.group_norm(x, 3, w, b)).square().sum(), (w, b))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)

@@ -21,7 +21,7 @@ and ``torch.autograd.forward_ad`` leaves the tangent None. And Dynamo refuses a
 custom op call, its setup_context/backward pair and a tangent function of (inputs, outputs, tangents).
 """
 import contextlib
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -52,18 +52,25 @@ def split_duals():
         _SPLITTING[0] = before
 
 
-def split_dual(ref: Callable, *args, **kwargs):
-    """``ref(*args, **kwargs)``, the same value and tangent, computed as two calls when :func:`split_duals` is
+def split_dual(ref: Callable, *args, closed_form: Optional[Callable] = None, **kwargs):
+    """``ref(*args, **kwargs)``, the same value and tangent, computed in two parts when :func:`split_duals` is
     active and some tensor argument carries a tangent (else one plain call):
 
     * the output, with its autograd graph, from the primals: autograd saves plain tensors for the backward (not
       their tangents, which forward AD keeps alive with every saved dual until the level closes) and the op's
       native backward runs (e.g. torch.group_norm's fused one instead of a dozen elementwise backward ops);
-    * the tangent from forward AD of ``ref`` under ``torch.no_grad()``: its intermediates are freed at once.
-    The tangent carries no graph, which the continuous-time methods never need (they stop its gradient)."""
+    * the tangent without a graph (the continuous-time methods stop its gradient). With ``closed_form``, the op's
+      own tangent rule ``closed_form(primals, tangents, **kwargs) -> (output, tangent)`` makes both parts: it
+      reuses the primal pass's intermediates (softmax weights, group statistics) instead of recomputing the
+      primal inside forward AD; ``tangents`` has one entry per argument (None: none). Without it, forward AD of
+      ``ref`` under ``torch.no_grad()``, whose intermediates are freed at once."""
     if not (_SPLITTING[0] and torch.is_grad_enabled() and has_tangent(*args, *kwargs.values())):
         return ref(*args, **kwargs)
     primal = lambda v: fwAD.unpack_dual(v).primal if isinstance(v, Tensor) else v  # noqa: E731
+    if closed_form is not None:
+        out, tangent = closed_form(tuple(map(primal, args)), tuple(map(tangent_of, args)),
+                                   **{k: primal(v) for k, v in kwargs.items()})
+        return fwAD.make_dual(out, tangent)
     out = ref(*map(primal, args), **{k: primal(v) for k, v in kwargs.items()})
     with torch.no_grad():
         tangent = fwAD.unpack_dual(ref(*args, **kwargs)).tangent

@@ -77,7 +77,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None, im
     q, k, v = _autocast(q, k, v)
     backend = _backend(impl, q, q.shape[-1])
     if backend == "torch":
-        return split_dual(attention_ref, q, k, v, scale)
+        return split_dual(attention_ref, q, k, v, scale, closed_form=_ref_dual)
     if backend == "sdpa":
         return _sdpa(q, k, v, scale)
     return triton_attention(q, k, v, scale, deterministic)
@@ -88,11 +88,38 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None
 
     Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype.
     """
+    return _attend(q, k, v, scale)[0].to(q.dtype)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float]):
+    """(softmax(q k^T * scale) v, the softmax weights), both in the compute dtype (fp32, or fp64 for fp64)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     scores = torch.einsum("bhid,bhjd->bhij", q.to(acc), k.to(acc)) * scale  # (B, H, Lq, Lk)
     weights = torch.softmax(scores, dim=-1)
-    return torch.einsum("bhij,bhjd->bhid", weights, v.to(acc)).to(q.dtype)
+    return torch.einsum("bhij,bhjd->bhid", weights, v.to(acc)), weights
+
+
+def _ref_dual(primals, tangents):
+    """The reference route's (output with its graph, tangent without one) in one pass (fastcm.ops._jvp.split_dual),
+    the tangent from the trainable pass's softmax weights P (sCM App. F): S' = (q' k^T + q k'^T) * scale,
+    P' = P (S' - rowsum(P S')), O' = P' v + P v'. 4 matmuls; forward AD of the reference would add the 2 of a
+    second primal."""
+    q, k, v, scale = primals
+    tq, tk, tv, _ = tangents
+    out, weights = _attend(q, k, v, scale)
+    acc, scale = out.dtype, q.shape[-1] ** -0.5 if scale is None else float(scale)
+    with torch.no_grad():
+        P, q, k, v = weights.detach(), q.detach().to(acc), k.detach().to(acc), v.detach().to(acc)
+        s_dot = None if tq is None else torch.einsum("bhid,bhjd->bhij", tq.to(acc), k)
+        if tk is not None:
+            qk_dot = torch.einsum("bhid,bhjd->bhij", q, tk.to(acc))
+            s_dot = qk_dot if s_dot is None else s_dot.add_(qk_dot)
+        out_dot = torch.zeros_like(out) if s_dot is None else torch.einsum(
+            "bhij,bhjd->bhid", s_dot.sub_(torch.linalg.vecdot(P, s_dot).unsqueeze(-1)).mul_(P).mul_(scale), v)
+        if tv is not None:
+            out_dot = out_dot.add_(torch.einsum("bhij,bhjd->bhid", P, tv.to(acc)))
+    return out.to(primals[0].dtype), out_dot.to(primals[0].dtype)
 
 
 def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, impl: str = "auto",
@@ -117,7 +144,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, scale: Optional[float] = None, im
     (qkv,) = _autocast(qkv)
     backend = _backend(impl, qkv, head_dim)
     if backend == "torch":
-        return split_dual(qkv_attention_ref, qkv, num_heads, scale)
+        return split_dual(qkv_attention_ref, qkv, num_heads, scale, closed_form=_qkv_ref_dual)
     if backend == "sdpa":
         return _merge_heads(_sdpa(*_split_heads(qkv, num_heads), scale), qkv.shape)
     return triton_qkv_attention(qkv, num_heads, scale, deterministic)
@@ -127,6 +154,14 @@ def qkv_attention_ref(qkv: Tensor, num_heads: int, scale: Optional[float] = None
     """Readable reference of :func:`qkv_attention`: rearrange to (N, heads, H*W, head_dim), attend, rearrange back."""
     q, k, v = _split_heads(qkv, num_heads)
     return _merge_heads(attention_ref(q, k, v, scale), qkv.shape)
+
+
+def _qkv_ref_dual(primals, tangents):
+    """:func:`_ref_dual` of :func:`qkv_attention_ref`: the heads of the packed map and of its tangent."""
+    qkv, num_heads, scale = primals
+    t_qkv = tangents[0]
+    out, tangent = _ref_dual((*_split_heads(qkv, num_heads), scale), (*_split_heads(t_qkv, num_heads), None))
+    return _merge_heads(out, qkv.shape), _merge_heads(tangent, qkv.shape)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:

@@ -7,6 +7,7 @@ with scale, shift of shape (N, C) projected from the noise-level (and class) emb
 act in {None, "silu"}. Eager PyTorch runs this as 4-5 kernels; the Triton path folds every per-(n, c) factor into
 one multiply-add after the group statistics, so scale, shift and SiLU cost no extra pass over memory.
 """
+import math
 from typing import Optional
 
 import torch
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _describe
-from ._jvp import FusedJvpRule, has_tangent, split_dual
+from ._group_norm_triton import JVP as _JVP
+from ._jvp import has_tangent, split_dual
 from fastcm._checks import check_real
 
 from ._utils import check_choice, check_int, check_same_device, check_tensor, resolve_impl
@@ -44,7 +46,7 @@ def group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias
     """
     _validate(x, num_groups, weight, bias, eps, scale, shift, act)
     if resolve_impl(impl, x) == "torch":
-        return split_dual(group_norm_ref, x, num_groups, weight, bias, eps, scale, shift, act)
+        return split_dual(group_norm_ref, x, num_groups, weight, bias, eps, scale, shift, act, closed_form=_ref_dual)
     args = (x, int(num_groups), weight, bias, float(eps), scale, shift, act == "silu", 0)
     if has_tangent(x, weight, bias, scale, shift):  # torch.func.jvp / forward_ad: the op's tangent rule
         return _JVP.apply(*args)
@@ -63,25 +65,69 @@ def group_norm_ref(x: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         y = _group_normalize(x.to(acc), num_groups, eps)
         y = y if weight is None else y * weight.to(acc).view(per_c)
         return _modulate(y if bias is None else y + bias.to(acc).view(per_c), scale, shift, act, per_nc, x.dtype)
-    # torch.group_norm is F.group_norm minus its "more than 1 value per channel" check, which rejects legitimate
-    # one-element groups at batch 1 (e.g. x of shape (1, C, 1, 1) with G = C). A bias without a weight is added
-    # outside: aten's group-norm backward fails on it ("tensor does not have a device", torch 2.13 CPU).
-    native_bias = _cast(bias, acc) if weight is not None else None
-    y = torch.group_norm(x.to(acc), num_groups, _cast(weight, acc), native_bias, eps)
-    if weight is None and bias is not None:
-        y = y + bias.to(acc).view(per_c)
+    y, _, _ = _native_group_norm(x.to(acc), num_groups, _cast(weight, acc), _cast(bias, acc), eps)
     return _modulate(y, scale, shift, act, per_nc, x.dtype)
+
+
+def _native_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """(GN(x) * weight + bias, mean, rstd), mean and rstd of shape (N, G), by torch's fused kernel and backward.
+
+    torch.group_norm is this minus F.group_norm's "more than 1 value per channel" check, which rejects legitimate
+    one-element groups at batch 1 (e.g. x of shape (1, C, 1, 1) with G = C). A bias without a weight is added
+    outside: aten's group-norm backward fails on it ("tensor does not have a device", torch 2.13 CPU)."""
+    N, C = x.shape[:2]
+    layout = _memory_format(x)  # what torch.group_norm hands the kernel
+    # torch 2.13's CPU group-norm backward segfaults on a channels_last input when only weight/bias want a
+    # gradient (a frozen input): that case runs in the contiguous layout and returns x's layout.
+    frozen = layout != torch.contiguous_format and torch.is_grad_enabled() and not x.requires_grad and any(
+        p is not None and p.requires_grad for p in (weight, bias))
+    x = x.contiguous(memory_format=torch.contiguous_format if frozen else layout)
+    y, mean, rstd = torch.native_group_norm(x, weight, bias if weight is not None else None, N, C,
+                                            math.prod(x.shape[2:]), num_groups, eps)
+    y = y.contiguous(memory_format=layout) if frozen else y
+    if weight is None and bias is not None:
+        y = y + bias.view((1, C) + (1,) * (x.dim() - 2))
+    return y, mean, rstd
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """aten's suggest_memory_format: channels_last(_3d) for such a dense x, contiguous otherwise."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last):
+        return last
+    return torch.contiguous_format
+
+
+def _ref_dual(primals, tangents):
+    """The reference route's (output with its graph, tangent without one) in one pass (fastcm.ops._jvp.split_dual):
+    the group statistics and the pre-activation of the trainable pass feed the closed-form tangent."""
+    x, num_groups, weight, bias, eps, scale, shift, act = primals
+    x_dot, _, weight_dot, bias_dot, _, scale_dot, shift_dot, _ = tangents
+    acc = torch.promote_types(x.dtype, torch.float32)
+    per_nc = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    y, mean, rstd = _native_group_norm(x.to(acc), num_groups, _cast(weight, acc), _cast(bias, acc), eps)
+    pre = _pre_activation(y, scale, shift, per_nc)
+    out = (F.silu(pre) if act == "silu" else pre).to(x.dtype)
+    with torch.no_grad():
+        tangent = group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot,
+                                         bias_dot, scale_dot, shift_dot, act == "silu",
+                                         stats=(mean.detach(), rstd.detach(), pre.detach()))
+    return out, tangent
 
 
 def _modulate(y: Tensor, scale, shift, act, per_nc, dtype) -> Tensor:
     """act(y * (1 + scale) + shift), cast to ``dtype``."""
+    y = _pre_activation(y, scale, shift, per_nc)
+    return (F.silu(y) if act == "silu" else y).to(dtype)
+
+
+def _pre_activation(y: Tensor, scale, shift, per_nc) -> Tensor:
+    """y * (1 + scale) + shift (absent terms skipped)."""
     if scale is not None:
         y = y * (1 + scale.to(y.dtype).view(per_nc))
     if shift is not None:
         y = y + shift.to(y.dtype).view(per_nc)
-    if act == "silu":
-        y = F.silu(y)
-    return y.to(dtype)
+    return y
 
 
 def _group_normalize(x: Tensor, num_groups: int, eps: float) -> Tensor:
@@ -162,133 +208,18 @@ class GroupNorm(nn.Module):
         return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}{act}"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Triton path as torch.library custom ops, so torch.compile(fullgraph=True) traces through them and opcheck passes.
-# ``chunk`` > 0 forces the split reduction with that many spatial positions per program (tests use it to exercise
-# the split path at small sizes); 0 lets the launcher choose.
-
-@torch.library.custom_op("fastcm::group_norm_fwd", mutates_args=())
-def _group_norm_fwd(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-                    scale: Optional[Tensor], shift: Optional[Tensor], silu: bool,
-                    chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    from fastcm.kernels.group_norm import group_norm_fwd
-
-    return group_norm_fwd(x, num_groups, weight, bias, eps, scale, shift, silu, chunk)
-
-
-@_group_norm_fwd.register_fake
-def _(x, num_groups, weight, bias, eps, scale, shift, silu, chunk):
-    from fastcm.kernels.group_norm import empty_out
-
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    stats = x.new_empty((x.shape[0], num_groups), dtype=acc)
-    return empty_out(x), stats, torch.empty_like(stats)
-
-
-@torch.library.custom_op("fastcm::group_norm_bwd", mutates_args=())
-def _group_norm_bwd(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
-                    bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor], silu: bool,
-                    chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    from fastcm.kernels.group_norm import group_norm_bwd
-
-    return group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift, silu, chunk)
-
-
-@_group_norm_bwd.register_fake
-def _(dy, x, mean, rstd, weight, bias, scale, shift, silu, chunk):
-    from fastcm.kernels.group_norm import empty_out
-
-    sums = x.new_empty(x.shape[:2], dtype=mean.dtype)
-    return empty_out(x), sums, torch.empty_like(sums)
-
-
-def _setup_context(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, scale, shift, silu, chunk = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.silu, ctx.chunk = silu, chunk
-
-
-def _backward(ctx, dy, d_mean, d_rstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    # .sum().backward() hands a stride-0 gradient: give the kernels a dense one in y's layout (vector loads). Any
-    # other layout is read in place.
-    if 0 in dy.stride():
-        from fastcm.kernels.group_norm import empty_out
-
-        dy = empty_out(x).copy_(dy)
-    dx, sum_du, sum_du_xhat = torch.ops.fastcm.group_norm_bwd(dy, x, mean, rstd, weight, bias, scale, shift,
-                                                             ctx.silu, ctx.chunk)
-    # Parameter gradients from the per-(n, c) sums  P1 = sum_s du,  P2 = sum_s du * xhat  (u the pre-activation;
-    # derivation in kernels/group_norm.py). Reducing over n here, not with atomics, keeps them deterministic.
-    mod = None if scale is None else 1 + scale.to(sum_du.dtype)          # (1 + scale), (N, C)
-    d_weight = d_bias = d_scale = d_shift = None
-    if weight is not None and ctx.needs_input_grad[2]:
-        d_weight = (sum_du_xhat if mod is None else sum_du_xhat * mod).sum(0).to(weight.dtype)
-    if bias is not None and ctx.needs_input_grad[3]:
-        d_bias = (sum_du if mod is None else sum_du * mod).sum(0).to(bias.dtype)
-    if scale is not None and ctx.needs_input_grad[5]:
-        z_sum = sum_du_xhat if weight is None else sum_du_xhat * weight.to(sum_du.dtype)  # sum_s du * z
-        d_scale = (z_sum if bias is None else z_sum + sum_du * bias.to(sum_du.dtype)).to(scale.dtype)
-    if shift is not None and ctx.needs_input_grad[6]:
-        d_shift = sum_du.to(shift.dtype)
-    d_x = dx if ctx.needs_input_grad[0] else None
-    return d_x, None, d_weight, d_bias, None, d_scale, d_shift, None, None
-
-
-_group_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("fastcm::group_norm_jvp", mutates_args=())
-def _group_norm_jvp(x: Tensor, x_dot: Optional[Tensor], num_groups: int, weight: Optional[Tensor],
-                    bias: Optional[Tensor], eps: float, scale: Optional[Tensor], shift: Optional[Tensor],
-                    weight_dot: Optional[Tensor], bias_dot: Optional[Tensor], scale_dot: Optional[Tensor],
-                    shift_dot: Optional[Tensor], silu: bool, write_y: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from fastcm.kernels.group_norm import group_norm_jvp
-
-    return group_norm_jvp(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
-                          shift_dot, silu, write_y)
-
-
-@_group_norm_jvp.register_fake
-def _(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot, silu,
-      write_y):
-    from fastcm.kernels.group_norm import empty_out
-
-    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return (empty_out(x) if write_y else x.new_empty(0)), empty_out(x), stats, torch.empty_like(stats)
-
-
-def _fused(args, tangents):
-    """(y, mean, rstd) and y's tangent: ONE launch of the output-and-tangent kernel when a group fits its tile
-    (its mean / rstd feed the backward), else the forward kernel and the same tangent formula in torch."""
-    from fastcm.kernels.group_norm import jvp_fits
-
-    x, num_groups, weight, bias, eps, scale, shift, silu, chunk = args
-    x_dot, _, weight_dot, bias_dot, _, scale_dot, shift_dot, _, _ = tangents
-    jvp_args = (x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot, shift_dot,
-                silu)
-    if jvp_fits(x, num_groups) and chunk == 0:
-        y, y_dot, mean, rstd = torch.ops.fastcm.group_norm_jvp(*jvp_args, True)
-        return (y, mean, rstd), y_dot
-    return torch.ops.fastcm.group_norm_fwd(*args), group_norm_tangent_ref(*jvp_args)
-
-
 def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot, bias_dot, scale_dot,
-                           shift_dot, silu) -> Tensor:
+                           shift_dot, silu, stats=None) -> Tensor:
     """y' of y = act((GN(x) w + b) (1 + s) + t) in torch, the chain rule through mean and rstd (any argument's tangent may
-    be None: zero). Per group: mu' = mean(x'), kappa = mean(xhat x'), xhat' = rstd (x' - mu' - xhat kappa)."""
+    be None: zero). Per group: mu' = mean(x'), kappa = mean(xhat x'), xhat' = rstd (x' - mu' - xhat kappa).
+    ``stats`` = (mean, rstd, pre-activation) of a pass that already computed them (mean, rstd of shape (N, G), in
+    the compute dtype); None: computed here."""
     acc = torch.promote_types(x.dtype, torch.float32)
     N, C = x.shape[:2]
     per_c, per_nc = (1, C) + (1,) * (x.dim() - 2), (N, C) + (1,) * (x.dim() - 2)
-    xg = x.to(acc).reshape(N, num_groups, -1)
-    d = xg - xg.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
-    xhat = d * rstd
+    xhat, rstd = _xhat(x.to(acc), num_groups, eps, None if stats is None else stats[:2])
     if x_dot is not None:
-        xg_dot = x_dot.to(acc).reshape(N, num_groups, -1)
-        kappa = (xhat * xg_dot).mean(-1, keepdim=True)
-        xhat_dot = rstd * (xg_dot - xg_dot.mean(-1, keepdim=True) - xhat * kappa)
+        xhat_dot = _xhat_tangent(xhat, rstd, x_dot.to(acc).reshape(xhat.shape))
     else:
         xhat_dot = torch.zeros_like(xhat)
     xhat, xhat_dot = xhat.reshape(x.shape), xhat_dot.reshape(x.shape)
@@ -297,25 +228,40 @@ def group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift
         return None if t is None else t.to(acc).view(shape)
 
     w, b, w_dot, b_dot = c(weight, per_c), c(bias, per_c), c(weight_dot, per_c), c(bias_dot, per_c)
-    h = xhat if w is None else xhat * w
-    h = h if b is None else h + b
-    h_dot = xhat_dot if w is None else xhat_dot * w
-    h_dot = h_dot if w_dot is None else h_dot + xhat * w_dot
-    h_dot = h_dot if b_dot is None else h_dot + b_dot
-    a, a_dot = h, h_dot
-    if scale is not None:
-        a, a_dot = h * (1 + c(scale, per_nc)), h_dot * (1 + c(scale, per_nc))
-    if scale_dot is not None:
-        a_dot = a_dot + h * c(scale_dot, per_nc)
-    a = a if shift is None else a + c(shift, per_nc)
-    a_dot = a_dot if shift_dot is None else a_dot + c(shift_dot, per_nc)
-    if silu:
+    h_dot = xhat_dot if w is None else xhat_dot.mul_(w)
+    h_dot = h_dot if w_dot is None else h_dot.addcmul_(xhat, w_dot)
+    h_dot = h_dot if b_dot is None else h_dot.add_(b_dot)
+    a_dot = h_dot if scale is None else h_dot.mul_(1 + c(scale, per_nc))
+    if scale_dot is not None or (silu and stats is None):
+        h = xhat if w is None else xhat * w
+        h = h if b is None else h + b
+        if scale_dot is not None:
+            a_dot = a_dot.addcmul_(h, c(scale_dot, per_nc))
+    a_dot = a_dot if shift_dot is None else a_dot.add_(c(shift_dot, per_nc))
+    if silu:  # silu'(a) = sig(a) (1 + a (1 - sig(a)))
+        a = _pre_activation(h, c(scale, per_nc), c(shift, per_nc), per_nc) if stats is None else stats[2]
         sig = torch.sigmoid(a)
-        a_dot = a_dot * sig * (1 + a * (1 - sig))
+        a_dot = a_dot.mul_(torch.addcmul(torch.ones_like(a), a, 1 - sig).mul_(sig))
     return a_dot.to(x.dtype)
 
 
-_JVP = FusedJvpRule("group_norm", _fused, _setup_context, _backward)
+def _xhat(x: Tensor, num_groups: int, eps: float, stats=None):
+    """(x - mean) * rstd as (N, G, group size), and rstd (N, G, 1); from ``stats`` = (mean, rstd) when given."""
+    xg = x.reshape(x.shape[0], num_groups, -1)
+    if stats is None:
+        d = xg - xg.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(d.square().mean(-1, keepdim=True) + eps)
+        return d.mul_(rstd), rstd
+    mean, rstd = (s.to(x.dtype).view(x.shape[0], num_groups, 1) for s in stats)
+    return (xg - mean).mul_(rstd), rstd
+
+
+def _xhat_tangent(xhat: Tensor, rstd: Tensor, xg_dot: Tensor) -> Tensor:
+    """xhat' = rstd (x' - mean(x') - xhat mean(xhat x')) per group (all (N, G, group size) but rstd)."""
+    kappa = torch.linalg.vecdot(xhat, xg_dot).unsqueeze(-1).div_(xhat.shape[-1])
+    return (xg_dot - xg_dot.mean(-1, keepdim=True)).addcmul_(xhat, kappa, value=-1).mul_(rstd)
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
