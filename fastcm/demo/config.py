@@ -11,12 +11,12 @@ METHOD_LABELS = {"ict": "iCT", "sct": "sCT", "meanflow": "MeanFlow"}
 # Stage-1 steps of `fastcm demo --method M` when --steps is not given: the compute of iCT's 4,000 calibrated steps
 # (batch 64, about 6.5 min on the project's 2-core CPU), counted as `--compare` counts it, in CPU seconds per step.
 # STEP_COST[M] = CPU time of an M step / an iCT step (iCT: 2 forwards + 1 backward; sCT and MeanFlow: 1 forward on
-# dual tensors with its graph + 1 backward, fastcm.cm.jvp), measured on the digits preset at batch 64 with one
-# thread, RAdam included, medians of 7 interleaved rounds of 3 steps (a loaded machine): iCT 0.136 s, sCT 0.225 s
-# (1.65x), MeanFlow 0.214 s (1.57x), after the one pass stopped running torch's third convolution per layer and
-# took the reference GroupNorm/attention outputs from the primals (2.02x and 1.94x before). M gets
-# 4,000 / STEP_COST[M] steps, rounded to 100.
-STEP_COST = {"ict": 1.0, "sct": 1.65, "meanflow": 1.57}
+# dual tensors with its graph + 1 backward, fastcm.cm.jvp), measured by benchmarks/step_cost.py (digits preset, batch
+# 64, one thread, RAdam included, medians of 7 interleaved rounds of 3 steps; a shared machine): iCT 0.109 s, sCT
+# 0.143 s (1.30x), MeanFlow 0.139 s (1.27x), after the reference GroupNorm/attention took their tangents in closed
+# form from the trainable pass (1.57x / 1.58x in the same script before; 2.02x / 1.94x before the one pass stopped
+# running torch's third convolution per layer). M gets 4,000 / STEP_COST[M] steps, rounded to 100.
+STEP_COST = {"ict": 1.0, "sct": 1.30, "meanflow": 1.27}
 ICT_STEPS = 4000
 STAGE1_STEPS = {m: int(round(ICT_STEPS / cost, -2)) for m, cost in STEP_COST.items()}
 
