@@ -433,3 +433,26 @@ def test_reference_route_frozen_channels_last_input_trains_weight_and_bias(dtype
     want = torch.autograd.grad(F.silu(F.group_norm(x, 3, w, b)).square().sum(), (w, b))
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("wants_x_grad", [False, True])
+def test_reference_route_takes_a_batch_of_one_sliced_from_a_permuted_tensor(wants_x_grad):
+    """A (1, C, H, W) tensor whose batch stride is below the span of C, H and W passes
+    is_contiguous(memory_format=channels_last) but not aten's suggest_memory_format, which native_group_norm checks
+    (a diffusers VAE decoder hands one over). The route must run it, and match F.group_norm on a contiguous copy,
+    with and without a gradient on x."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 1, 16, generator=g).permute(2, 3, 0, 1)  # shape (1, 16, 4, 4), strides (16, 1, 64, 16)
+    assert x0.is_contiguous(memory_format=torch.channels_last) and x0.stride(0) < x0.numel()
+    x = x0.clone().requires_grad_(wants_x_grad) if not wants_x_grad else x0.detach().requires_grad_(True)
+    w = torch.randn(16, generator=g, requires_grad=True)
+    b = torch.randn(16, generator=g, requires_grad=True)
+    y = group_norm(x, 4, w, b, act="silu", impl="torch")
+    inputs = (x, w, b) if wants_x_grad else (w, b)
+    got = torch.autograd.grad(y.square().sum(), inputs)
+    xc = x0.contiguous().requires_grad_(wants_x_grad)
+    want_y = F.silu(F.group_norm(xc, 4, w, b))
+    want = torch.autograd.grad(want_y.square().sum(), (xc, w, b) if wants_x_grad else (w, b))
+    torch.testing.assert_close(y, want_y)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)

@@ -91,11 +91,22 @@ def _native_group_norm(x: Tensor, num_groups: int, weight: Optional[Tensor], bia
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    """aten's suggest_memory_format: channels_last(_3d) for such a dense x, contiguous otherwise."""
+    """aten's Tensor.suggest_memory_format, which native_group_norm checks its input against.
+
+    That is stricter than x.is_contiguous(memory_format=channels_last): aten walks the dims from fastest (C, W, H,
+    then N) and asks every stride to be at least the span of the dims before it, the batch one included, and falls
+    back to contiguous in ambiguous cases. A (1, C, H, W) slice of a channels_last batch has a batch stride below
+    that span: is_contiguous says channels_last, aten says contiguous and rejects it unless it is copied."""
     last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if last is not None and not x.is_contiguous() and x.is_contiguous(memory_format=last):
-        return last
-    return torch.contiguous_format
+    if last is None or x.stride(1) == 0:
+        return torch.contiguous_format
+    span = 0
+    for d in (1, *range(x.dim() - 1, 1, -1), 0):  # C, then space from the last dim, then N
+        size, stride = x.shape[d], x.stride(d)
+        if size == 0 or stride < span or (d == 0 and span == x.stride(1)):
+            return torch.contiguous_format
+        span = stride * size if size > 1 else stride
+    return last
 
 
 def _ref_dual(primals, tangents):
