@@ -106,7 +106,7 @@ def _add_train(sub) -> None:
     p.add_argument("--method", choices=("ict", "sct", "meanflow"), default=None,
                    help="consistency method of --stage ict: ict (iCT, Song & Dhariwal 2023), sct (continuous-time "
                         "CT in TrigFlow, Lu & Song 2025) or meanflow (Geng et al. 2025); sct and meanflow train "
-                        "through a network JVP, about 1.6x an iCT step (default: ict)")
+                        "through a network JVP in one pass, about 1.3x an iCT step (default: ict)")
     p.add_argument("--tangent-warmup", type=int, default=None, metavar="H",
                    help="sCT tangent warm-up steps H (default: 1000; the paper's 10000 suits 100k-step runs)")
     p.add_argument("--preset", default=None, help="U-Net preset for --stage ict: tiny, digits, cifar10-small, "
