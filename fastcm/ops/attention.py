@@ -104,11 +104,11 @@ def _ref_dual(primals, tangents):
     """The reference route's (output with its graph, tangent without one) in one pass (fastcm.ops._jvp.split_dual),
     the tangent from the trainable pass's softmax weights P (sCM App. F): S' = (q' k^T + q k'^T) * scale,
     P' = P (S' - rowsum(P S')), O' = P' v + P v'. 4 matmuls; forward AD of the reference would add the 2 of a
-    second primal."""
+    second primal. ``scale`` is the float the public routes resolved (_check_scale)."""
     q, k, v, scale = primals
     tq, tk, tv, _ = tangents
     out, weights = _attend(q, k, v, scale)
-    acc, scale = out.dtype, q.shape[-1] ** -0.5 if scale is None else float(scale)
+    acc = out.dtype
     with torch.no_grad():
         P, q, k, v = weights.detach(), q.detach().to(acc), k.detach().to(acc), v.detach().to(acc)
         s_dot = None if tq is None else torch.einsum("bhid,bhjd->bhij", tq.to(acc), k)
