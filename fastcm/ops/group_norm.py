@@ -118,7 +118,7 @@ def _ref_dual(primals, tangents):
     per_nc = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     y, mean, rstd = _native_group_norm(x.to(acc), num_groups, _cast(weight, acc), _cast(bias, acc), eps)
     pre = _pre_activation(y, scale, shift, per_nc)
-    out = (F.silu(pre) if act == "silu" else pre).to(x.dtype)
+    out = _activate(pre, act, x.dtype)
     with torch.no_grad():
         tangent = group_norm_tangent_ref(x, x_dot, num_groups, weight, bias, eps, scale, shift, weight_dot,
                                          bias_dot, scale_dot, shift_dot, act == "silu",
@@ -128,8 +128,12 @@ def _ref_dual(primals, tangents):
 
 def _modulate(y: Tensor, scale, shift, act, per_nc, dtype) -> Tensor:
     """act(y * (1 + scale) + shift), cast to ``dtype``."""
-    y = _pre_activation(y, scale, shift, per_nc)
-    return (F.silu(y) if act == "silu" else y).to(dtype)
+    return _activate(_pre_activation(y, scale, shift, per_nc), act, dtype)
+
+
+def _activate(pre: Tensor, act, dtype) -> Tensor:
+    """act(pre) cast to ``dtype``."""
+    return (F.silu(pre) if act == "silu" else pre).to(dtype)
 
 
 def _pre_activation(y: Tensor, scale, shift, per_nc) -> Tensor:
